@@ -1,0 +1,29 @@
+"""Functional kernels: the drop-in fast layers other VAEs import.
+
+Public ops (each with a pure-PyTorch reference and, where built/available, a C++ CPU kernel and a
+Triton GPU kernel behind ``backend="auto"|"reference"|"cpp"|"triton"``):
+
+* :func:`nb_log_prob`          negative binomial log-likelihood from decoder logits
+* :func:`nb_log_prob_linear`   the same fused with the decoder's last linear layer
+* :func:`masked_embedding_sum` sparse masked perturbation-embedding composition with sampling
+* :func:`iwelbo`               streamed importance-weighted log-mean-exp
+"""
+from . import backends
+from .backends import BackendUnavailableError, available_backends, backend_report
+from .iwelbo import OnlineLogSumExp, iwelbo
+from .masked_embedding import (EmbeddingSample, batch_perturbations, draw_noise,
+                               masked_embedding_sum, perturbation_sum, relaxed_bernoulli_st)
+from .nb_log_prob import nb_log_prob, nb_log_prob_reference
+from . import _load_backends  # noqa: F401  (registers compiled/GPU implementations if present)
+
+try:  # the fused decoder head lives in its own module (added with the kernels)
+    from .nb_linear import nb_log_prob_linear  # noqa: F401
+except ImportError:  # pragma: no cover
+    pass
+
+__all__ = [
+    "nb_log_prob", "nb_log_prob_reference", "nb_log_prob_linear", "masked_embedding_sum",
+    "perturbation_sum", "EmbeddingSample", "batch_perturbations", "draw_noise",
+    "relaxed_bernoulli_st", "iwelbo", "OnlineLogSumExp", "available_backends",
+    "backend_report", "BackendUnavailableError", "backends",
+]

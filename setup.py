@@ -1,0 +1,75 @@
+"""Build script: the pure-Python package plus an optional C++ extension ``samsvae._C``.
+
+``SAMSVAE_BUILD_EXT``:
+  * ``0``    never build the extension (pure Python, reference backend only);
+  * ``1``    build it and fail the install when the build fails (CI);
+  * unset    build it when torch and a C++ compiler are present; on failure install pure
+             Python and say so.  ``Extension(optional=True)`` is not enough for this: a failing
+             ninja build raises ``RuntimeError`` from torch's ``BuildExtension``, so the guard
+             below catches it explicitly.
+"""
+import glob
+import os
+import shutil
+import sys
+
+from setuptools import setup
+
+MODE = os.environ.get("SAMSVAE_BUILD_EXT", "auto").strip().lower()
+if MODE not in {"0", "1", "auto", ""}:
+    sys.exit(f"SAMSVAE_BUILD_EXT must be 0, 1 or unset, got {MODE!r}")
+
+
+def _say(msg):
+    print(f"[samsvae setup] {msg}", file=sys.stderr, flush=True)
+
+
+def _extension_config():
+    if MODE == "0":
+        _say("SAMSVAE_BUILD_EXT=0: skipping the C++ extension (reference backend only)")
+        return [], {}
+    sources = sorted(glob.glob(os.path.join("csrc", "**", "*.cpp"), recursive=True))
+    problems = []
+    try:
+        from torch.utils.cpp_extension import BuildExtension, CppExtension
+    except ImportError:
+        problems.append("torch is not importable in the build environment "
+                        "(install torch first and use pip install --no-build-isolation)")
+    if not sources:
+        problems.append("csrc/ holds no .cpp sources")
+    cxx = os.environ.get("CXX", "c++")
+    if shutil.which(cxx) is None:
+        problems.append(f"no C++ compiler found ({cxx!r} is not on PATH)")
+    if problems:
+        if MODE == "1":
+            sys.exit("SAMSVAE_BUILD_EXT=1 but the C++ extension cannot be built: " + "; ".join(problems))
+        _say("installing pure Python without the C++ extension: " + "; ".join(problems))
+        return [], {}
+
+    # Baseline x86-64 code only: no -march=native and no global -ffast-math, so the built
+    # module runs on any machine of the architecture. Kernels that want wider vectors do
+    # runtime dispatch themselves.
+    cxx_flags = ["-O3", "-std=c++17", "-fno-math-errno", "-Wno-unused-parameter"]
+    ext = CppExtension(
+        "samsvae._C",
+        sources,
+        include_dirs=[os.path.abspath("csrc")],
+        extra_compile_args={"cxx": cxx_flags},
+    )
+
+    class GuardedBuildExt(BuildExtension):
+        def run(self):
+            try:
+                super().run()
+            except Exception as exc:  # noqa: BLE001 - any compiler/ninja failure
+                if MODE == "1":
+                    raise
+                _say(f"building the C++ extension failed ({type(exc).__name__}: {exc}); "
+                     "installing pure Python: the reference backend will be used. "
+                     "Set SAMSVAE_BUILD_EXT=1 to make this fatal.")
+
+    return [ext], {"build_ext": GuardedBuildExt.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = _extension_config()
+setup(ext_modules=ext_modules, cmdclass=cmdclass)
