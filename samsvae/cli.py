@@ -1,0 +1,43 @@
+"""The ``samsvae`` command. Each subcommand lives in its own module exposing
+``add_arguments(parser)`` and ``run(args) -> int``; modules are imported only when used so
+``samsvae --help`` stays fast."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+SUBCOMMANDS = {
+    # name: (module, one-line help)
+    "simulate": ("samsvae.data.simulate_cli", "write a simulated perturbation screen (.h5ad)"),
+    "train": ("samsvae.train.cli_train", "train a model on a screen (or --demo)"),
+    "evaluate": ("samsvae.infer.cli_evaluate", "evaluate a trained run: IWELBO, ATE, masks"),
+    "bench": ("samsvae.bench", "time the training step and IWELBO per backend"),
+    "info": ("samsvae.info", "print versions and the backend each op uses"),
+}
+
+
+def build_parser(names=None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="samsvae", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_) in SUBCOMMANDS.items():
+        p = sub.add_parser(name, help=help_, description=help_)
+        if names is None or name in names:
+            importlib.import_module(module).add_arguments(p)
+    return parser
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    wanted = [a for a in argv[:1] if a in SUBCOMMANDS]
+    parser = build_parser(names=wanted or [])
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    module = importlib.import_module(SUBCOMMANDS[args.command][0])
+    return int(module.run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

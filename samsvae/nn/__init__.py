@@ -1,0 +1,4 @@
+"""nn.Module wrappers over :mod:`samsvae.ops` (drop-in layers for any VAE)."""
+from .likelihood import NBLikelihood
+
+__all__ = ["NBLikelihood"]
