@@ -46,10 +46,13 @@ def _extension_config():
         _say("installing pure Python without the C++ extension: " + "; ".join(problems))
         return [], {}
 
-    # Baseline x86-64 code only: no -march=native and no global -ffast-math, so the built
-    # module runs on any machine of the architecture. Kernels that want wider vectors do
-    # runtime dispatch themselves.
-    cxx_flags = ["-O3", "-std=c++17", "-fno-math-errno", "-Wno-unused-parameter"]
+    # Baseline code only: no -march=native and no -ffast-math, so the built module runs on any
+    # machine of the architecture. csrc/isa/ compiles the kernels once per ISA (baseline, AVX2,
+    # AVX-512) under a target pragma and picks one at runtime (csrc/common/cpu_dispatch.cpp).
+    # -ffp-contract=fast only lets the compiler fuse a*b+c into one FMA (one rounding instead
+    # of two); the C++ standard is left to torch's BuildExtension (C++20 for torch >= 2.10,
+    # C++17 before; the sources are valid in both).
+    cxx_flags = ["-O3", "-fno-math-errno", "-ffp-contract=fast", "-Wno-unused-parameter"]
     ext = CppExtension(
         "samsvae._C",
         sources,

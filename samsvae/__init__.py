@@ -1,9 +1,12 @@
 """samsvae: fast SAMS-VAE for genetic perturbation screens."""
 __version__ = "0.1.0"
 
-import warnings as _warnings
+from . import ops  # noqa: F401
 
-# Batches are torch.sparse_csr tensors; torch flags the layout as beta on every construction.
-_warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
 
-from . import ops  # noqa: E402,F401
+def __getattr__(name):
+    # the user class pulls in anndata/pandas: imported on first use so `import samsvae` stays light
+    if name == "SAMSVAE":
+        from .api import SAMSVAE
+        return SAMSVAE
+    raise AttributeError(f"module 'samsvae' has no attribute {name!r}")

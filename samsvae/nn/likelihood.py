@@ -1,4 +1,33 @@
-"""Negative binomial likelihood head with a learned per-gene inverse dispersion."""
+"""Negative binomial likelihood head with a learned per-gene inverse dispersion.
+
+:class:`NBLikelihood` is the observation model of every samsvae model and a drop-in head for any
+PyTorch VAE on count data (scVI-style decoders): give it the counts, the decoder's logits (or
+its last hidden layer and Linear weights) and the log library sizes; it returns per-cell
+log-likelihoods computed by the fused kernels of :mod:`samsvae.ops` (C++ on CPU, Triton on GPU,
+pure PyTorch otherwise)::
+
+    import torch
+    from torch import nn
+    from samsvae.nn import NBLikelihood
+
+    n_genes, n_hidden = 2000, 128
+    decoder = nn.Sequential(nn.Linear(10, n_hidden), nn.ReLU())
+    to_logits = nn.Linear(n_hidden, n_genes)
+    head = NBLikelihood(n_genes)
+
+    counts = batch_counts                              # (cells, genes) dense or torch.sparse_csr
+    log_library = torch.log(library_sizes)             # (cells,)
+    z = encoder_sample                                 # (particles, cells, 10) or (cells, 10)
+    hidden = decoder(z)
+    log_px = head(counts, to_logits(hidden), log_library)          # (particles, cells) nats
+    # same value without storing the (particles, cells, genes) logits:
+    log_px = head.forward_linear(counts, hidden, to_logits.weight, to_logits.bias, log_library)
+    loss = -(log_px - kl).mean()
+
+The mean of gene g in cell i is ``library_i * softmax(logits_i)_g`` (the decoder predicts
+expression proportions) and the variance ``mu + mu^2 / theta_g``. See
+``examples/plain_vae_nb_head.py`` for a complete VAE trained with it.
+"""
 from __future__ import annotations
 
 import torch
@@ -21,21 +50,38 @@ class NBLikelihood(nn.Module):
 
     def __init__(self, n_genes: int, *, backend: str = "auto", init_log_theta: float = 0.0):
         super().__init__()
-        self.n_genes = n_genes
+        if int(n_genes) != n_genes or n_genes < 1:
+            raise ValueError(f"n_genes must be a positive integer, got {n_genes!r}")
+        self.n_genes = int(n_genes)
         self.backend = backend
-        self.log_theta = nn.Parameter(torch.full((n_genes,), float(init_log_theta)))
+        self.log_theta = nn.Parameter(torch.full((self.n_genes,), float(init_log_theta)))
+
+    def _check_genes(self, counts: torch.Tensor) -> None:
+        if counts.dim() != 2 or counts.shape[1] != self.n_genes:
+            raise ValueError(f"counts must be (cells, {self.n_genes}) for this NBLikelihood("
+                             f"n_genes={self.n_genes}); got {tuple(counts.shape)}. Build the head "
+                             "with the number of genes of the count matrix")
 
     def forward(self, counts: torch.Tensor, logits: torch.Tensor, log_library: torch.Tensor) -> torch.Tensor:
         """counts (cells, G) dense/CSR; logits (cells, G) or (P, cells, G); log_library (cells,).
         Returns ``logits.shape[:-1]`` log-likelihoods (nats, summed over genes)."""
-        return ops.nb_log_prob(counts, logits, log_library, self.log_theta, backend=self.backend)
+        self._check_genes(counts)
+        return ops.nb_log_prob(counts, logits, log_library, self.log_theta.to(logits.dtype),
+                               backend=self.backend)
 
     def forward_linear(self, counts, hidden, weight, bias, log_library):
         """Fused last decoder layer + NB: ``logits = hidden @ weight.T + bias`` is never stored.
 
-        hidden (cells, H) or (P, cells, H); weight (G, H); bias (G,) or None."""
-        return ops.nb_log_prob_linear(counts, hidden, weight, bias, log_library, self.log_theta,
-                                      backend=self.backend)
+        hidden (cells, H) or (P, cells, H); weight (G, H); bias (G,) or None. Returns
+        ``hidden.shape[:-1]`` log-likelihoods (nats)."""
+        self._check_genes(counts)
+        return ops.nb_log_prob_linear(counts, hidden, weight, bias, log_library,
+                                      self.log_theta.to(hidden.dtype), backend=self.backend)
+
+    @property
+    def theta(self) -> torch.Tensor:
+        """(G,) inverse dispersion ``exp(log_theta)`` (detached)."""
+        return self.log_theta.detach().exp()
 
     def extra_repr(self) -> str:
         return f"n_genes={self.n_genes}, backend={self.backend!r}"

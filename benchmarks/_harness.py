@@ -1,0 +1,148 @@
+"""Timing, peak-memory and reporting helpers shared by the benchmark scripts.
+
+Timing: median wall time of ``repeats`` calls after ``warmup`` calls (torch.compile's first
+compilation happens in the warmup and is excluded); CUDA calls are synchronised.
+
+Peak memory, CPU: the peak resident set size of *this process* during one call, minus the
+resident size just before it (``VmHWM - VmRSS`` after resetting the high-water mark through
+``/proc/self/clear_refs``). It is only faithful when freed tensors go back to the OS, so the
+scripts run each configuration in a fresh worker process started with
+``MALLOC_MMAP_THRESHOLD_=65536`` (glibc then maps every allocation above 64 KiB separately and
+unmaps it on free, instead of pooling it); timings come from a separate worker with glibc's
+default settings. Where ``clear_refs`` is not writable the value is None.
+Peak memory, CUDA: ``torch.cuda.max_memory_allocated`` delta over the call.
+"""
+from __future__ import annotations
+
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+
+
+def set_threads(threads: Optional[int]) -> Dict[str, object]:
+    """Pin torch's intra-op threads; return what is in effect (reported with the results)."""
+    if threads is not None:
+        torch.set_num_threads(threads)
+    return {"torch_threads": torch.get_num_threads(),
+            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
+            "MKL_NUM_THREADS": os.environ.get("MKL_NUM_THREADS")}
+
+
+def worker_env(threads: Optional[int], *, for_memory: bool) -> Dict[str, str]:
+    """Environment of a benchmark worker: pinned OpenMP threads, and for memory measurements
+    the allocator settings above (timings use glibc's defaults, as users run)."""
+    env = dict(os.environ)
+    if for_memory:
+        env.update(MALLOC_ENV)
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
+def device_info(device: str) -> Dict[str, object]:
+    """CPU model (from /proc/cpuinfo) or GPU name, plus versions."""
+    info = {"device": device, "torch": torch.__version__, "python": platform.python_version(),
+            "cpu_count": os.cpu_count()}
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    info["cpu_model"] = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        info["cpu_model"] = platform.processor() or "unknown"
+    if device == "cuda" and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_fn(fn: Callable[[], object], *, repeats: int, warmup: int, device: str = "cpu") -> Dict:
+    """Median / min wall seconds of ``fn()`` over ``repeats`` timed calls after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times: List[float] = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return {"median_s": statistics.median(times), "min_s": min(times), "repeats": repeats}
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise KeyError(field)
+
+
+def peak_memory_bytes(fn: Callable[[], object], device: str = "cpu") -> Optional[int]:
+    """Extra memory at the peak of one ``fn()`` call over what was resident before it (bytes)."""
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")  # reset VmHWM to the current RSS
+        before = _status_kib("VmRSS")
+    except OSError:
+        return None
+    fn()
+    return max(0, _status_kib("VmHWM") - before) * 1024
+
+
+def fmt_bytes(n: Optional[int]) -> str:
+    if n is None:
+        return "n/a"
+    return f"{n / 2**20:.1f}"
+
+
+def markdown_table(rows: Sequence[Dict], columns: Sequence[tuple]) -> str:
+    """``columns`` = [(header, key or callable(row) -> str)]."""
+    head = "| " + " | ".join(h for h, _ in columns) + " |"
+    sep = "|" + "|".join("---" for _ in columns) + "|"
+    lines = [head, sep]
+    for r in rows:
+        cells = [(k(r) if callable(k) else str(r.get(k, ""))) for _, k in columns]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_json(path: str, payload: Dict) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as fh:
+        json.dump(payload, fh, indent=1)
+
+
+def run_worker(script: str, config: Dict, threads: Optional[int], *, for_memory: bool) -> List[Dict]:
+    """Run ``script --worker JSON`` in a fresh process; it prints one JSON list on its last line."""
+    import subprocess
+    proc = subprocess.run([sys.executable, script, "--worker", json.dumps(config)],
+                          env=worker_env(threads, for_memory=for_memory), capture_output=True,
+                          text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"benchmark worker failed for {config}:\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])

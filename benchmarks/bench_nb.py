@@ -1,0 +1,272 @@
+"""Benchmark the NB log-likelihood: every baseline of ``references.py`` against samsvae's backends.
+
+    OMP_NUM_THREADS=1 python benchmarks/bench_nb.py --threads 1 --out benchmarks/results/nb_cpu_t1.json
+    python benchmarks/bench_nb.py --quick                 # small subset
+    python benchmarks/bench_nb.py --device cuda           # same on a GPU (+ the triton backend)
+
+Grid: rows B in {256 (1 particle x 256 cells), 2560 (5 particles x 512 cells)}, genes
+G in {2000, 8000}, zero fraction in {0.5, 0.9, 0.97}, float32. For each point and implementation:
+forward (under ``no_grad``) and forward+backward (gradients of logits and log_theta) median wall
+time, speed-up over ``eager`` measured in the same worker process, forward throughput in
+G elements/s (B * G / time), peak extra memory of one call (see ``_harness``), and the float32
+error against the float64 reference (forward: max |error| per row in nats; backward: max
+|error| of d/dlogits relative to its max magnitude).
+
+Implementations: ``eager`` (log_softmax + lgamma, dense), ``scvi_formula`` (scvi-tools'
+``log_nb_positive`` from its formula, on ``mu = library * softmax``), real scvi-tools / pyro
+when importable, ``compile_eager`` and ``compile_sparse_coo`` (``torch.compile``; the latter
+takes precomputed COO indices of the counts and evaluates lgamma on non-zeros only), and
+samsvae's ``nb_log_prob`` backends with CSR and dense counts (``reference``, ``cpp`` when
+built, ``triton`` on CUDA).
+
+Each grid point runs in two fresh worker processes (timing, then memory), so compiled code,
+caches and allocator pools of one point never leak into another.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Callable, Dict, List
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [_HERE, os.path.dirname(_HERE)]  # this folder's helpers, then the repo's samsvae
+
+import torch  # noqa: E402
+
+import _harness as H  # noqa: E402
+import references as R  # noqa: E402
+from samsvae import ops  # noqa: E402
+from samsvae.ops import nb_log_prob, nb_log_prob_reference  # noqa: E402
+
+ROWS = {256: (None, 256), 2560: (5, 512)}          # B -> (particles, cells)
+FULL_GRID = [(b, g, z) for b in (256, 2560) for g in (2000, 8000) for z in (0.5, 0.9, 0.97)]
+QUICK_GRID = [(2560, 2000, 0.5), (2560, 2000, 0.97)]
+MODES = ("fwd", "fwd_bwd")
+
+
+def make_impls(counts: torch.Tensor, device: str, *, compile_: bool,
+               compile_backend: str = "inductor", only=None) -> Dict[str, Callable]:
+    """name -> fn(logits, log_library, log_theta) over fixed counts (dense, CSR or COO)."""
+    csr = counts.to_sparse_csr()
+    coo = R.csr_to_coo(csr)
+    impls: Dict[str, Callable] = {
+        "eager": lambda lg, lib, lt: R.nb_eager(counts, lg, lib, lt),
+        "scvi_formula": lambda lg, lib, lt: R.nb_scvi_formula(counts, lg, lib, lt),
+    }
+    for name, fn in R.optional_nb_baselines().items():
+        impls[name] = (lambda f: (lambda lg, lib, lt: f(counts, lg, lib, lt)))(fn)
+    if compile_:
+        ce, cs = (R.compiled(R.nb_eager, compile_backend),
+                  R.compiled(R.nb_sparse_coo, compile_backend))
+        impls["compile_eager"] = lambda lg, lib, lt: ce(counts, lg, lib, lt)
+        impls["compile_sparse_coo"] = lambda lg, lib, lt: cs(coo, lg, lib, lt)
+    usable = {"cpu": ("reference", "cpp"), "cuda": ("reference", "triton")}[device]
+    for b in ops.available_backends("nb_log_prob"):
+        if b not in usable:
+            continue
+        for layout, c in (("csr", csr), ("dense", counts)):
+            impls[f"{b}_{layout}"] = (lambda c_, b_: (
+                lambda lg, lib, lt: nb_log_prob(c_, lg, lib, lt, backend=b_)))(c, b)
+    if only:
+        missing = set(only) - set(impls)
+        if missing:
+            raise SystemExit(f"--impls: unknown or unavailable {sorted(missing)}; "
+                             f"available here: {sorted(impls)}")
+        impls = {k: v for k, v in impls.items() if k in only or k == "eager"}
+    return impls
+
+
+def _call(fn, logits, lib, lt, mode):
+    if mode == "fwd":
+        def run():
+            with torch.no_grad():
+                return fn(logits, lib, lt)
+    else:
+        def run():
+            lg, t = logits.detach().requires_grad_(), lt.detach().requires_grad_()
+            return torch.autograd.grad(fn(lg, lib, t).sum(), (lg, t))
+    return run
+
+
+def _accuracy(fn, inputs64, ref_value, ref_grad, logits, lib, lt) -> Dict[str, float]:
+    lg = logits.detach().requires_grad_()
+    out = fn(lg, lib, lt)
+    (g,) = torch.autograd.grad(out.sum(), (lg,))
+    return {"fwd_max_abs_err": float((out.detach().double() - ref_value).abs().max()),
+            "grad_rel_err": float((g.double() - ref_grad).abs().max() / ref_grad.abs().max())}
+
+
+def worker(cfg: Dict) -> List[Dict]:
+    """Run one grid point; ``cfg['measure']`` is 'time' or 'memory'."""
+    threads = H.set_threads(cfg.get("threads"))
+    device = cfg["device"]
+    particles, cells = ROWS.get(cfg["rows"], (None, cfg["rows"]))
+    if "particles" in cfg:
+        particles, cells = cfg["particles"], cfg["cells"]
+    counts, logits, lib, lt = R.nb_inputs(particles, cells, cfg["genes"], cfg["zero_fraction"],
+                                          seed=cfg.get("seed", 0), device=device)
+    impls = make_impls(counts, device, compile_=cfg["compile"],
+                       compile_backend=cfg.get("compile_backend", "inductor"),
+                       only=cfg.get("impls"))
+    acc_ref = None
+    if cfg["measure"] == "time" and cfg.get("check", True):
+        lg64 = logits.double().requires_grad_()
+        val64 = nb_log_prob_reference(counts.double(), lg64, lib.double(), lt.double())
+        (g64,) = torch.autograd.grad(val64.sum(), (lg64,))
+        acc_ref = (val64.detach(), g64)
+        del lg64, val64
+    rows = []
+    n_elem = logits.numel()
+    for name, fn in impls.items():
+        for mode in MODES:
+            call = _call(fn, logits, lib, lt, mode)
+            row = {"impl": name, "mode": mode, "rows": logits.numel() // cfg["genes"],
+                   "particles": particles or 1, "cells": cells, "genes": cfg["genes"],
+                   "zero_fraction": cfg["zero_fraction"],
+                   "nonzero_fraction_actual": float((counts != 0).float().mean())}
+            if cfg["measure"] == "time":
+                t = H.time_fn(call, repeats=cfg["repeats"], warmup=cfg["warmup"], device=device)
+                row.update(t)
+                if mode == "fwd":
+                    row["gelem_per_s"] = n_elem / t["median_s"] / 1e9
+                    if acc_ref is not None:
+                        row.update(_accuracy(fn, None, acc_ref[0], acc_ref[1], logits, lib, lt))
+            else:
+                for _ in range(max(1, cfg["warmup"])):
+                    call()
+                row["peak_bytes"] = H.peak_memory_bytes(call, device)
+            row.update(threads)
+            rows.append(row)
+    return rows
+
+
+def merge(time_rows: List[Dict], mem_rows: List[Dict]) -> List[Dict]:
+    mem = {(r["impl"], r["mode"]): r["peak_bytes"] for r in mem_rows}
+    eager = {r["mode"]: r["median_s"] for r in time_rows if r["impl"] == "eager"}
+    out = []
+    for r in time_rows:
+        r = dict(r)
+        r["peak_bytes"] = mem.get((r["impl"], r["mode"]))
+        r["speedup_vs_eager"] = eager[r["mode"]] / r["median_s"] if r["mode"] in eager else None
+        out.append(r)
+    return out
+
+
+def _point(r):
+    return (r["rows"], r["genes"], r["zero_fraction"])
+
+
+def tables(rows: List[Dict]) -> str:
+    impls = list(dict.fromkeys(r["impl"] for r in rows))
+    points = list(dict.fromkeys(_point(r) for r in rows))
+    by = {(_point(r), r["impl"], r["mode"]): r for r in rows}
+    key = [("B", lambda p: str(p[0])), ("G", lambda p: str(p[1])), ("zeros", lambda p: str(p[2]))]
+
+    def table(title, cell):
+        cols = [(h, (lambda f: (lambda row: f(row["_p"])))(f)) for h, f in key]
+        cols += [(i, (lambda i_: (lambda row: cell(row["_p"], i_)))(i)) for i in impls]
+        return f"**{title}**\n\n" + H.markdown_table([{"_p": p} for p in points], cols)
+
+    def get(p, i, m, f):
+        r = by.get((p, i, m))
+        return "-" if r is None or f(r) is None else f(r)
+
+    out = []
+    for mode, label in (("fwd", "forward"), ("fwd_bwd", "forward+backward")):
+        out.append(table(f"{label}: median ms (speed-up vs eager)", lambda p, i, m=mode: get(
+            p, i, m, lambda r: f"{r['median_s'] * 1e3:.2f} ({r['speedup_vs_eager']:.2f}x)")))
+    out.append(table("forward throughput, G elements/s", lambda p, i: get(
+        p, i, "fwd", lambda r: f"{r['gelem_per_s']:.3f}")))
+    out.append(table("peak extra memory of one call, MiB: forward / forward+backward",
+                     lambda p, i: f"{get(p, i, 'fwd', lambda r: H.fmt_bytes(r['peak_bytes']))} / "
+                                  f"{get(p, i, 'fwd_bwd', lambda r: H.fmt_bytes(r['peak_bytes']))}"))
+    if any("fwd_max_abs_err" in r for r in rows):
+        out.append(table("float32 error vs float64 reference: max |err| per row (nats) / "
+                         "d logits max rel err", lambda p, i: get(
+                             p, i, "fwd", lambda r: f"{r['fwd_max_abs_err']:.2g} / "
+                                                    f"{r['grad_rel_err']:.1e}"
+                             if "fwd_max_abs_err" in r else None)))
+    return "\n\n".join(out)
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch.set_num_threads and OMP_NUM_THREADS of the workers")
+    ap.add_argument("--quick", action="store_true", help="a 2-point subset of the grid")
+    ap.add_argument("--rows", type=int, nargs="*", help="override B (256 and 2560 are "
+                    "1x256 and 5x512 particles x cells; other values are 1 particle)")
+    ap.add_argument("--genes", type=int, nargs="*", help="override G")
+    ap.add_argument("--zero-fractions", type=float, nargs="*", help="override zero fractions")
+    ap.add_argument("--impls", nargs="*", help="only these implementations (+ eager)")
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--compile-backend", default="inductor",
+                    help="torch.compile backend of the compile_* baselines (aot_eager: no codegen)")
+    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile baselines")
+    ap.add_argument("--no-check", action="store_true", help="skip the float64 accuracy check")
+    ap.add_argument("--in-process", action="store_true",
+                    help="run every point in this process (no fresh workers; memory less exact)")
+    ap.add_argument("--out", default=None, help="write the rows and metadata as JSON here")
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    return ap.parse_args(argv)
+
+
+def grid(args):
+    pts = QUICK_GRID if args.quick else FULL_GRID
+    if args.rows or args.genes or args.zero_fractions:
+        bs = args.rows or sorted({p[0] for p in pts})
+        gs = args.genes or sorted({p[1] for p in pts})
+        zs = args.zero_fractions or sorted({p[2] for p in pts})
+        pts = [(b, g, z) for b in bs for g in gs for z in zs]
+    return pts
+
+
+def main(argv=None) -> Dict:
+    args = parse_args(argv)
+    if args.worker is not None:
+        print(json.dumps(worker(json.loads(args.worker))))
+        return {}
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda requested but torch.cuda.is_available() is False")
+    threads_info = H.set_threads(args.threads)
+    rows = []
+    for b, g, z in grid(args):
+        cfg = {"rows": b, "genes": g, "zero_fraction": z, "device": args.device,
+               "threads": args.threads, "compile": not args.no_compile,
+               "compile_backend": args.compile_backend, "impls": args.impls,
+               "repeats": args.repeats, "warmup": args.warmup, "check": not args.no_check}
+        if args.in_process:
+            t_rows = worker({**cfg, "measure": "time"})
+            m_rows = worker({**cfg, "measure": "memory"})
+        else:
+            t_rows = H.run_worker(__file__, {**cfg, "measure": "time"}, args.threads,
+                                  for_memory=False)
+            m_rows = H.run_worker(__file__, {**cfg, "measure": "memory"}, args.threads,
+                                  for_memory=True)
+        rows.extend(merge(t_rows, m_rows))
+        print(f"done B={b} G={g} zeros={z}", file=sys.stderr, flush=True)
+    meta = {"command": " ".join([os.path.basename(sys.executable)] + sys.argv)
+            if argv is None else "bench_nb.main(" + repr(argv) + ")",
+            **H.device_info(args.device), **threads_info,
+            "worker_threads": args.threads, "memory_method": (
+                "torch.cuda.max_memory_allocated delta" if args.device == "cuda" else
+                "VmHWM - VmRSS around one call (clear_refs reset) in a fresh worker with "
+                "MALLOC_MMAP_THRESHOLD_=65536" + (" (in-process: less exact)" if args.in_process
+                                                  else "")),
+            "compile_backend": None if args.no_compile else args.compile_backend,
+            "timing": f"median of {args.repeats} after {args.warmup} warmup calls; forward "
+                      "under no_grad", "backends": ops.available_backends()}
+    text = tables(rows)
+    print(text)
+    payload = {"meta": meta, "rows": rows, "markdown": text}
+    if args.out:
+        H.write_json(args.out, payload)
+    return payload
+
+
+if __name__ == "__main__":
+    main()

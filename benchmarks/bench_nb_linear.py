@@ -1,0 +1,172 @@
+"""Peak memory and time of the fused decoder head ``nb_log_prob_linear`` as particles grow.
+
+    OMP_NUM_THREADS=1 python benchmarks/bench_nb_linear.py --threads 1 --out benchmarks/results/nb_linear_cpu_t1.json
+
+Default: C = 512 cells, G = 8000 genes, H = 400 hidden units, P in {5, 50, 100} particles,
+float32, CSR counts with 90% zeros. ``fused`` is ``nb_log_prob_linear`` (default chunk, NB
+backend ``--backend``); ``unfused`` is ``nb_log_prob(counts, F.linear(hidden, weight, bias))``
+with the same NB backend, run only up to ``--unfused-max-particles`` (its memory grows linearly
+with P: several (P, C, G) float32 tensors, 1.6 GB each at P = 100).
+
+Modes: ``fwd`` = forward with autograd recording (what the graph keeps alive is included) and
+``fwd_bwd`` = forward + backward to hidden, weight, bias and log_theta. Peak memory is the extra
+resident memory of one call over what was resident before it (inputs excluded, gradients
+included), measured in a fresh worker per point (see ``_harness``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Dict, List
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [_HERE, os.path.dirname(_HERE)]  # this folder's helpers, then the repo's samsvae
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import _harness as H  # noqa: E402
+import references as R  # noqa: E402
+from samsvae import ops  # noqa: E402
+from samsvae.ops import nb_log_prob, nb_log_prob_linear  # noqa: E402
+from samsvae.ops.nb_linear import default_chunk_rows  # noqa: E402
+
+MODES = ("fwd", "fwd_bwd")
+
+
+def make_inputs(cfg: Dict, device: str):
+    g = torch.Generator().manual_seed(0)
+    C, G, Hd, P = cfg["cells"], cfg["genes"], cfg["hidden"], cfg["particles"]
+    counts = R.make_counts(C, G, cfg["zero_fraction"], device=device).to_sparse_csr()
+    hidden = torch.randn(P, C, Hd, generator=g).to(device)
+    weight = (torch.randn(G, Hd, generator=g) / Hd ** 0.5).to(device)
+    bias = torch.randn(G, generator=g).to(device)
+    log_lib = torch.log(counts.to_dense().sum(1).clamp_min(1.0))
+    log_theta = (torch.randn(G, generator=g) + 1.0).to(device)
+    return counts, hidden, weight, bias, log_lib, log_theta
+
+
+def _fn(impl: str, backend: str, chunk_rows):
+    if impl == "fused":
+        return lambda c, h, w, b, ll, lt: nb_log_prob_linear(c, h, w, b, ll, lt, backend=backend,
+                                                             chunk_rows=chunk_rows)
+    return lambda c, h, w, b, ll, lt: nb_log_prob(c, F.linear(h, w, b), ll, lt, backend=backend)
+
+
+def _call(fn, inputs, mode):
+    counts, hidden, weight, bias, log_lib, log_theta = inputs
+
+    def run():
+        leaves = [t.detach().requires_grad_() for t in (hidden, weight, bias, log_theta)]
+        h, w, b, lt = leaves
+        out = fn(counts, h, w, b, log_lib, lt)
+        if mode == "fwd_bwd":
+            return torch.autograd.grad(out.sum(), leaves)
+        return out
+    return run
+
+
+def worker(cfg: Dict) -> List[Dict]:
+    threads = H.set_threads(cfg.get("threads"))
+    device = cfg["device"]
+    inputs = make_inputs(cfg, device)
+    fn = _fn(cfg["impl"], cfg["backend"], cfg.get("chunk_rows"))
+    rows = []
+    for mode in MODES:
+        call = _call(fn, inputs, mode)
+        row = {"impl": cfg["impl"], "mode": mode, "particles": cfg["particles"],
+               "cells": cfg["cells"], "genes": cfg["genes"], "hidden": cfg["hidden"],
+               "nb_backend": ops.backends.resolve("nb_log_prob", cfg["backend"], device)[0],
+               "chunk_rows": cfg.get("chunk_rows") or default_chunk_rows(cfg["genes"],
+                                                                         torch.float32)}
+        if cfg["measure"] == "time":
+            row.update(H.time_fn(call, repeats=cfg["repeats"], warmup=cfg["warmup"], device=device))
+        else:
+            call()  # first calls allocate one-time buffers that would inflate the peak
+            row["peak_bytes"] = H.peak_memory_bytes(call, device)
+        row.update(threads)
+        rows.append(row)
+    return rows
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--particles", type=int, nargs="*", default=[5, 50, 100])
+    ap.add_argument("--cells", type=int, default=512)
+    ap.add_argument("--genes", type=int, default=8000)
+    ap.add_argument("--hidden", type=int, default=400)
+    ap.add_argument("--zero-fraction", type=float, default=0.9)
+    ap.add_argument("--backend", default="auto", help="NB backend used by both forms")
+    ap.add_argument("--chunk-rows", type=int, default=None)
+    ap.add_argument("--unfused-max-particles", type=int, default=20)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--in-process", action="store_true")
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> Dict:
+    args = parse_args(argv)
+    if args.worker is not None:
+        print(json.dumps(worker(json.loads(args.worker))))
+        return {}
+    threads_info = H.set_threads(args.threads)
+    rows = []
+    for impl in ("fused", "unfused"):
+        for P in args.particles:
+            if impl == "unfused" and P > args.unfused_max_particles:
+                continue
+            cfg = {"impl": impl, "particles": P, "cells": args.cells, "genes": args.genes,
+                   "hidden": args.hidden, "zero_fraction": args.zero_fraction,
+                   "backend": args.backend, "chunk_rows": args.chunk_rows, "device": args.device,
+                   "threads": args.threads, "repeats": args.repeats, "warmup": args.warmup}
+            if args.in_process:
+                m_rows, t_rows = worker({**cfg, "measure": "memory"}), worker({**cfg, "measure": "time"})
+            else:
+                m_rows = H.run_worker(__file__, {**cfg, "measure": "memory"}, args.threads,
+                                      for_memory=True)
+                t_rows = H.run_worker(__file__, {**cfg, "measure": "time"}, args.threads,
+                                      for_memory=False)
+            mem = {r["mode"]: r["peak_bytes"] for r in m_rows}
+            rows.extend(dict(r, peak_bytes=mem[r["mode"]]) for r in t_rows)
+            print(f"done {impl} P={P}", file=sys.stderr, flush=True)
+    by = {(r["impl"], r["particles"], r["mode"]): r for r in rows}
+    table_rows = [{"impl": i, "P": p} for i, p in dict.fromkeys((r["impl"], r["particles"])
+                                                               for r in rows)]
+
+    def cell(r, mode, f):
+        x = by.get((r["impl"], r["P"], mode))
+        return "-" if x is None else f(x)
+    text = (f"C={args.cells}, G={args.genes}, H={args.hidden}, float32, CSR counts "
+            f"({args.zero_fraction:.0%} zeros), NB backend {rows[0]['nb_backend']}, "
+            f"chunk_rows={rows[0]['chunk_rows']}\n\n" + H.markdown_table(table_rows, [
+                ("impl", "impl"), ("P", lambda r: str(r["P"])),
+                ("rows P*C", lambda r: str(r["P"] * args.cells)),
+                ("peak MiB fwd", lambda r: cell(r, "fwd", lambda x: H.fmt_bytes(x["peak_bytes"]))),
+                ("peak MiB fwd+bwd", lambda r: cell(r, "fwd_bwd",
+                                                    lambda x: H.fmt_bytes(x["peak_bytes"]))),
+                ("fwd s", lambda r: cell(r, "fwd", lambda x: f"{x['median_s']:.2f}")),
+                ("fwd+bwd s", lambda r: cell(r, "fwd_bwd", lambda x: f"{x['median_s']:.2f}")),
+            ]))
+    print(text)
+    meta = {"command": " ".join([os.path.basename(sys.executable)] + sys.argv)
+            if argv is None else "bench_nb_linear.main(" + repr(argv) + ")",
+            **H.device_info(args.device), **threads_info, "worker_threads": args.threads,
+            "memory_method": ("torch.cuda.max_memory_allocated delta" if args.device == "cuda"
+                              else "VmHWM - VmRSS around one call in a fresh worker with "
+                                   "MALLOC_MMAP_THRESHOLD_=65536"),
+            "timing": f"median of {args.repeats} after {args.warmup} warmup calls"}
+    payload = {"meta": meta, "rows": rows, "markdown": text}
+    if args.out:
+        H.write_json(args.out, payload)
+    return payload
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,240 @@
+// Portable SIMD types and elementwise math for the CPU kernels (GCC/Clang vector extensions).
+//
+// This header is NOT self-contained on purpose: an ISA translation unit (csrc/isa/*.cpp)
+// includes every standard header first, then switches the target ISA with a pragma, defines
+// SAMSVAE_VEC_BYTES (16, 32 or 64) and includes this file inside its own namespace. Every
+// function here is therefore compiled once per ISA under a distinct name, and no inline
+// function from a system or torch header is ever emitted with wider instructions (which the
+// linker could otherwise pick for the whole program).
+//
+// Lanes<float> works on W = SAMSVAE_VEC_BYTES / 4 floats at a time with our own exp/log
+// (Cody-Waite reduction + minimax polynomials, about 1 ulp); Lanes<double> is a scalar policy
+// on top of libm (float64 is the accuracy path used by tests, not the fast path).
+
+#ifndef SAMSVAE_VEC_BYTES
+#error "define SAMSVAE_VEC_BYTES before including simd_math.h"
+#endif
+
+#define SV_INLINE inline __attribute__((always_inline))
+
+typedef float vf __attribute__((vector_size(SAMSVAE_VEC_BYTES)));
+typedef int32_t vi __attribute__((vector_size(SAMSVAE_VEC_BYTES)));
+typedef float vfh __attribute__((vector_size(SAMSVAE_VEC_BYTES / 2)));   // W/2 floats
+typedef double vdh __attribute__((vector_size(SAMSVAE_VEC_BYTES)));      // W/2 doubles
+
+constexpr int kW = SAMSVAE_VEC_BYTES / 4;
+
+SV_INLINE vf vf_splat(float s) { return vf{} + s; }
+SV_INLINE vi vi_splat(int32_t s) { return vi{} + s; }
+SV_INLINE vf vf_load(const float* p) { vf v; std::memcpy(&v, p, sizeof v); return v; }
+SV_INLINE void vf_store(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
+SV_INLINE vf as_vf(vi v) { return (vf)v; }
+SV_INLINE vi as_vi(vf v) { return (vi)v; }
+
+// Reciprocal to about 1.5 ulp without a division (divisions are the slowest vector
+// instruction on x86). Initial guess from the exponent bits (|rel err| < 12.5%), then three
+// Newton steps r <- r + r (1 - u r): 1.6e-2, 2.4e-4, 6e-8. Valid for normal positive u.
+SV_INLINE vf vf_recip(vf u) {
+  vf r = as_vf(vi_splat(0x7EF311C3) - as_vi(u));
+  r = r + r * (1.0f - u * r);
+  r = r + r * (1.0f - u * r);
+  r = r + r * (1.0f - u * r);
+  return r;
+}
+
+// exp(x) to about 1 ulp; 0 below ln(FLT_MIN) (no denormal results), +inf above ln(FLT_MAX).
+SV_INLINE vf vf_exp(vf x) {
+  const float lo = -87.3365478515625f, hi = 88.72283935546875f;
+  vf xc = x < lo ? vf_splat(lo) : x;
+  xc = xc > hi ? vf_splat(hi) : xc;
+  const float magic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
+  vf n = (xc * 1.44269504088896341f + magic) - magic;
+  vf r = xc - n * 0.693359375f;     // ln 2 split in two: n * 0.693359375 is exact
+  r = r - n * -2.12194440e-4f;
+  vf z = r * r;
+  vf p = 1.9875691500e-4f * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * z + r + 1.0f;
+  vi ni = __builtin_convertvector(n, vi);
+  vi n1 = ni >> 1, n2 = ni - n1;     // two factors keep 2^n normal for n in [-126, 128]
+  vf res = p * as_vf((n1 + 127) << 23) * as_vf((n2 + 127) << 23);
+  res = x < lo ? vf{} : res;
+  res = x > hi ? vf_splat(__builtin_inff()) : res;
+  return x != x ? x : res;
+}
+
+// log(1 + f) + e log(2) for f in [sqrt(1/2) - 1, sqrt(2) - 1] (Cephes-style polynomial).
+SV_INLINE vf vf_log_kernel(vf f, vf ef) {
+  vf z = f * f;
+  vf p = 7.0376836292e-2f * f - 1.1514610310e-1f;
+  p = p * f + 1.1676998740e-1f;
+  p = p * f - 1.2420140846e-1f;
+  p = p * f + 1.4249322787e-1f;
+  p = p * f - 1.6668057665e-1f;
+  p = p * f + 2.0000714765e-1f;
+  p = p * f - 2.4999993993e-1f;
+  p = p * f + 3.3333331174e-1f;
+  vf y = p * f * z + ef * -2.12194440e-4f - 0.5f * z;
+  return f + y + ef * 0.693359375f;
+}
+
+// x = 2^e * (1 + f) with 1 + f in [sqrt(1/2), sqrt(2)); x > 0, denormals included.
+SV_INLINE void vf_log_reduce(vf x, vf* f, vf* ef) {
+  vi den = x < 1.17549435e-38f;
+  vf xs = den ? x * 8388608.0f : x;   // 2^23
+  vi bits = as_vi(xs);
+  vi e = ((bits >> 23) & 0xff) - 127;
+  e = den ? e - 23 : e;
+  vf m = as_vf((bits & 0x007fffff) | 0x3f800000);    // mantissa in [1, 2)
+  vi big = m > 1.41421356237f;
+  m = big ? m * 0.5f : m;
+  e = e - big;                                       // big is -1 where true
+  *f = m - 1.0f;
+  *ef = __builtin_convertvector(e, vf);
+}
+
+// Natural log to about 1 ulp for x > 0; log(0) = -inf, log(<0) = NaN, log(inf) = inf.
+SV_INLINE vf vf_log(vf x) {
+  vf f, ef;
+  vf_log_reduce(x, &f, &ef);
+  vf res = vf_log_kernel(f, ef);
+  res = x == 0.0f ? vf_splat(-__builtin_inff()) : res;
+  res = x < 0.0f ? vf_splat(__builtin_nanf("")) : res;
+  res = x == __builtin_inff() ? x : res;
+  return x != x ? x : res;
+}
+
+// log(1 + y) to about 1 ulp for y >= -1, tiny y included: where 1 + y lies in the kernel's
+// interval the kernel takes f = y itself (no rounding of 1 + y at all); elsewhere the result
+// is >= 0.34 in magnitude and the rounding of 1 + y costs under an ulp.
+SV_INLINE vf vf_log1p(vf y) {
+  vf u = 1.0f + y;
+  vf f, ef;
+  vf_log_reduce(u, &f, &ef);
+  vi direct = (y > -0.29289321881f) & (y < 0.41421356237f);
+  f = direct ? y : f;
+  ef = direct ? vf{} : ef;
+  vf res = vf_log_kernel(f, ef);
+  res = u == 0.0f ? vf_splat(-__builtin_inff()) : res;
+  res = u < 0.0f ? vf_splat(__builtin_nanf("")) : res;
+  res = y == __builtin_inff() ? y : res;
+  return y != y ? y : res;
+}
+
+// Double-precision accumulator for W float lanes (sums of thousands of float terms keep
+// float64 accuracy; the float32 reference sums with cascade summation, so plain float
+// accumulation would lose to it).
+struct DAcc {
+  vdh lo, hi;
+};
+SV_INLINE void dacc_zero(DAcc& a) { a.lo = vdh{}; a.hi = vdh{}; }
+SV_INLINE void dacc_add(DAcc& a, vf v) {
+  vfh l, h;
+  std::memcpy(&l, &v, sizeof l);
+  std::memcpy(&h, reinterpret_cast<const char*>(&v) + sizeof l, sizeof h);
+  a.lo += __builtin_convertvector(l, vdh);
+  a.hi += __builtin_convertvector(h, vdh);
+}
+// a += m[0:W] * v  (m a double array)
+SV_INLINE void dacc_fma(DAcc& a, const double* m, vf v) {
+  vfh l, h;
+  std::memcpy(&l, &v, sizeof l);
+  std::memcpy(&h, reinterpret_cast<const char*>(&v) + sizeof l, sizeof h);
+  vdh m0, m1;
+  std::memcpy(&m0, m, sizeof m0);
+  std::memcpy(&m1, m + kW / 2, sizeof m1);
+  a.lo += m0 * __builtin_convertvector(l, vdh);
+  a.hi += m1 * __builtin_convertvector(h, vdh);
+}
+SV_INLINE double dacc_sum(const DAcc& a) {
+  vdh s = a.lo + a.hi;
+  double t = 0.0;
+  for (int i = 0; i < kW / 2; ++i) t += s[i];
+  return t;
+}
+// acc[0:W] += v, with acc a double array
+SV_INLINE void dacc_add_to(double* acc, vf v) {
+  vfh l, h;
+  std::memcpy(&l, &v, sizeof l);
+  std::memcpy(&h, reinterpret_cast<const char*>(&v) + sizeof l, sizeof h);
+  vdh a0, a1;
+  std::memcpy(&a0, acc, sizeof a0);
+  std::memcpy(&a1, acc + kW / 2, sizeof a1);
+  a0 += __builtin_convertvector(l, vdh);
+  a1 += __builtin_convertvector(h, vdh);
+  std::memcpy(acc, &a0, sizeof a0);
+  std::memcpy(acc + kW / 2, &a1, sizeof a1);
+}
+// ---- the two lane policies the kernels are written against ----------------------------
+template <class T> struct Lanes;
+
+template <> struct Lanes<float> {
+  typedef vf V;
+  typedef vi M;
+  typedef DAcc Acc;
+  static constexpr int W = kW;
+  static SV_INLINE V load(const float* p) { return vf_load(p); }
+  static SV_INLINE void store(float* p, V v) { vf_store(p, v); }
+  static SV_INLINE V splat(float s) { return vf_splat(s); }
+  static SV_INLINE V exp(V x) { return vf_exp(x); }
+  static SV_INLINE V log(V x) { return vf_log(x); }
+  static SV_INLINE V log1p(V x) { return vf_log1p(x); }
+  static SV_INLINE V recip(V x) { return vf_recip(x); }
+  static SV_INLINE V sel(M m, V a, V b) { return m ? a : b; }
+  static SV_INLINE M lt(V a, V b) { return a < b; }
+  static SV_INLINE M gt(V a, V b) { return a > b; }
+  static SV_INLINE M eq(V a, V b) { return a == b; }
+  // toward zero, for |x| < 2^31
+  static SV_INLINE V trunc(V x) {
+    return __builtin_convertvector(__builtin_convertvector(x, vi), vf);
+  }
+  static SV_INLINE float lane(V v, int i) { return v[i]; }
+  static SV_INLINE V vmax(V a, V b) { return a > b ? a : b; }
+  static SV_INLINE float hmax(V v) {
+    float m = v[0];
+    for (int i = 1; i < W; ++i) m = v[i] > m ? v[i] : m;
+    return m;
+  }
+  static SV_INLINE void acc_zero(Acc& a) { dacc_zero(a); }
+  static SV_INLINE void acc_add(Acc& a, V v) { dacc_add(a, v); }
+  static SV_INLINE void acc_fma(Acc& a, const double* m, V v) { dacc_fma(a, m, v); }
+  static SV_INLINE double acc_sum(const Acc& a) { return dacc_sum(a); }
+  static SV_INLINE void add_to(double* acc, V v) { dacc_add_to(acc, v); }
+  // dst[0:W] = accumulated lanes + offset
+  static SV_INLINE void acc_store(double* dst, const Acc& a, double offset) {
+    const vdh lo = a.lo + offset, hi = a.hi + offset;
+    std::memcpy(dst, &lo, sizeof lo);
+    std::memcpy(dst + W / 2, &hi, sizeof hi);
+  }
+};
+
+template <> struct Lanes<double> {
+  typedef double V;
+  typedef bool M;
+  typedef double Acc;
+  static constexpr int W = 1;
+  static SV_INLINE V load(const double* p) { return *p; }
+  static SV_INLINE void store(double* p, V v) { *p = v; }
+  static SV_INLINE V splat(double s) { return s; }
+  static SV_INLINE V exp(V x) { return std::exp(x); }
+  static SV_INLINE V log(V x) { return std::log(x); }
+  static SV_INLINE V log1p(V x) { return std::log1p(x); }
+  static SV_INLINE V recip(V x) { return 1.0 / x; }
+  static SV_INLINE V sel(M m, V a, V b) { return m ? a : b; }
+  static SV_INLINE M lt(V a, V b) { return a < b; }
+  static SV_INLINE M gt(V a, V b) { return a > b; }
+  static SV_INLINE M eq(V a, V b) { return a == b; }
+  static SV_INLINE V trunc(V x) { return (double)(int64_t)x; }
+  static SV_INLINE double lane(V v, int) { return v; }
+  static SV_INLINE V vmax(V a, V b) { return a > b ? a : b; }
+  static SV_INLINE double hmax(V v) { return v; }
+  static SV_INLINE void acc_zero(Acc& a) { a = 0.0; }
+  static SV_INLINE void acc_add(Acc& a, V v) { a += v; }
+  static SV_INLINE void acc_fma(Acc& a, const double* m, V v) { a += *m * v; }
+  static SV_INLINE double acc_sum(const Acc& a) { return a; }
+  static SV_INLINE void add_to(double* acc, V v) { *acc += v; }
+  static SV_INLINE void acc_store(double* dst, const Acc& a, double offset) { *dst = a + offset; }
+};

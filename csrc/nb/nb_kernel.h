@@ -1,0 +1,78 @@
+// Plain-data arguments of the negative binomial kernels (no torch types: these structs cross
+// from the op layer, compiled for the baseline ISA, into the per-ISA kernel translation units).
+//
+// Shapes: P particles, C cells, G genes, Gp = G rounded up to the vector width (per-gene
+// arrays and scratch rows are padded so every vector load is in bounds; padding genes hold
+// theta = 1 and count 0, which contribute exactly 0).
+#pragma once
+
+#include <cstdint>
+
+namespace samsvae {
+namespace cpu {
+
+// Integer counts x < kNbTableMaxCount take their count-only term from a per-gene table built
+// once per call (rows 0 and 1 are exactly 0: D(0) = D(1) - lgamma(2) = 0, and so are their
+// derivatives), so the common case is one branch-free load.
+constexpr int kNbTableMaxCount = 32;
+
+template <class T>
+struct NbGenes {
+  int64_t G = 0, Gp = 0;
+  const T* log_theta = nullptr;  // (G) log inverse dispersion
+  const T* theta = nullptr;      // (Gp) exp(log_theta); padding 1
+  const T* inv_theta = nullptr;  // (Gp) 1 / theta; padding 1
+  const double* theta_eff = nullptr;  // (Gp) 1 / inv_theta in float64: multiplying log1p(mu *
+                                      // inv_theta) by it cancels the rounding of inv_theta
+  int K = 2;                     // table covers integer counts 0 .. K-1 (K >= 2)
+  const double* table = nullptr; // (K, Gp): forward T(x) = D(x,theta) - lgamma(x+1),
+                                 // backward dD(x,theta)/dlog(theta); row x is count x.
+                                 // float64 even for float32 inputs: T reaches hundreds of
+                                 // nats and cancels against the linear term
+};
+
+template <class T>
+struct NbCounts {
+  // Exactly one of (crow, col, val) and dense is set.
+  const int64_t* crow = nullptr;  // (C+1)
+  const int64_t* col = nullptr;   // (nnz)
+  const T* val = nullptr;         // (nnz)
+  const T* dense = nullptr;       // (C, G) row-major
+};
+
+template <class T>
+struct NbScratch {  // one per thread; rows of Gp elements unless noted
+  T* xrow = nullptr;           // backward: counts of the current cell; all zero between cells
+  T* aux = nullptr;            // exp(logit - max) of the current row; forward: then log1p(y)
+  T* vrow = nullptr;           // backward: v = y / (1 + y) of the current row
+  int64_t* ent_col = nullptr;  // (G) dense counts: genes of the non-zero entries
+  T* ent_x = nullptr;          // (G) their counts
+  double* ent_t = nullptr;     // (max entries per cell) count-only term of each entry
+};
+
+template <class T>
+struct NbFwdArgs {
+  int64_t P = 1, C = 0;
+  NbGenes<T> genes;
+  NbCounts<T> counts;
+  const T* logits = nullptr;       // (P, C, G)
+  const T* log_library = nullptr;  // (C)
+  T* out = nullptr;                // (P, C) log-likelihood, nats
+  double* lse = nullptr;           // (P, C) logsumexp of each logits row (saved for backward)
+};
+
+template <class T>
+struct NbBwdArgs {
+  int64_t P = 1, C = 0;
+  NbGenes<T> genes;
+  NbCounts<T> counts;
+  const T* logits = nullptr;       // (P, C, G)
+  const T* log_library = nullptr;  // (C)
+  const double* lse = nullptr;     // (P, C)
+  const T* grad_out = nullptr;     // (P, C)
+  T* grad_logits = nullptr;        // (P, C, G)
+  T* grad_log_library = nullptr;   // (C)
+};
+
+}  // namespace cpu
+}  // namespace samsvae

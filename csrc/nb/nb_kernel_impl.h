@@ -1,0 +1,301 @@
+// Negative binomial log-likelihood kernels, written once against Lanes<T> (simd_math.h) and
+// compiled per ISA (csrc/isa/*.cpp include this inside their own namespace).
+//
+// Per cell c (a row of counts, shared by the P particle rows of logits):
+//   lse    = log sum_g exp(logit_g)                       (max pass, then exp-sum pass)
+//   mu_g   = library * softmax_g,  y_g = mu_g / theta_g,  s_g = log1p(y_g)
+//   loglik = -sum_g theta_g s_g                           (every gene, vectorised)
+//            + sum_{entries} [T(x, theta_g) + x (logit_g - s_g)] + X (log_library - lse)
+// with X = sum of the cell's counts and T(x, theta) = D(x, theta) - lgamma(x + 1) from the
+// per-gene table (small integer counts) or nb_count_term (float64, any count). T depends on
+// the cell only, so it is evaluated once for all particles; the per-entry sums are float64.
+//
+// Backward, with w = 1/(1+y), v = y w, f(y) = log1p(y) - v (series in v when v is small):
+//   dL/dlogmu_g   = go * w_g (x_g - mu_g)          (counts scattered into a zeroed dense row)
+//   dL/dlogit_g   = dL/dlogmu_g - softmax_g * S,      S = sum_g dL/dlogmu_g = dL/dlog_library
+//   dL/dlogtheta_g += -go theta_g f(y_g)  (every gene)  + go (x v_g + dT(x, theta_g)) (entries)
+// accumulated in a per-thread float64 row, reduced over threads by the caller.
+
+// --- per-type constants of the backward series f(v) = sum_{k>=2} v^k / k ----------------
+template <class T> struct NbSeries;
+template <> struct NbSeries<float> { static constexpr float kMaxV = 0.125f; };
+template <> struct NbSeries<double> { static constexpr double kMaxV = 1e-3; };
+
+template <class T>
+SV_INLINE typename Lanes<T>::V nb_f_series(typename Lanes<T>::V v) {
+  typedef typename Lanes<T>::V V;
+  V p = v * (T)(1.0 / 10.0) + (T)(1.0 / 9.0);
+  p = p * v + (T)(1.0 / 8.0);
+  p = p * v + (T)(1.0 / 7.0);
+  p = p * v + (T)(1.0 / 6.0);
+  p = p * v + (T)(1.0 / 5.0);
+  p = p * v + (T)(1.0 / 4.0);
+  p = p * v + (T)(1.0 / 3.0);
+  p = p * v + (T)(1.0 / 2.0);
+  return p * v * v;
+}
+
+// Count-only term of one stored entry: table lookup for small integers, else float64 math.
+// `bad` counts entries that are negative, infinite or NaN.
+template <class T>
+SV_INLINE double nb_entry_term(T x, int64_t g, const NbGenes<T>& gn, bool derivative,
+                               int64_t& bad) {
+  if (x >= (T)0 && x < (T)gn.K) {
+    const int xi = (int)x;
+    if ((T)xi == x) return gn.table[(int64_t)xi * gn.Gp + g];
+  }
+  if (!(x >= (T)0 && x < (T)__builtin_inf())) {
+    ++bad;
+    return __builtin_nan("");
+  }
+  const double lt = (double)gn.log_theta[g];
+  const double th = std::exp(lt);
+  return derivative ? nb_count_term_dlogtheta((double)x, th)
+                    : nb_count_term((double)x, th, lt);
+}
+
+// Builds the table (rows: counts 0..K-1) for genes [g0, g1); g0 is a multiple of the vector
+// width.
+template <class T>
+void nb_build_table(const NbGenes<T>& gn, double* table, bool derivative, int64_t g0,
+                    int64_t g1) {
+  typedef Lanes<T> L;
+  typedef typename L::V V;
+  const int64_t Gp = gn.Gp;
+  for (int64_t g = g0; g < g1; g += L::W) {
+    const V it = L::load(gn.inv_theta + g), th = L::load(gn.theta + g);
+    typename L::Acc acc;
+    L::acc_zero(acc);
+    L::acc_store(table + g, acc, 0.0);
+    L::acc_store(table + Gp + g, acc, 0.0);
+    double log_fact = 0.0;  // lgamma(x + 1)
+    for (int x = 2; x < gn.K; ++x) {
+      const T j = (T)(x - 1);
+      log_fact += std::log((double)x);
+      double* row = table + (int64_t)x * Gp + g;
+      if (!derivative) {
+        // D(x) = sum_{j<x} log1p(j / theta); T(x) = D(x) - lgamma(x + 1)
+        L::acc_add(acc, L::log1p(it * j));
+        L::acc_store(row, acc, -log_fact);
+      } else {
+        // dD(x)/dlog(theta) = -sum_{j<x} j / (theta + j): exact for integer x, no digamma
+        L::acc_add(acc, (T)0 - j / (th + j));
+        L::acc_store(row, acc, 0.0);
+      }
+    }
+  }
+}
+
+// Largest integer count in [2, kNbTableMaxCount) (1 if none) and how many entries lie there.
+template <class T>
+void nb_scan_counts(const T* v, int64_t n, int* max_small, int64_t* n_small) {
+  typedef Lanes<T> L;
+  typedef typename L::V V;
+  V mx = L::splat((T)1), cnt = L::splat((T)0);
+  const V two = L::splat((T)2), kmax = L::splat((T)kNbTableMaxCount), one = L::splat((T)1);
+  int64_t i = 0;
+  for (; i + L::W <= n; i += L::W) {
+    const V x = L::load(v + i);
+    // x is in range and integral: floor via the int conversion of an in-range value
+    const V xs = L::sel(L::lt(x, kmax), x, L::splat((T)0));
+    const V hit = L::sel(L::lt(xs, two), L::splat((T)0), L::sel(L::eq(L::trunc(xs), xs), one,
+                                                                  L::splat((T)0)));
+    mx = L::vmax(mx, hit * xs);
+    cnt = cnt + hit;
+  }
+  double m = L::hmax(mx);
+  double c = 0.0;
+  for (int k = 0; k < L::W; ++k) c += L::lane(cnt, k);
+  for (; i < n; ++i) {
+    const T x = v[i];
+    if (x >= (T)2 && x < (T)kNbTableMaxCount && (T)(int)x == x) {
+      m = (double)x > m ? (double)x : m;
+      c += 1.0;
+    }
+  }
+  *max_small = (int)m;
+  *n_small = (int64_t)c;
+}
+
+// Returns cell c's stored entries (genes, counts; for dense counts the non-zeros, gathered
+// into scratch) and sets X = sum of its counts.
+template <class T>
+SV_INLINE int64_t nb_cell_entries(const NbCounts<T>& cnt, int64_t c, int64_t G,
+                                  const NbScratch<T>& s, const int64_t** ecol, const T** ex,
+                                  double* X) {
+  double sum = 0.0;
+  int64_t n;
+  if (cnt.dense != nullptr) {
+    const T* d = cnt.dense + c * G;
+    n = 0;
+    for (int64_t g = 0; g < G; ++g) {  // branch-free compaction
+      const T x = d[g];
+      s.ent_col[n] = g;
+      s.ent_x[n] = x;
+      n += x != (T)0;
+    }
+    *ecol = s.ent_col;
+    *ex = s.ent_x;
+  } else {
+    const int64_t b = cnt.crow[c];
+    n = cnt.crow[c + 1] - b;
+    *ecol = cnt.col + b;
+    *ex = cnt.val + b;
+  }
+  for (int64_t k = 0; k < n; ++k) sum += (double)(*ex)[k];
+  *X = sum;
+  return n;
+}
+
+// A logits row read in vector steps: full vectors straight from memory, the last partial
+// vector from a copy padded with -inf (whose softmax weight is exactly 0).
+template <class T>
+struct NbRow {
+  typedef Lanes<T> L;
+  typedef typename L::V V;
+  const T* row;
+  int64_t Gfull;
+  alignas(64) T tail[Lanes<T>::W];
+  SV_INLINE NbRow(const T* r, int64_t G) : row(r), Gfull(G - G % L::W) {
+    for (int i = 0; i < L::W; ++i)
+      tail[i] = Gfull + i < G ? r[Gfull + i] : (T)-__builtin_inf();
+  }
+  SV_INLINE V load(int64_t g) const { return g < Gfull ? L::load(row + g) : L::load(tail); }
+  SV_INLINE T max(int64_t Gp) const {
+    V m = L::splat((T)-__builtin_inf());
+    for (int64_t g = 0; g < Gp; g += L::W) m = L::vmax(m, load(g));
+    return (T)L::hmax(m);
+  }
+};
+
+template <class T>
+int64_t nb_forward_cells(const NbFwdArgs<T>& a, const NbScratch<T>& s, int64_t c0, int64_t c1) {
+  typedef Lanes<T> L;
+  typedef typename L::V V;
+  const NbGenes<T>& gn = a.genes;
+  const int64_t G = gn.G, Gp = gn.Gp, C = a.C;
+  int64_t bad = 0;
+  for (int64_t c = c0; c < c1; ++c) {
+    const int64_t* ecol;
+    const T* ex;
+    double X;
+    const int64_t n = nb_cell_entries(a.counts, c, G, s, &ecol, &ex, &X);
+    double tsum = 0.0;
+    for (int64_t k = 0; k < n; ++k) tsum += nb_entry_term(ex[k], ecol[k], gn, false, bad);
+    const double log_lib = (double)a.log_library[c];
+    const double lib = std::exp(log_lib);
+    for (int64_t p = 0; p < a.P; ++p) {
+      const int64_t r = p * C + c;
+      const T* lrow = a.logits + r * G;
+      const NbRow<T> row(lrow, G);
+      const T m_s = row.max(Gp);
+      const V m = L::splat(m_s);
+      typename L::Acc se;
+      L::acc_zero(se);
+      const T* next = p + 1 < a.P ? lrow + C * G : (c + 1 < c1 ? a.logits + (c + 1) * G : lrow);
+      for (int64_t g = 0; g < Gp; g += L::W) {
+        __builtin_prefetch(next + g);  // the next row streams in while this one computes
+        const V e = L::exp(row.load(g) - m);
+        L::store(s.aux + g, e);
+        L::acc_add(se, e);
+      }
+      const double sum = L::acc_sum(se);
+      const double lse = (double)m_s + std::log(sum);
+      // library / sum as an unevaluated sum hi + lo: its rounding would otherwise bias every
+      // gene of the row the same way (errors that add up instead of averaging out)
+      const T cl_hi = (T)(lib / sum);
+      const V clh = L::splat(cl_hi), cll = L::splat((T)(lib / sum - (double)cl_hi));
+      typename L::Acc zero_part;
+      L::acc_zero(zero_part);
+      for (int64_t g = 0; g < Gp; g += L::W) {
+        const V q = L::load(s.aux + g) * L::load(gn.inv_theta + g);
+        const V sp = L::log1p(q * clh + q * cll);
+        L::store(s.aux + g, sp);
+        L::acc_fma(zero_part, gn.theta_eff + g, sp);
+      }
+      // x (logit - s) per stored entry in float64: the products are exact there, and the
+      // terms are large (hundreds of nats) where they cancel against X (log_library - lse)
+      double lin = 0.0;
+      for (int64_t k = 0; k < n; ++k) {
+        const int64_t g = ecol[k];
+        lin += (double)ex[k] * ((double)lrow[g] - (double)s.aux[g]);
+      }
+      a.out[r] = (T)(tsum + lin + X * (log_lib - lse) - L::acc_sum(zero_part));
+      a.lse[r] = lse;
+    }
+  }
+  return bad;
+}
+
+template <class T>
+int64_t nb_backward_cells(const NbBwdArgs<T>& a, const NbScratch<T>& s, double* theta_acc,
+                          int64_t c0, int64_t c1) {
+  typedef Lanes<T> L;
+  typedef typename L::V V;
+  constexpr int W = L::W;
+  const NbGenes<T>& gn = a.genes;
+  const int64_t G = gn.G, Gp = gn.Gp, C = a.C;
+  int64_t bad = 0;
+  alignas(64) T gtail[W];
+  for (int64_t c = c0; c < c1; ++c) {
+    const int64_t* ecol;
+    const T* ex;
+    double X;
+    const int64_t n = nb_cell_entries(a.counts, c, G, s, &ecol, &ex, &X);
+    for (int64_t k = 0; k < n; ++k) {
+      s.ent_t[k] = nb_entry_term(ex[k], ecol[k], gn, true, bad);
+      s.xrow[ecol[k]] += ex[k];  // duplicate columns add up, as in the reference
+    }
+    const double lib = std::exp((double)a.log_library[c]);
+    double grad_lib = 0.0;
+    for (int64_t p = 0; p < a.P; ++p) {
+      const int64_t r = p * C + c;
+      T* grow = a.grad_logits + r * G;
+      const T go_s = a.grad_out[r];
+      if (go_s == (T)0) {
+        std::memset(grow, 0, sizeof(T) * G);
+        continue;
+      }
+      const NbRow<T> row(a.logits + r * G, G);
+      const T m_s = row.max(Gp);
+      const double sum = std::exp(a.lse[r] - (double)m_s);
+      const T cl_hi = (T)(lib / sum);
+      const V clh = L::splat(cl_hi), cll = L::splat((T)(lib / sum - (double)cl_hi));
+      const V m = L::splat(m_s), go = L::splat(go_s);
+      const V one = L::splat((T)1), vmax = L::splat(NbSeries<T>::kMaxV);
+      typename L::Acc S;
+      L::acc_zero(S);
+      for (int64_t g = 0; g < Gp; g += W) {
+        const V e = L::exp(row.load(g) - m);
+        const V mu = e * clh + e * cll;
+        const V y = mu * L::load(gn.inv_theta + g);
+        const V w = L::recip(one + y);
+        const V v = y * w;
+        const V dlm = go * w * (L::load(s.xrow + g) - mu);
+        L::store(s.aux + g, e);
+        L::store(s.vrow + g, v);
+        if (g < row.Gfull) L::store(grow + g, dlm);
+        else L::store(gtail, dlm);
+        L::acc_add(S, dlm);
+        const V f = L::sel(L::lt(v, vmax), nb_f_series<T>(v), L::log1p(y) - v);
+        L::add_to(theta_acc + g, (T)0 - go * L::load(gn.theta + g) * f);
+      }
+      // count-dependent part of dL/dlog(theta), per stored entry in float64
+      const double god = (double)go_s;
+      for (int64_t k = 0; k < n; ++k) {
+        const int64_t g = ecol[k];
+        theta_acc[g] += god * ((double)ex[k] * (double)s.vrow[g] + s.ent_t[k]);
+      }
+      const double Sd = L::acc_sum(S);
+      grad_lib += Sd;
+      const T k = (T)(Sd / sum);  // softmax_g * S = e_g * (S / sum)
+      const V kv = L::splat(k);
+      for (int64_t g = 0; g < row.Gfull; g += W)
+        L::store(grow + g, L::load(grow + g) - L::load(s.aux + g) * kv);
+      for (int64_t g = row.Gfull; g < G; ++g) grow[g] = gtail[g - row.Gfull] - s.aux[g] * k;
+    }
+    a.grad_log_library[c] = (T)grad_lib;
+    for (int64_t k = 0; k < n; ++k) s.xrow[ecol[k]] = (T)0;
+  }
+  return bad;
+}

@@ -1,0 +1,357 @@
+// Torch custom ops for the negative binomial log-likelihood (CPU):
+//
+//   samsvae::nb_log_prob_fwd(crow, col, values, logits, log_library, log_theta) -> (out, lse)
+//   samsvae::nb_log_prob_bwd(grad_out, crow, col, values, logits, log_library, log_theta, lse)
+//       -> (grad_logits, grad_log_library, grad_log_theta)
+//   samsvae::nb_log_prob_dense_fwd / nb_log_prob_dense_bwd: the same with dense counts (C, G)
+//
+// counts: CSR parts (crow (C+1) int64, col (nnz) int64, values (nnz)) or dense (C, G);
+// logits (C, G) or (P, C, G); log_library (C,); log_theta (G,); all of the logits dtype
+// (float32 or float64), contiguous, on the CPU. out: logits.shape[:-1] in nats;
+// lse: logits.shape[:-1] float64, the per-row logsumexp the backward recomputes from (the
+// only thing saved between the two, besides the inputs).
+// Autograd, fake tensors and the Python-side conversions live in samsvae/ops/_cpp_nb.py.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <atomic>
+#include <vector>
+
+#include "common/cpu_dispatch.h"
+#include "common/op_support.h"
+
+namespace samsvae {
+namespace cpu {
+namespace {
+
+constexpr const char* kOp = "samsvae::nb_log_prob";
+
+struct NbInputs {
+  int64_t P = 1, C = 0, G = 0;
+  int64_t max_entries = 0;  // most stored entries in one cell (CSR), or G (dense)
+};
+
+NbInputs check_common(const at::Tensor& logits, const at::Tensor& log_library,
+                      const at::Tensor& log_theta) {
+  check_cpu_contiguous(logits, kOp, "logits");
+  TORCH_CHECK(logits.dim() == 2 || logits.dim() == 3, kOp,
+              ": logits must be (cells, genes) or (particles, cells, genes), got shape ",
+              logits.sizes());
+  TORCH_CHECK(logits.scalar_type() == at::kFloat || logits.scalar_type() == at::kDouble, kOp,
+              ": logits must be float32 or float64, got ", logits.scalar_type(),
+              "; convert with .float()");
+  NbInputs in;
+  in.P = logits.dim() == 3 ? logits.size(0) : 1;
+  in.C = logits.size(-2);
+  in.G = logits.size(-1);
+  check_cpu_contiguous(log_library, kOp, "log_library");
+  check_cpu_contiguous(log_theta, kOp, "log_theta");
+  check_dtype(log_library, logits.scalar_type(), kOp, "log_library");
+  check_dtype(log_theta, logits.scalar_type(), kOp, "log_theta");
+  check_shape(log_library, {in.C}, kOp, "log_library");
+  check_shape(log_theta, {in.G}, kOp, "log_theta");
+  return in;
+}
+
+void check_csr(const at::Tensor& crow, const at::Tensor& col, const at::Tensor& values,
+               const at::Tensor& logits, NbInputs& in) {
+  for (auto* p : {&crow, &col, &values}) check_cpu_contiguous(*p, kOp, "counts CSR part");
+  check_dtype(crow, at::kLong, kOp, "crow_indices");
+  check_dtype(col, at::kLong, kOp, "col_indices");
+  check_dtype(values, logits.scalar_type(), kOp, "counts values");
+  check_shape(crow, {in.C + 1}, kOp, "crow_indices");
+  TORCH_CHECK(col.dim() == 1 && values.dim() == 1 && col.numel() == values.numel(), kOp,
+              ": col_indices and values must be 1-D of equal length, got ", col.sizes(), " and ",
+              values.sizes());
+  const int64_t* cr = crow.data_ptr<int64_t>();
+  const int64_t nnz = col.numel();
+  TORCH_CHECK(cr[0] == 0 && cr[in.C] == nnz, kOp, ": crow_indices must start at 0 and end at "
+              "nnz = ", nnz, " (got ", cr[0], " and ", cr[in.C], "); pass a valid CSR tensor");
+  for (int64_t c = 0; c < in.C; ++c) {
+    TORCH_CHECK(cr[c] <= cr[c + 1], kOp, ": crow_indices must be non-decreasing (row ", c, ")");
+    in.max_entries = std::max(in.max_entries, cr[c + 1] - cr[c]);
+  }
+  const int64_t* cl = col.data_ptr<int64_t>();
+  int64_t lo = 0, hi = 0;
+  for (int64_t k = 0; k < nnz; ++k) {
+    lo = cl[k] < lo ? cl[k] : lo;
+    hi = cl[k] > hi ? cl[k] : hi;
+  }
+  TORCH_CHECK(nnz == 0 || (lo >= 0 && hi < in.G), kOp, ": col_indices must lie in [0, ", in.G,
+              "), found [", lo, ", ", hi, "]");
+}
+
+template <class T>
+const TypedKernels<T>& typed(const CpuKernels& k);
+template <>
+const TypedKernels<float>& typed<float>(const CpuKernels& k) { return k.f32; }
+template <>
+const TypedKernels<double>& typed<double>(const CpuKernels& k) { return k.f64; }
+
+// Per-gene arrays (padded), plus the count table when it pays for itself.
+template <class T>
+struct GeneData {
+  at::Tensor theta, inv_theta, theta_eff, table;
+  NbGenes<T> genes;
+};
+
+template <class T>
+GeneData<T> prepare_genes(const TypedKernels<T>& kern, const at::Tensor& log_theta,
+                          const T* counts, int64_t n_counts, bool derivative) {
+  GeneData<T> d;
+  const int64_t G = log_theta.numel(), Gp = round_up(G, kern.vec_width);
+  d.theta = at::ones({Gp}, log_theta.options());
+  d.inv_theta = at::ones({Gp}, log_theta.options());
+  d.theta.narrow(0, 0, G).copy_(log_theta.exp());
+  d.inv_theta.narrow(0, 0, G).copy_(d.theta.narrow(0, 0, G).reciprocal());
+  d.theta_eff = d.inv_theta.to(at::kDouble).reciprocal();
+  NbGenes<T>& gn = d.genes;
+  gn.G = G;
+  gn.Gp = Gp;
+  gn.log_theta = log_theta.data_ptr<T>();
+  const at::Tensor& th = d.theta;
+  const at::Tensor& inv = d.inv_theta;
+  gn.theta = th.data_ptr<T>();
+  gn.inv_theta = inv.data_ptr<T>();
+  const at::Tensor& th_eff = d.theta_eff;
+  gn.theta_eff = th_eff.data_ptr<double>();
+
+  // Table rows for counts 0..K-1 (rows 0 and 1 are zeros). Rows 2.. are built when at least
+  // one entry per 32 table elements uses them: a table element costs about one vectorised
+  // log1p, an entry on the general path a hundred times more.
+  const int64_t n_chunks = at::divup(n_counts, 1 << 16);
+  std::vector<int> mx(n_chunks > 0 ? n_chunks : 1, 1);
+  std::vector<int64_t> cnt(n_chunks > 0 ? n_chunks : 1, 0);
+  at::parallel_for(0, n_chunks, 1, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      const int64_t lo = i << 16, n = std::min<int64_t>(n_counts - lo, 1 << 16);
+      kern.nb_scan(counts + lo, n, &mx[i], &cnt[i]);
+    }
+  });
+  int max_small = 1;
+  int64_t n_small = 0;
+  for (size_t i = 0; i < mx.size(); ++i) {
+    max_small = std::max(max_small, mx[i]);
+    n_small += cnt[i];
+  }
+  int K = max_small + 1;
+  if (K > 2 && n_small * 32 < G * (K - 2)) K = 2;
+  gn.K = K;
+  at::Tensor table = at::empty({K * Gp}, log_theta.options().dtype(at::kDouble));
+  d.table = table;
+  double* tab = table.data_ptr<double>();
+  const int64_t W = kern.vec_width;
+  at::parallel_for(0, Gp / W, std::max<int64_t>(1, 2048 / W / K + 1), [&](int64_t b, int64_t e) {
+    DenormalsAreZero ftz;
+    kern.nb_table(gn, tab, derivative, b * W, std::min(e * W, Gp));
+  });
+  gn.table = tab;
+  return d;
+}
+
+// Per-thread scratch rows (see NbScratch).
+template <class T>
+struct Scratch {
+  std::vector<T> rows;
+  std::vector<int64_t> cols;
+  std::vector<double> terms;
+  NbScratch<T> s;
+  Scratch(const NbInputs& in, int64_t Gp)
+      : rows(3 * Gp + in.G, (T)0), cols(in.G), terms(std::max<int64_t>(1, in.max_entries)) {
+    s.xrow = rows.data();
+    s.aux = rows.data() + Gp;
+    s.vrow = rows.data() + 2 * Gp;
+    s.ent_x = rows.data() + 3 * Gp;
+    s.ent_col = cols.data();
+    s.ent_t = terms.data();
+  }
+};
+
+int64_t cell_grain(const NbInputs& in) {
+  return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, in.P * in.G));
+}
+
+template <class T>
+std::tuple<at::Tensor, at::Tensor> forward_impl(const NbCounts<T>& counts, const T* count_values,
+                                                int64_t n_counts, const at::Tensor& logits,
+                                                const at::Tensor& log_library,
+                                                const at::Tensor& log_theta, const NbInputs& in) {
+  const at::IntArrayRef lead = logits.sizes().slice(0, logits.dim() - 1);
+  at::Tensor out = at::empty(lead, logits.options());
+  at::Tensor lse = at::empty(lead, logits.options().dtype(at::kDouble));
+  if (in.P * in.C == 0) return {out, lse};
+  if (in.G == 0) {  // empty softmax: the sum over genes is empty
+    out.zero_();
+    lse.fill_(-std::numeric_limits<double>::infinity());
+    return {out, lse};
+  }
+  const TypedKernels<T>& kern = typed<T>(active_kernels());
+  GeneData<T> gd = prepare_genes<T>(kern, log_theta, count_values, n_counts, false);
+  NbFwdArgs<T> a;
+  a.P = in.P;
+  a.C = in.C;
+  a.genes = gd.genes;
+  a.counts = counts;
+  a.logits = logits.data_ptr<T>();
+  a.log_library = log_library.data_ptr<T>();
+  a.out = out.data_ptr<T>();
+  a.lse = lse.data_ptr<double>();
+  std::atomic<int64_t> bad{0};
+  at::parallel_for(0, in.C, cell_grain(in), [&](int64_t c0, int64_t c1) {
+    DenormalsAreZero ftz;
+    Scratch<T> sc(in, gd.genes.Gp);
+    bad += kern.nb_forward(a, sc.s, c0, c1);
+  });
+  TORCH_CHECK(bad.load() == 0, kOp, ": counts must be finite and non-negative; found ",
+              bad.load(), " invalid entries");
+  return {out, lse};
+}
+
+template <class T>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
+    const at::Tensor& grad_out, const NbCounts<T>& counts, const T* count_values,
+    int64_t n_counts, const at::Tensor& logits, const at::Tensor& log_library,
+    const at::Tensor& log_theta, const at::Tensor& lse, const NbInputs& in) {
+  const at::IntArrayRef lead = logits.sizes().slice(0, logits.dim() - 1);
+  check_cpu_contiguous(grad_out, kOp, "grad_out");
+  check_dtype(grad_out, logits.scalar_type(), kOp, "grad_out");
+  check_shape(grad_out, lead, kOp, "grad_out");
+  check_cpu_contiguous(lse, kOp, "lse");
+  check_dtype(lse, at::kDouble, kOp, "lse");
+  check_shape(lse, lead, kOp, "lse");
+  at::Tensor grad_logits = at::empty_like(logits);
+  at::Tensor grad_lib = at::zeros({in.C}, logits.options());
+  if (in.P * in.C == 0 || in.G == 0) {
+    grad_logits.zero_();
+    return {grad_logits, grad_lib, at::zeros({in.G}, logits.options())};
+  }
+  const TypedKernels<T>& kern = typed<T>(active_kernels());
+  GeneData<T> gd = prepare_genes<T>(kern, log_theta, count_values, n_counts, true);
+  const int64_t Gp = gd.genes.Gp;
+  const int n_threads = at::get_num_threads();
+  at::Tensor theta_acc = at::zeros({n_threads, Gp}, logits.options().dtype(at::kDouble));
+  double* acc = theta_acc.data_ptr<double>();
+  NbBwdArgs<T> a;
+  a.P = in.P;
+  a.C = in.C;
+  a.genes = gd.genes;
+  a.counts = counts;
+  a.logits = logits.data_ptr<T>();
+  a.log_library = log_library.data_ptr<T>();
+  a.lse = lse.data_ptr<double>();
+  a.grad_out = grad_out.data_ptr<T>();
+  a.grad_logits = grad_logits.data_ptr<T>();
+  a.grad_log_library = grad_lib.data_ptr<T>();
+  std::atomic<int64_t> bad{0};
+  at::parallel_for(0, in.C, cell_grain(in), [&](int64_t c0, int64_t c1) {
+    const int tid = at::get_thread_num();
+    TORCH_INTERNAL_ASSERT(tid >= 0 && tid < n_threads, "thread id out of range");
+    DenormalsAreZero ftz;
+    Scratch<T> sc(in, Gp);
+    bad += kern.nb_backward(a, sc.s, acc + tid * Gp, c0, c1);
+  });
+  TORCH_CHECK(bad.load() == 0, kOp, ": counts must be finite and non-negative; found ",
+              bad.load(), " invalid entries");
+  // reduce the per-thread accumulators (float64) and drop the padding
+  at::Tensor grad_theta = theta_acc.sum(0).narrow(0, 0, in.G).to(logits.scalar_type());
+  return {grad_logits, grad_lib, grad_theta};
+}
+
+template <class T>
+NbCounts<T> csr_counts(const at::Tensor& crow, const at::Tensor& col, const at::Tensor& values) {
+  NbCounts<T> c;
+  c.crow = crow.data_ptr<int64_t>();
+  c.col = col.data_ptr<int64_t>();
+  c.val = values.data_ptr<T>();
+  return c;
+}
+
+template <class T>
+NbCounts<T> dense_counts(const at::Tensor& counts) {
+  NbCounts<T> c;
+  c.dense = counts.data_ptr<T>();
+  return c;
+}
+
+void check_dense(const at::Tensor& counts, const at::Tensor& logits, NbInputs& in) {
+  in.max_entries = in.G;
+  check_cpu_contiguous(counts, kOp, "counts");
+  check_dtype(counts, logits.scalar_type(), kOp, "counts");
+  check_shape(counts, {in.C, in.G}, kOp, "counts");
+}
+
+std::tuple<at::Tensor, at::Tensor> nb_fwd_csr(const at::Tensor& crow, const at::Tensor& col,
+                                              const at::Tensor& values, const at::Tensor& logits,
+                                              const at::Tensor& log_library,
+                                              const at::Tensor& log_theta) {
+  NbInputs in = check_common(logits, log_library, log_theta);
+  check_csr(crow, col, values, logits, in);
+  return AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "nb_log_prob_fwd", [&] {
+    return forward_impl<scalar_t>(csr_counts<scalar_t>(crow, col, values),
+                                  values.data_ptr<scalar_t>(), values.numel(), logits,
+                                  log_library, log_theta, in);
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> nb_bwd_csr(
+    const at::Tensor& grad_out, const at::Tensor& crow, const at::Tensor& col,
+    const at::Tensor& values, const at::Tensor& logits, const at::Tensor& log_library,
+    const at::Tensor& log_theta, const at::Tensor& lse) {
+  NbInputs in = check_common(logits, log_library, log_theta);
+  check_csr(crow, col, values, logits, in);
+  return AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "nb_log_prob_bwd", [&] {
+    return backward_impl<scalar_t>(grad_out, csr_counts<scalar_t>(crow, col, values),
+                                   values.data_ptr<scalar_t>(), values.numel(), logits,
+                                   log_library, log_theta, lse, in);
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> nb_fwd_dense(const at::Tensor& counts,
+                                                const at::Tensor& logits,
+                                                const at::Tensor& log_library,
+                                                const at::Tensor& log_theta) {
+  NbInputs in = check_common(logits, log_library, log_theta);
+  check_dense(counts, logits, in);
+  return AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "nb_log_prob_dense_fwd", [&] {
+    return forward_impl<scalar_t>(dense_counts<scalar_t>(counts), counts.data_ptr<scalar_t>(),
+                                  counts.numel(), logits, log_library, log_theta, in);
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> nb_bwd_dense(
+    const at::Tensor& grad_out, const at::Tensor& counts, const at::Tensor& logits,
+    const at::Tensor& log_library, const at::Tensor& log_theta, const at::Tensor& lse) {
+  NbInputs in = check_common(logits, log_library, log_theta);
+  check_dense(counts, logits, in);
+  return AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "nb_log_prob_dense_bwd", [&] {
+    return backward_impl<scalar_t>(grad_out, dense_counts<scalar_t>(counts),
+                                   counts.data_ptr<scalar_t>(), counts.numel(), logits,
+                                   log_library, log_theta, lse, in);
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(samsvae, m) {
+  m.def("nb_log_prob_fwd(Tensor crow, Tensor col, Tensor values, Tensor logits, "
+        "Tensor log_library, Tensor log_theta) -> (Tensor, Tensor)");
+  m.def("nb_log_prob_bwd(Tensor grad_out, Tensor crow, Tensor col, Tensor values, "
+        "Tensor logits, Tensor log_library, Tensor log_theta, Tensor lse) "
+        "-> (Tensor, Tensor, Tensor)");
+  m.def("nb_log_prob_dense_fwd(Tensor counts, Tensor logits, Tensor log_library, "
+        "Tensor log_theta) -> (Tensor, Tensor)");
+  m.def("nb_log_prob_dense_bwd(Tensor grad_out, Tensor counts, Tensor logits, "
+        "Tensor log_library, Tensor log_theta, Tensor lse) -> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(samsvae, CPU, m) {
+  m.impl("nb_log_prob_fwd", &nb_fwd_csr);
+  m.impl("nb_log_prob_bwd", &nb_bwd_csr);
+  m.impl("nb_log_prob_dense_fwd", &nb_fwd_dense);
+  m.impl("nb_log_prob_dense_bwd", &nb_bwd_dense);
+}
+
+}  // namespace cpu
+}  // namespace samsvae

@@ -1,0 +1,483 @@
+"""The user-facing class, in the shape of scvi-tools models.
+
+    import samsvae
+    samsvae.SAMSVAE.setup_anndata(adata, perturbation_key="perturbation")
+    model = samsvae.SAMSVAE(adata, model="sams_vae", guide="mean_field", n_latent=100)
+    model.train(max_epochs=200)
+    z = model.get_latent_representation(store=True)          # also adata.obsm["X_samsvae_basal"]
+    pred = model.predict(["KLF1", "KLF1+MAP2K6"])            # AnnData: conditions x genes
+    ate = model.average_treatment_effects()                  # AnnData with the data ATE layer
+    masks = model.get_perturbation_masks()                   # DataFrame: perturbations x latent
+    model.save("run/"); model = samsvae.SAMSVAE.load("run/", adata)
+
+A saved model is a run directory (see ``samsvae.train.run_dir``), so ``samsvae evaluate`` reads
+it as well as the runs of ``samsvae train``.
+"""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+
+UNS_KEY = "_samsvae"
+_SETUP_FIELDS = ("perturbation_key", "layer", "control_label", "separator", "drop_labels",
+                 "dosage_key")
+_CONTROL_ALIASES = ("control", "ctrl", "non-targeting", "NT", "")
+
+
+class SAMSVAE:
+    """SAMS-VAE (and the other models of the paper) on an AnnData of raw counts.
+
+    Args:
+        adata: AnnData registered with :meth:`setup_anndata`.
+        model: ``"sams_vae"`` | ``"cpa_vae"`` | ``"svae_plus"`` | ``"cvae"``.
+        guide: inference variant (``"mean_field"``, ``"corr_embedding"``, ``"corr_basal"``,
+            ``"corr_both"``; see ``samsvae.models.MODEL_GUIDES``).
+        n_latent: latent dimensions L.
+        n_hidden: hidden units of the encoder/decoder MLPs.
+        split: ``"random"`` | ``"ood_combinations"`` | an obs column holding train/val/test.
+        seed: seeds the split, the initial weights and the training noise.
+        backend: kernel backend of the fused ops (``"auto"``, ``"reference"``, ``"cpp"``,
+            ``"triton"``).
+        **model_kwargs: further ``build_model`` options.
+
+    Attributes:
+        module: the underlying ``PerturbationModel`` (a torch ``nn.Module``).
+        screen: the ``ScreenData`` built from ``adata``.
+        split: (n_cells,) "train" / "val" / "test" per screen cell.
+        history: training curves (``{"train": {...}, "val": {...}}``).
+    """
+
+    def __init__(self, adata, model: str = "sams_vae", guide: str = "mean_field",
+                 n_latent: int = 100, n_hidden: int = 400, split: str = "random", seed: int = 0,
+                 backend: str = "auto", **model_kwargs):
+        import torch
+
+        from .data import load_screen, make_split
+        from .train.build import build_model_for_screen, split_indices
+        setup = _registered(adata)
+        self.adata = adata
+        self.screen = load_screen(adata, **_load_options(setup))
+        self.split = np.asarray(make_split(self.screen, split, seed=seed)).astype(str)
+        torch.manual_seed(seed)
+        self.module = build_model_for_screen(self.screen, split_indices(self.split, "train"),
+                                             model=model, guide=guide, n_latent=n_latent,
+                                             n_hidden=n_hidden, backend=backend, **model_kwargs)
+        self.init_params = dict(model=model, guide=guide, n_latent=n_latent, n_hidden=n_hidden,
+                                split=split, seed=seed, backend=backend, **model_kwargs)
+        self.setup = setup
+        self.history: dict = {}
+        self.is_trained = False
+
+    # -- registration -----------------------------------------------------------------------
+
+    @staticmethod
+    def setup_anndata(adata, perturbation_key: str = "perturbation", layer: Optional[str] = None,
+                      control_label: Optional[str] = None, separator: str = "+",
+                      drop_labels: Sequence[str] = (), dosage_key: Optional[str] = None) -> None:
+        """Register where the counts and perturbations of ``adata`` live.
+
+        Checks the fields exist and the labels parse (finding the control label), then stores
+        the options in ``adata.uns["_samsvae"]`` (written along with the .h5ad).
+
+        Args:
+            perturbation_key: obs column of labels; combinations joined by ``separator``.
+            layer: layer holding raw integer counts (None: ``X``).
+            control_label: label of unperturbed cells (None: detect control/ctrl/non-targeting).
+            drop_labels: labels whose cells are left out (e.g. unassigned guides).
+            dosage_key: obsm key of a precomputed cells x perturbations dosage matrix, used
+                instead of labels.
+        """
+        import anndata
+        if not isinstance(adata, anndata.AnnData):
+            raise TypeError(f"setup_anndata needs an AnnData, got {type(adata).__name__}")
+        if isinstance(drop_labels, str):
+            drop_labels = [drop_labels]
+        if layer is not None and layer not in adata.layers:
+            raise ValueError(f"layer {layer!r} not found; available layers: "
+                             f"{list(adata.layers.keys()) or 'none'}. Pass layer=None to use X.")
+        if dosage_key is not None:
+            if dosage_key not in adata.obsm:
+                raise ValueError(f"obsm has no dosage matrix {dosage_key!r}; available obsm "
+                                 f"keys: {list(adata.obsm.keys()) or 'none'}")
+        else:
+            from .data import parse_labels
+            from .data.perturbations import read_label_column
+            labels = read_label_column(adata.obs, perturbation_key).to_numpy()
+            keep = ~np.isin(labels, np.asarray(list(drop_labels), dtype=object))
+            parse_labels(labels[keep], separator=separator, control_label=control_label)
+        options = {"perturbation_key": perturbation_key, "layer": layer,
+                   "control_label": control_label, "separator": separator,
+                   "drop_labels": [str(x) for x in drop_labels], "dosage_key": dosage_key}
+        # h5ad cannot store None: absent keys mean None
+        adata.uns[UNS_KEY] = {k: v for k, v in options.items() if v is not None}
+
+    # -- training ---------------------------------------------------------------------------
+
+    def train(self, max_epochs: Optional[int] = None, max_steps: Optional[int] = None,
+              batch_size: int = 512, particles: int = 5, lr: float = 3e-4,
+              weight_decay: float = 1e-6, grad_clip: Optional[float] = None,
+              val_every: Optional[int] = None, val_particles: int = 1, device: str = "cpu",
+              progress: bool = True, checkpoint_dir=None, checkpoint_every: int = 1000,
+              resume: bool = False, restore_best: bool = True, log=print) -> "SAMSVAE":
+        """Fit the model with Adam on the training cells, validating on the ``val`` cells.
+
+        Args:
+            max_epochs / max_steps: length of training (at most one; default:
+                ``min(400, round(8e6 / n_train_cells))`` epochs).
+            batch_size, particles, lr, weight_decay, grad_clip: see ``TrainConfig``.
+            val_every: steps between validations (default: each epoch).
+            device: ``"cpu"`` or ``"cuda"``; the model stays there afterwards.
+            checkpoint_dir: write a run directory with ``checkpoints/`` there (enables
+                ``resume=True`` after an interruption).
+            restore_best: end with the weights of the best validation ELBO.
+            log: called with progress lines when no bar is shown (None: silent).
+        """
+        from .train import Trainer, TrainConfig
+        from .train.build import make_loaders
+        from .train.run_dir import save_run, write_history, write_model
+        config = TrainConfig(max_steps=max_steps, max_epochs=max_epochs, batch_size=batch_size,
+                             particles=particles, lr=lr, weight_decay=weight_decay,
+                             grad_clip=grad_clip, val_every=val_every,
+                             val_particles=val_particles, checkpoint_every=checkpoint_every,
+                             seed=self.init_params["seed"], device=device, progress=progress)
+        train_loader, val_loader = make_loaders(self.screen, self.split, batch_size=batch_size,
+                                                seed=config.seed, device=device)
+        run_config = self._run_config(config.to_dict())
+        if checkpoint_dir is not None:
+            save_run(checkpoint_dir, config=run_config, screen=self.screen, split=self.split)
+        trainer = Trainer(self.module, train_loader, val_loader, config, run_dir=checkpoint_dir,
+                          run_config=run_config, n_train_cells=int((self.split == "train").sum()),
+                          log=log)
+        trainer.fit(resume=resume)
+        if restore_best:
+            trainer.load_best_weights()
+        self.history = trainer.history
+        self.train_config = config.to_dict()
+        self.is_trained = True
+        if checkpoint_dir is not None:
+            write_model(checkpoint_dir, self.module, step=trainer.best_step)
+            write_history(checkpoint_dir, self.history)
+        self.module.eval()
+        return self
+
+    # -- inference --------------------------------------------------------------------------
+
+    @property
+    def perturbations(self) -> list:
+        """The perturbation vocabulary (order of the mask/embedding rows)."""
+        return list(self.screen.perturbations)
+
+    @property
+    def device(self):
+        return next(self.module.parameters()).device
+
+    def get_latent_representation(self, adata=None, kind: str = "basal", indices=None,
+                                  batch_size: int = 1024, store: bool = False) -> np.ndarray:
+        """Guide means of the latent state of cells, (n_cells, L) float32.
+
+        Args:
+            adata: cells to embed (default: the training AnnData); must have the model's genes.
+            kind: ``"basal"`` (the cell without its perturbation) or ``"full"`` (basal + the
+                perturbation latent).
+            indices: rows of the (kept cells of the) data; default all.
+            store: also write ``adata.obsm["X_samsvae_<kind>"]`` ((adata.n_obs, L); NaN for
+                cells left out, e.g. dropped labels).
+        """
+        if kind not in ("basal", "full"):
+            raise ValueError(f"kind must be 'basal' or 'full', got {kind!r}")
+        import torch
+        target = self.adata if adata is None else adata
+        screen = self._screen_for(adata)
+        idx = self._rows(screen, indices)
+        self.module.eval()
+        out = []
+        with torch.no_grad():
+            for batch in self._loader(screen, idx, batch_size):
+                out.append(self.module.latent_representation(batch.to(self.device), kind=kind)
+                           .float().cpu().numpy())
+        z = np.concatenate(out) if out else np.zeros((0, self.module.n_latent), np.float32)
+        if store:
+            full = np.full((target.n_obs, z.shape[1]), np.nan, dtype=np.float32)
+            full[screen.cell_index[idx]] = z
+            target.obsm[f"X_samsvae_{kind}"] = full
+        return z
+
+    def get_marginal_ll(self, adata=None, indices=None, n_particles: int = 100,
+                        return_mean: bool = True, batch_size: int = 512, chunk: int = 10,
+                        seed: int = 0):
+        """Importance-weighted lower bound of log p(x) (nats): the mean over cells, or
+        (n_cells,) per cell with ``return_mean=False``. Deterministic for a given ``seed``."""
+        from .infer import test_iwelbo
+        screen = self._screen_for(adata)
+        idx = self._rows(screen, indices)
+        self.module.eval()
+        values = np.asarray(test_iwelbo(self.module, self._loader(screen, idx, batch_size),
+                                        particles=n_particles, chunk=chunk, global_seed=seed))
+        return float(values.mean()) if return_mean else values
+
+    def predict(self, perturbations: Sequence[str], n_samples: int = 1000,
+                library: float = 1e4, seed: int = 0):
+        """Predicted mean normalised expression of conditions, as an AnnData.
+
+        Args:
+            perturbations: labels of seen perturbations or compositions of seen ones
+                (``"A"``, ``"A+B"``; the control label or ``"control"`` for the control).
+            n_samples: simulated cells per condition.
+            library: library size of the simulated cells (1e4: "perturbseq" normalisation).
+
+        Returns:
+            AnnData (conditions x genes), ``X`` = mean of log2(1 + x) over simulated cells,
+            ``obs["label"]`` the canonical label.
+        """
+        import anndata
+        import pandas as pd
+        import torch
+        labels = _as_label_list(perturbations)
+        dosage, canonical = self._dosage_rows(labels)
+        self.module.eval()
+        gen = torch.Generator(device=self.device)
+        gen.manual_seed(int(seed))
+        pred = self.module.predict_normalized_expression(dosage, n_samples=n_samples,
+                                                         library=library, generator=gen)
+        obs = pd.DataFrame({"label": canonical}, index=pd.Index(labels, dtype=str))
+        var = pd.DataFrame(index=pd.Index(self.screen.gene_names, dtype=str))
+        out = anndata.AnnData(X=pred.cpu().numpy().astype(np.float32), obs=obs, var=var)
+        out.uns["samsvae_predict"] = {"n_samples": int(n_samples), "library": float(library),
+                                      "seed": int(seed)}
+        return out
+
+    def average_treatment_effects(self, perturbations: Optional[Sequence[str]] = None,
+                                  n_samples: int = 2500, split: str = "test", seed: int = 0):
+        """Model average treatment effects (vs control), with the data's where available.
+
+        Args:
+            perturbations: labels (seen perturbations or compositions); default every label
+                with cells in ``split``.
+            n_samples: simulated cells per condition.
+            split: cells whose empirical ATE goes into ``layers["data_ate"]`` (``"all"``: all).
+
+        Returns:
+            AnnData (perturbations x genes): ``X`` model ATE (log2 normalised expression),
+            ``layers["data_ate"]`` (NaN rows for labels without cells), ``obs["n_cells"]``,
+            ``obs["pearson"]`` (model vs data, per label).
+        """
+        import anndata
+        import pandas as pd
+
+        from .infer import data_ate, model_ate
+        idx = (np.arange(self.screen.n_cells) if split == "all"
+               else np.flatnonzero(self.split == split))
+        if idx.size:
+            d_labels, d_ate = data_ate(self.screen, idx)
+        else:
+            d_labels, d_ate = [], np.zeros((0, self.screen.n_genes))
+        d_labels = [str(x) for x in d_labels]
+        if perturbations is None:
+            if not d_labels:
+                raise ValueError(f"no perturbed cell in split {split!r}; pass perturbations=[...] "
+                                 "or another split ('all')")
+            labels = d_labels
+        else:
+            labels = [c for c in self._dosage_rows(_as_label_list(perturbations))[1]]
+            control = self._control_label()
+            if control in labels:
+                raise ValueError("the control has no treatment effect against itself; leave it "
+                                 "out of perturbations")
+        m_ate = np.asarray(model_ate(self.module, self.screen, labels, n_samples=n_samples,
+                                     seed=seed), dtype=np.float32)
+        row = {lab: i for i, lab in enumerate(d_labels)}
+        data = np.full_like(m_ate, np.nan)
+        for i, lab in enumerate(labels):
+            if lab in row:
+                data[i] = d_ate[row[lab]]
+        counts = pd.Series(np.asarray(self.screen.labels)[idx]).value_counts()
+        obs = pd.DataFrame({"n_cells": [int(counts.get(lab, 0)) for lab in labels],
+                            "pearson": [_pearson(m_ate[i], data[i]) for i in range(len(labels))]},
+                           index=pd.Index(labels, dtype=str))
+        var = pd.DataFrame(index=pd.Index(self.screen.gene_names, dtype=str))
+        out = anndata.AnnData(X=m_ate, obs=obs, var=var)
+        out.layers["data_ate"] = data
+        out.uns["samsvae_ate"] = {"n_samples": int(n_samples), "split": split, "seed": int(seed)}
+        return out
+
+    def get_perturbation_masks(self):
+        """DataFrame (perturbations x latent dims) of the guide's q(mask = 1)."""
+        import pandas as pd
+        masks = self.module.perturbation_masks()
+        if masks is None:
+            raise ValueError(f"model {self.init_params['model']!r} has no perturbation masks "
+                             "(sams_vae and svae_plus learn them; cpa_vae fixes them to 1)")
+        return pd.DataFrame(masks.detach().cpu().numpy(), index=self._row_names(),
+                            columns=[f"z{k}" for k in range(masks.shape[1])])
+
+    def get_perturbation_embeddings(self):
+        """DataFrame (perturbations x latent dims) of the guide means of the embeddings (SVAE+:
+        one row per training label, its latent shift)."""
+        import pandas as pd
+        emb = self.module.perturbation_embeddings()
+        return pd.DataFrame(emb.detach().cpu().numpy(), index=self._row_names(),
+                            columns=[f"z{k}" for k in range(emb.shape[1])])
+
+    def _row_names(self) -> list:
+        from .train.build import mask_row_names
+        return mask_row_names(self.module, self.perturbations)
+
+    # -- persistence ------------------------------------------------------------------------
+
+    def save(self, dir_path, overwrite: bool = False) -> Path:
+        """Write the model as a run directory (config.json, split.csv, model.pt, history)."""
+        from .train.run_dir import save_run
+        dir_path = Path(dir_path)
+        if dir_path.exists() and any(dir_path.iterdir()):
+            if not overwrite:
+                raise FileExistsError(f"{dir_path} exists and is not empty; pass overwrite=True "
+                                      "or choose another directory")
+            if (dir_path / "config.json").is_file():
+                shutil.rmtree(dir_path / "checkpoints", ignore_errors=True)
+        config = self._run_config(getattr(self, "train_config", None))
+        return save_run(dir_path, config=config, screen=self.screen, split=self.split,
+                        model=self.module, history=self.history)
+
+    @classmethod
+    def load(cls, dir_path, adata, map_location=None) -> "SAMSVAE":
+        """Rebuild a saved model for ``adata`` (which must have the model's genes, in order)."""
+        from .train.run_dir import load_run, read_config
+        config = read_config(dir_path)
+        setup = {k: config["data"].get(k) for k in _SETUP_FIELDS}
+        setup["drop_labels"] = list(setup.get("drop_labels") or [])
+        setup["separator"] = setup.get("separator") or "+"
+        setup["perturbation_key"] = setup.get("perturbation_key") or "perturbation"
+        if UNS_KEY not in adata.uns:
+            cls.setup_anndata(adata, **setup)
+        loaded = load_run(dir_path, data=_registered_screen(adata), map_location=map_location)
+        self = cls.__new__(cls)
+        self.adata = adata
+        self.screen = loaded.screen
+        self.split = loaded.split
+        self.module = loaded.model
+        self.init_params = dict(config.get("api") or {"model": config["model"]["name"],
+                                                      "guide": config["model"]["guide"]})
+        self.setup = _registered(adata)
+        self.history = loaded.history
+        if config.get("train"):
+            self.train_config = config["train"]
+        self.is_trained = True
+        return self
+
+    def __repr__(self) -> str:
+        p = self.init_params
+        return (f"SAMSVAE(model={p.get('model')!r}, guide={p.get('guide')!r}, "
+                f"{self.screen!r}, trained={self.is_trained})")
+
+    # -- helpers ----------------------------------------------------------------------------
+
+    def _run_config(self, train_config) -> dict:
+        from .train.run_dir import run_config
+        counts = {k: int((self.split == k).sum()) for k in ("train", "val", "test")}
+        config = run_config(model_name=self.init_params["model"],
+                            guide=self.init_params["guide"], model_config=self.module.config,
+                            screen=self.screen, data_options=_load_options(self.setup),
+                            split_options={"kind": self.init_params.get("split"),
+                                           "seed": self.init_params.get("seed"),
+                                           "counts": counts},
+                            train_config=train_config)
+        config["api"] = self.init_params
+        return config
+
+    def _screen_for(self, adata):
+        if adata is None or adata is self.adata:
+            return self.screen
+        from .train.run_dir import align_screen
+        return align_screen(_registered_screen(adata, self.setup), self.screen.gene_names,
+                            self.screen.perturbations)
+
+    @staticmethod
+    def _rows(screen, indices) -> np.ndarray:
+        if indices is None:
+            return np.arange(screen.n_cells, dtype=np.int64)
+        idx = np.asarray(indices)
+        if idx.dtype == np.bool_:
+            idx = np.flatnonzero(idx)
+        return idx.astype(np.int64)
+
+    @staticmethod
+    def _loader(screen, idx, batch_size):
+        from .data import MinibatchLoader
+        return MinibatchLoader(screen, idx, batch_size, shuffle=False)
+
+    def _control_label(self) -> str:
+        return self.screen.control_label or "control"
+
+    def _dosage_rows(self, labels):
+        """(n, T) scipy CSR dosage of condition labels and their canonical spellings."""
+        import scipy.sparse as sp
+        vocab = {p: i for i, p in enumerate(self.perturbations)}
+        sep = self.screen.separator
+        controls = set(_CONTROL_ALIASES) | {self._control_label()}
+        rows, cols, vals, canonical = [], [], [], []
+        for r, label in enumerate(labels):
+            counts: dict = {}
+            for part in (s.strip() for s in str(label).split(sep)):
+                if part in controls:
+                    continue
+                if part not in vocab:
+                    shown = ", ".join(self.perturbations[:8])
+                    raise ValueError(
+                        f"unknown perturbation {part!r} in {label!r}: the model knows "
+                        f"{len(vocab)} perturbations ({shown}{', ...' if len(vocab) > 8 else ''}"
+                        f"); see model.perturbations for the full list. Compose seen ones with "
+                        f"{sep!r}, e.g. {sep.join(self.perturbations[:2])!r}")
+                counts[vocab[part]] = counts.get(vocab[part], 0) + 1
+            for c in sorted(counts):
+                rows.append(r)
+                cols.append(c)
+                vals.append(float(counts[c]))
+            canonical.append(sep.join(self.perturbations[c] for c in sorted(counts)
+                                      for _ in range(counts[c])) or self._control_label())
+        dosage = sp.csr_matrix((np.asarray(vals, np.float32), (rows, cols)),
+                               shape=(len(labels), len(vocab)))
+        return dosage, canonical
+
+
+def _registered(adata) -> dict:
+    setup = adata.uns.get(UNS_KEY) if hasattr(adata, "uns") else None
+    if setup is None:
+        raise ValueError("this AnnData is not registered: call "
+                         "samsvae.SAMSVAE.setup_anndata(adata, perturbation_key=...) first")
+    return {k: (list(v) if k == "drop_labels" else v) for k, v in dict(setup).items()}
+
+
+def _load_options(setup: dict) -> dict:
+    opts = {k: setup.get(k) for k in _SETUP_FIELDS}
+    opts["drop_labels"] = tuple(opts.get("drop_labels") or ())
+    opts["separator"] = opts.get("separator") or "+"
+    opts["perturbation_key"] = opts.get("perturbation_key") or "perturbation"
+    return opts
+
+
+def _registered_screen(adata, setup: Optional[dict] = None):
+    from .data import load_screen
+    if setup is None or UNS_KEY in adata.uns:
+        setup = _registered(adata)
+    return load_screen(adata, **_load_options(setup))
+
+
+def _as_label_list(perturbations) -> list:
+    if isinstance(perturbations, str):
+        return [perturbations]
+    labels = [str(p) for p in perturbations]
+    if not labels:
+        raise ValueError("give at least one perturbation label")
+    return labels
+
+
+def _pearson(a, b) -> float:
+    ok = np.isfinite(a) & np.isfinite(b)
+    if ok.sum() < 2:
+        return float("nan")
+    a, b = a[ok] - a[ok].mean(), b[ok] - b[ok].mean()
+    d = np.sqrt((a * a).sum() * (b * b).sum())
+    return float((a * b).sum() / d) if d > 0 else float("nan")

@@ -1,0 +1,185 @@
+"""Average treatment effects (ATE) per perturbation label, from data and from a model.
+
+Normalisation ("perturbseq"): ``y = log2(1 + 1e4 * x / library)`` per gene, ``library`` the
+cell's total count over the modelled genes. The ATE of label t is the mean of y over cells with
+label t minus the mean over control cells:
+
+* data side (:func:`data_ate`): cells of the evaluated indices; the control mean uses the
+  control cells among the evaluated indices when there are any, otherwise all control cells
+  of the screen (e.g. a held-out split made of perturbed cells only);
+* model side (:func:`model_ate`): posterior-predictive cells simulated at library 1e4 under the
+  label's dosage row and under an empty row (control), the same local/global draws for both.
+
+:func:`ate_pearson` compares the two per label, over all genes and over the label's top-k genes
+by absolute data ATE.
+"""
+from __future__ import annotations
+
+from typing import List, Sequence, Tuple
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+NORMALIZED_LIBRARY = 1e4
+_ROWS_PER_CHUNK = 8192
+# labels per predict call: (labels + 1) x genes values per simulated cell, at most this many
+_MODEL_ATE_VALUES = 2 ** 19
+
+
+def _as_rows(screen, indices) -> np.ndarray:
+    idx = np.asarray(indices)
+    if idx.dtype == np.bool_:
+        if idx.shape != (screen.n_cells,):
+            raise ValueError(f"a boolean mask of indices needs shape ({screen.n_cells},), "
+                             f"got {idx.shape}")
+        idx = np.flatnonzero(idx)
+    return idx.astype(np.int64).reshape(-1)
+
+
+def _group_means(screen, rows: np.ndarray, group: np.ndarray, n_groups: int) -> np.ndarray:
+    """(n_groups, G) mean of log2(1 + 1e4 x / library) over ``rows`` grouped by ``group``."""
+    sums = np.zeros((n_groups, screen.n_genes), dtype=np.float64)
+    sizes = np.bincount(group, minlength=n_groups).astype(np.float64)
+    for start in range(0, rows.size, _ROWS_PER_CHUNK):
+        r = rows[start:start + _ROWS_PER_CHUNK]
+        g = group[start:start + _ROWS_PER_CHUNK]
+        x = sp.csr_matrix(screen.rows(r), dtype=np.float64)
+        lib = np.maximum(np.asarray(screen.library, dtype=np.float64)[r], 1.0)
+        x = sp.diags(NORMALIZED_LIBRARY / lib) @ x
+        x.data = np.log2(1.0 + x.data)
+        onehot = sp.csr_matrix((np.ones(r.size), (g, np.arange(r.size))),
+                               shape=(n_groups, r.size))
+        sums += np.asarray((onehot @ x).todense())
+    return sums / np.maximum(sizes, 1.0)[:, None]
+
+
+def data_ate(screen, indices) -> Tuple[List[str], np.ndarray]:
+    """Empirical ATE of every perturbation label with cells among ``indices``.
+
+    Args:
+        screen: ``samsvae.data.ScreenData``.
+        indices: (n,) row numbers (or an (n_cells,) bool mask) of the evaluated cells.
+
+    Returns:
+        ``(labels, ate)``: the non-control labels present (sorted), and (n_labels, G) float64
+        mean normalised expression of their cells minus that of the control cells (those in
+        ``indices`` if any, else all control cells of the screen).
+    """
+    rows = _as_rows(screen, indices)
+    labels_all = np.asarray(screen.labels).astype(str)
+    is_control = np.asarray(screen.is_control, dtype=bool)
+    pert_rows = rows[~is_control[rows]]
+    labels = sorted(set(labels_all[pert_rows].tolist()))
+    ctrl_rows = rows[is_control[rows]]
+    if ctrl_rows.size == 0:
+        ctrl_rows = np.flatnonzero(is_control)
+    if ctrl_rows.size == 0:
+        raise ValueError("the screen has no control cells, so treatment effects are undefined; "
+                         "load it with the right control_label (load_screen(control_label=...))")
+    if not labels:
+        return [], np.zeros((0, screen.n_genes))
+    pos = {lab: i for i, lab in enumerate(labels)}
+    group = np.concatenate([np.array([pos[l] for l in labels_all[pert_rows]], dtype=np.int64),
+                            np.full(ctrl_rows.size, len(labels), dtype=np.int64)])
+    means = _group_means(screen, np.concatenate([pert_rows, ctrl_rows]), group, len(labels) + 1)
+    return labels, means[:-1] - means[-1]
+
+
+def label_dosage(screen, labels: Sequence[str]) -> sp.csr_matrix:
+    """(n_labels, T) dosage rows of labels: the row of a cell carrying the label, or, for a
+    label no cell carries, its components (split on the screen's separator) at dosage 1."""
+    labels_all = np.asarray(screen.labels).astype(str)
+    uniq, first = np.unique(labels_all, return_index=True)
+    first_row = dict(zip(uniq.tolist(), first.tolist()))
+    vocab = {p: i for i, p in enumerate(screen.perturbations)}
+    sep = getattr(screen, "separator", "+")
+    out = []
+    for lab in labels:
+        if lab in first_row:
+            out.append(sp.csr_matrix(screen.dosage[first_row[lab]]))
+            continue
+        parts = lab.split(sep)
+        missing = [p for p in parts if p not in vocab]
+        if missing:
+            raise ValueError(f"label {lab!r} is not carried by any cell and its parts {missing} "
+                             f"are not perturbations of the screen")
+        cols = sorted(vocab[p] for p in parts)
+        out.append(sp.csr_matrix((np.ones(len(cols)), (np.zeros(len(cols), dtype=int), cols)),
+                                 shape=(1, screen.n_perturbations)))
+    if not out:
+        return sp.csr_matrix((0, screen.n_perturbations), dtype=np.float32)
+    return sp.vstack(out).tocsr().astype(np.float32)
+
+
+def model_ate(model, screen, labels: Sequence[str], *, n_samples: int = 2500,
+              seed: int = 0) -> np.ndarray:
+    """Model ATE of each label: predicted normalised expression under the label minus under
+    control, from ``n_samples`` simulated cells each at library 1e4.
+
+    Vectorised over labels: labels are processed in groups (each group with its own control
+    row, sharing the group's random draws) so that one group's simulated cells fit in memory.
+
+    Returns:
+        (n_labels, G) float64.
+    """
+    labels = list(labels)
+    G = screen.n_genes
+    if not labels:
+        return np.zeros((0, G))
+    dosage = label_dosage(screen, labels)
+    empty = sp.csr_matrix((1, screen.n_perturbations), dtype=np.float32)
+    group = max(1, _MODEL_ATE_VALUES // G - 1)
+    device = next(model.parameters()).device
+    out = np.zeros((len(labels), G), dtype=np.float64)
+    for gi, start in enumerate(range(0, len(labels), group)):
+        rows = sp.vstack([dosage[start:start + group], empty]).tocsr()
+        gen = torch.Generator(device=device)
+        gen.manual_seed(int(seed) * 1_000_003 + gi)
+        pred = model.predict_normalized_expression(rows, n_samples=n_samples,
+                                                   library=NORMALIZED_LIBRARY, generator=gen)
+        pred = pred.detach().to("cpu", torch.float64).numpy()
+        out[start:start + group] = pred[:-1] - pred[-1]
+    return out
+
+
+def _pearson(a: np.ndarray, b: np.ndarray) -> float:
+    a = a - a.mean()
+    b = b - b.mean()
+    den = np.sqrt((a * a).sum() * (b * b).sum())
+    return float((a * b).sum() / den) if den > 0 else float("nan")
+
+
+def ate_pearson(model_ate, data_ate, *, top_k: int = 20) -> dict:
+    """Pearson correlation between model and data ATE, per label.
+
+    Args:
+        model_ate, data_ate: (n_labels, G) arrays, rows for the same labels.
+        top_k: also correlate over each label's ``top_k`` genes by |data ATE|.
+
+    Returns:
+        ``{"ate_pearson": mean over labels (all genes), "ate_pearson_top{k}": mean over labels
+        (top-k genes), "ate_pearson_per_label": [...], "ate_pearson_top{k}_per_label": [...]}``.
+        A label whose ATE is constant over the genes compared has correlation NaN and is left
+        out of the means (NaN when no label is left).
+    """
+    m, d = np.asarray(model_ate, dtype=np.float64), np.asarray(data_ate, dtype=np.float64)
+    if m.shape != d.shape or m.ndim != 2:
+        raise ValueError(f"model_ate and data_ate must be (n_labels, genes) of the same shape, "
+                         f"got {m.shape} and {d.shape}")
+    if top_k < 2:
+        raise ValueError(f"top_k must be >= 2 for a correlation, got {top_k}")
+    k = min(top_k, m.shape[1])
+    full = [_pearson(m[i], d[i]) for i in range(m.shape[0])]
+    top = []
+    for i in range(m.shape[0]):
+        sel = np.argsort(-np.abs(d[i]), kind="stable")[:k]
+        top.append(_pearson(m[i, sel], d[i, sel]))
+
+    def _mean(v):
+        v = np.asarray(v, dtype=np.float64)
+        return float(np.nanmean(v)) if np.isfinite(v).any() else float("nan")
+
+    name = f"ate_pearson_top{top_k}"
+    return {"ate_pearson": _mean(full), name: _mean(top), "ate_pearson_per_label": full,
+            f"{name}_per_label": top}

@@ -1,0 +1,73 @@
+"""``evaluate_model``: every metric of a trained model on a set of cells, in one dict."""
+from __future__ import annotations
+
+import numpy as np
+
+from .ate import _as_rows, ate_pearson, data_ate, model_ate
+from .iwelbo import _model_device, test_iwelbo
+from .masks import mask_recovery
+
+
+def _true_masks(screen, ground_truth) -> np.ndarray:
+    """(T, L_true) true masks in the order of ``screen.perturbations``."""
+    masks = np.asarray(ground_truth["masks"])
+    names = ground_truth.get("perturbations")
+    if names is None:
+        return masks
+    pos = {str(n): i for i, n in enumerate(np.asarray(names).ravel())}
+    missing = [p for p in screen.perturbations if p not in pos]
+    if missing:
+        raise ValueError(f"the ground truth has no masks for perturbations {missing[:5]}")
+    return masks[[pos[p] for p in screen.perturbations]]
+
+
+def evaluate_model(model, screen, indices, *, iwelbo_particles: int = 100,
+                   ate_particles: int = 2500, seed: int = 0, batch_size: int = 512) -> dict:
+    """Test IWELBO, ATE Pearson and (simulated screens) mask recovery on the cells ``indices``.
+
+    Args:
+        model: a trained ``samsvae.models.PerturbationModel`` (any device).
+        screen: the ``samsvae.data.ScreenData`` it was trained on (same genes and perturbations).
+        indices: (n,) rows (or an (n_cells,) bool mask) of the evaluated cells, e.g. the test split.
+        iwelbo_particles: importance samples per cell. ate_particles: simulated cells per
+            condition for the model ATE. seed: seed of every Monte Carlo estimate.
+        batch_size: cells per IWELBO batch.
+
+    Returns:
+        ``test_iwelbo`` (mean nats per cell), ``n_cells``, ``ate_pearson``,
+        ``ate_pearson_top20``, ``n_ate_labels`` (None when no perturbed cell is evaluated or the
+        screen has no control), the arrays ``ate_labels``, ``data_ate``, ``model_ate``,
+        ``ate_pearson_per_label``; with ``screen.ground_truth`` holding masks:
+        ``mask_f1``, ``mask_precision``, ``mask_recall`` (None for models without masks:
+        cvae, cpa_vae).
+    """
+    from ..data import MinibatchLoader
+
+    rows = _as_rows(screen, indices)
+    if rows.size == 0:
+        raise ValueError("no cells to evaluate: indices is empty (is the split empty?)")
+    device = _model_device(model)
+    loader = MinibatchLoader(screen, rows, batch_size=batch_size, shuffle=False, device=device)
+    iw = test_iwelbo(model, loader, particles=iwelbo_particles, global_seed=seed)
+    out = {"test_iwelbo": float(np.mean(iw)), "n_cells": int(rows.size)}
+
+    out.update(ate_pearson=None, ate_pearson_top20=None, n_ate_labels=0)
+    if np.asarray(screen.is_control).any():
+        labels, d_ate = data_ate(screen, rows)
+        if labels:
+            m_ate = model_ate(model, screen, labels, n_samples=ate_particles, seed=seed)
+            r = ate_pearson(m_ate, d_ate, top_k=20)
+            out.update(ate_pearson=r["ate_pearson"], ate_pearson_top20=r["ate_pearson_top20"],
+                       n_ate_labels=len(labels), ate_labels=list(labels), data_ate=d_ate,
+                       model_ate=m_ate, ate_pearson_per_label=r["ate_pearson_per_label"])
+
+    truth = getattr(screen, "ground_truth", None)
+    if truth is not None and "masks" in truth:
+        learned = model.perturbation_masks()
+        if learned is None:
+            out.update(mask_f1=None, mask_precision=None, mask_recall=None)
+        else:
+            rec = mask_recovery(learned, _true_masks(screen, truth))
+            out.update(mask_f1=rec["f1"], mask_precision=rec["precision"],
+                       mask_recall=rec["recall"])
+    return out

@@ -1,0 +1,287 @@
+"""The common shell of every model: configuration, batch checks, the ELBO/IWELBO/prediction
+drivers; subclasses supply the model-specific sampling (see the ``_`` hooks at the bottom)."""
+from __future__ import annotations
+
+import contextlib
+from typing import Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from .. import ops
+from ..nn import NBLikelihood
+
+# Element budget of one (samples, conditions, genes) block in predict_normalized_expression.
+PREDICT_BLOCK_ELEMENTS = 2 ** 22
+
+
+def as_torch_csr(matrix, n_cols: int, *, device, dtype=torch.float32, name: str = "dosage"):
+    """A (rows, n_cols) scipy sparse / numpy / torch matrix as a ``torch.sparse_csr`` tensor."""
+    if torch.is_tensor(matrix):
+        t = matrix if matrix.layout == torch.sparse_csr else matrix.to_dense().to_sparse_csr()
+    elif hasattr(matrix, "tocsr"):
+        m = matrix.tocsr()
+        t = torch.sparse_csr_tensor(torch.as_tensor(m.indptr, dtype=torch.int64),
+                                    torch.as_tensor(m.indices, dtype=torch.int64),
+                                    torch.as_tensor(m.data), size=m.shape,
+                                    check_invariants=False)
+    else:
+        arr = np.asarray(matrix)
+        if arr.ndim == 1:
+            arr = arr[None, :]
+        t = torch.as_tensor(arr).to_sparse_csr()
+    if t.dim() != 2 or t.shape[1] != n_cols:
+        raise ValueError(f"{name} must be (rows, {n_cols}) (one column per perturbation of the "
+                         f"model), got shape {tuple(t.shape)}")
+    if t.values().dtype != dtype:
+        t = torch.sparse_csr_tensor(t.crow_indices(), t.col_indices(), t.values().to(dtype),
+                                    size=t.shape, check_invariants=False)
+    return t.to(device)
+
+
+@contextlib.contextmanager
+def rng_scope(generator: Optional[torch.Generator], device: torch.device):
+    """Run the block on the global RNG seeded from ``generator`` (restored afterwards).
+
+    Used where torch samplers take no generator argument (Gamma, Beta); with ``generator=None``
+    the global RNG is used as is.
+    """
+    if generator is None:
+        yield
+        return
+    seed = int(torch.randint(0, 2 ** 62, (1,), generator=generator,
+                             device=generator.device).item())
+    devices = [device] if torch.device(device).type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+def _nb_sample(mu: torch.Tensor, log_theta: torch.Tensor) -> torch.Tensor:
+    """x ~ NB(mean mu, inverse dispersion theta) as Poisson(Gamma(theta, theta / mu))."""
+    theta = log_theta.exp().to(mu.dtype).expand_as(mu)
+    gamma = torch.distributions.Gamma(theta, torch.ones_like(theta)).sample()
+    return torch.poisson(gamma * (mu / theta))
+
+
+class PerturbationModel(nn.Module):
+    """Base class of the generative models (``samsvae.models.build_model`` builds them).
+
+    Every model has a decoder ``f`` (one hidden layer, LeakyReLU) whose output logits give
+    expression proportions ``softmax(f(z))`` and an NB likelihood with a learned per-gene
+    inverse dispersion: ``x_ig ~ NB(mean = library_i softmax(f(z_i))_g, theta_g)``.
+
+    Attributes:
+        config: JSON-serialisable keyword arguments; ``build_model(**model.config)`` rebuilds the
+            model (gene statistics and perturbation counts live in buffers, i.e. the state_dict).
+    """
+
+    has_masks = False
+
+    def __init__(self, *, model: str, guide: str, n_genes: int, n_perturbations: int,
+                 n_latent: int, n_hidden: int, backend: str = "auto",
+                 perturbation_counts=None, extra_config: Optional[dict] = None):
+        super().__init__()
+        for name, v in (("n_genes", n_genes), ("n_perturbations", n_perturbations),
+                        ("n_latent", n_latent), ("n_hidden", n_hidden)):
+            if int(v) != v or v < 1:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        self.n_genes, self.n_perturbations = int(n_genes), int(n_perturbations)
+        self.n_latent, self.n_hidden = int(n_latent), int(n_hidden)
+        self.backend = backend
+        self.config = dict(model=model, guide=guide, n_genes=self.n_genes,
+                           n_perturbations=self.n_perturbations, n_latent=self.n_latent,
+                           n_hidden=self.n_hidden, backend=backend, **(extra_config or {}))
+        self.likelihood = NBLikelihood(self.n_genes, backend=backend)
+        self.register_buffer("perturbation_counts", torch.zeros(self.n_perturbations))
+        self.register_buffer("perturbation_counts_set", torch.zeros((), dtype=torch.bool))
+        if perturbation_counts is not None:
+            self.set_perturbation_counts(perturbation_counts)
+
+    # -- public interface ------------------------------------------------------------------
+
+    @property
+    def model_name(self) -> str:
+        return self.config["model"]
+
+    @property
+    def guide_name(self) -> str:
+        return self.config["guide"]
+
+    def set_perturbation_counts(self, counts) -> None:
+        """Set N_t, the number of TRAINING cells with each perturbation ((T,), global under
+        DDP). The global terms of perturbation t are weighted ``1 / N_t`` per cell."""
+        t = torch.as_tensor(np.asarray(counts, dtype=np.float64)).reshape(-1)
+        if t.numel() != self.n_perturbations:
+            raise ValueError(f"perturbation counts must have one entry per perturbation "
+                             f"({self.n_perturbations}), got {t.numel()}")
+        if not torch.isfinite(t).all() or (t < 0).any():
+            raise ValueError("perturbation counts must be finite and non-negative "
+                             "(cells of the training split carrying each perturbation)")
+        self.perturbation_counts.copy_(t.to(self.perturbation_counts.dtype))
+        self.perturbation_counts_set.fill_(True)
+
+    def loss(self, batch, *, particles: int = 5, generator: Optional[torch.Generator] = None) -> dict:
+        """Negative ELBO of a minibatch.
+
+        Args:
+            batch: ``samsvae.data.Batch`` (counts (B, G) CSR, dosage (B, T) CSR, library (B,)).
+            particles: P samples of the guide; the ELBO is averaged over them.
+            generator: optional ``torch.Generator`` for all the sampling noise.
+
+        Returns:
+            ``{"loss": scalar = -(mean over cells and particles of the per-cell ELBO),
+            "elbo": (B,) detached per-cell ELBO (nats; global terms reweighted 1/N_t),
+            "terms": {"log_lik", "kl_local", "global": batch means (floats, nats per cell)}}``
+        """
+        self._check_batch(batch)
+        if particles < 1:
+            raise ValueError(f"particles must be >= 1, got {particles}")
+        parts = self._elbo_parts(batch, particles, generator)
+        log_lik, kl_local, glob = parts["log_lik"], parts["kl_local"], parts.get("global")
+        elbo_pb = log_lik - kl_local
+        if glob is not None:
+            elbo_pb = elbo_pb + glob
+        elbo = elbo_pb.mean(0) if elbo_pb.dim() == 2 else elbo_pb
+        zero = log_lik.new_zeros(())
+        summary = torch.stack([log_lik.detach().mean(), kl_local.detach().mean(),
+                               zero if glob is None else glob.detach().mean()]).tolist()
+        return {"loss": -elbo.mean(), "elbo": elbo.detach(),
+                "terms": dict(zip(("log_lik", "kl_local", "global"), summary))}
+
+    @torch.no_grad()
+    def iwelbo(self, batch, *, particles: int = 100, chunk: int = 10,
+               global_seed: int = 0) -> torch.Tensor:
+        """Importance-weighted ELBO per cell (nats), (B,).
+
+        ``log w_k = log p(x | z_k) + log p(z_local_k) - log q(z_local_k | x[, z_p_k])``: the
+        predictive form, with the global variables drawn from the guide as K particles that
+        depend only on ``global_seed`` (every batch and cell reuses particle k's globals) and
+        are not part of the weight. Evaluated ``chunk`` particles at a time
+        (``samsvae.ops.iwelbo``), so memory does not grow with ``particles``.
+        """
+        self._check_batch(batch)
+        state = self._iwelbo_setup(batch)
+        return ops.iwelbo(lambda start, n: self._log_weights(batch, state, start, n,
+                                                             int(global_seed)),
+                          particles, chunk)
+
+    @torch.no_grad()
+    def predict_normalized_expression(self, dosage, *, n_samples: int, library: float = 1e4,
+                                      generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """Posterior-predictive mean normalised expression of conditions.
+
+        Args:
+            dosage: (n, T) CSR (torch or scipy) rows, one per condition; an empty row is the
+                control.
+            n_samples: simulated cells per condition.
+            library: library size of the simulated cells (1e4: the "perturbseq" normalisation).
+            generator: optional ``torch.Generator`` making the result reproducible.
+
+        Returns:
+            (n, G) float32: mean over the simulated cells of ``log2(1 + x)``,
+            ``x ~ NB(library softmax(f(z)), theta)``, with the local latent from its prior and
+            the globals from the guide. All conditions share the same local latent draws and
+            global draws (common random numbers), which lowers the variance of differences
+            between conditions such as treatment effects.
+        """
+        if n_samples < 1:
+            raise ValueError(f"n_samples must be >= 1, got {n_samples}")
+        device = self.likelihood.log_theta.device
+        dtype = self.likelihood.log_theta.dtype
+        dosage = as_torch_csr(dosage, self.n_perturbations, device=device, dtype=dtype)
+        n = dosage.shape[0]
+        total = torch.zeros(n, self.n_genes, dtype=torch.float64, device=device)
+        step = max(1, PREDICT_BLOCK_ELEMENTS // max(1, n * self.n_genes))
+        with rng_scope(generator, device):
+            for s0 in range(0, n_samples, step):
+                s = min(step, n_samples - s0)
+                hidden = self._predictive_hidden(dosage, s)                  # (s, n, H)
+                logits = self.decoder.logits(hidden)
+                mu = float(library) * torch.softmax(logits, dim=-1)
+                x = _nb_sample(mu, self.likelihood.log_theta)
+                total += torch.log2(1.0 + x).sum(0, dtype=torch.float64)
+        return (total / n_samples).to(torch.float32)
+
+    def latent_representation(self, batch, kind: str = "basal") -> torch.Tensor:
+        """(B, L) guide means: ``"basal"`` the cell's basal state, ``"full"`` basal + the guide
+        mean of its perturbation latent."""
+        if kind not in ("basal", "full"):
+            raise ValueError(f"kind must be 'basal' or 'full', got {kind!r}")
+        self._check_batch(batch, need_counts=True)
+        with torch.no_grad():
+            return self._latent(batch, kind)
+
+    def perturbation_masks(self) -> Optional[torch.Tensor]:
+        """(T, L) guide probabilities q(m_tk = 1); None for models without masks."""
+        return None
+
+    def perturbation_embeddings(self) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    # -- shared helpers --------------------------------------------------------------------
+
+    def _check_batch(self, batch, need_counts: bool = True) -> None:
+        for field in ("counts", "dosage", "library"):
+            if not hasattr(batch, field):
+                raise TypeError(f"batch must be a samsvae.data.Batch (counts, dosage, library, "
+                                f"index); it has no {field!r}")
+        counts, dosage, library = batch.counts, batch.dosage, batch.library
+        if counts.dim() != 2 or counts.shape[1] != self.n_genes:
+            raise ValueError(f"batch.counts must be (cells, {self.n_genes}) for this model, got "
+                             f"{tuple(counts.shape)}: the screen's genes differ from the ones "
+                             "the model was built with")
+        if dosage.layout != torch.sparse_csr:
+            raise ValueError("batch.dosage must be a torch.sparse_csr (cells x perturbations) "
+                             "tensor; build batches with samsvae.data.MinibatchLoader")
+        if tuple(dosage.shape) != (counts.shape[0], self.n_perturbations):
+            raise ValueError(f"batch.dosage must be ({counts.shape[0]}, {self.n_perturbations}),"
+                             f" got {tuple(dosage.shape)}: the perturbation vocabulary differs "
+                             "from the model's")
+        if tuple(library.shape) != (counts.shape[0],):
+            raise ValueError(f"batch.library must be ({counts.shape[0]},), got "
+                             f"{tuple(library.shape)}")
+
+    def _log_library(self, batch) -> torch.Tensor:
+        dtype = self.likelihood.log_theta.dtype
+        return torch.log(batch.library.to(dtype).clamp_min(1.0))
+
+    def _log_lik(self, counts, hidden, log_library) -> torch.Tensor:
+        """log p(x | z) from the decoder's hidden layer (..., B, H) -> (..., B); fuses the last
+        Linear with the NB likelihood when ``samsvae.ops.nb_log_prob_linear`` exists."""
+        out = self.decoder.out
+        if hasattr(ops, "nb_log_prob_linear"):
+            return self.likelihood.forward_linear(counts, hidden, out.weight, out.bias,
+                                                  log_library)
+        return self.likelihood(counts, out(hidden), log_library)
+
+    def _require_counts(self) -> torch.Tensor:
+        if not bool(self.perturbation_counts_set):
+            raise RuntimeError(
+                "perturbation counts N_t are not set: pass perturbation_counts= to build_model "
+                "or call model.set_perturbation_counts(counts) with the number of training "
+                "cells carrying each perturbation (samsvae.data.perturbation_cell_counts)")
+        return self.perturbation_counts
+
+    # -- hooks for the subclasses ------------------------------------------------------------
+
+    def _elbo_parts(self, batch, particles, generator) -> dict:  # pragma: no cover - abstract
+        """{"log_lik": (P, B), "kl_local": (P, B) or (B,), "global": (P, B) or None}."""
+        raise NotImplementedError
+
+    def _iwelbo_setup(self, batch):  # pragma: no cover - abstract
+        """Per-batch work shared by all particle chunks (e.g. the encoder's gene part)."""
+        raise NotImplementedError
+
+    def _log_weights(self, batch, state, start, n, seed) -> torch.Tensor:  # pragma: no cover
+        """(n, B) log importance weights of particles start .. start+n-1."""
+        raise NotImplementedError
+
+    def _predictive_hidden(self, dosage, n_samples) -> torch.Tensor:  # pragma: no cover
+        """(n_samples, n, H) decoder hidden layer of simulated cells of each condition."""
+        raise NotImplementedError
+
+    def _latent(self, batch, kind) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+

@@ -1,0 +1,152 @@
+"""The neural pieces shared by the models: the Gaussian cell encoder and the decoder body.
+
+Both are written so the expensive parts run on sparse inputs and once per cell:
+
+* the encoder's first layer reads standardised ``log1p`` counts without densifying them:
+  ``W ((log1p x - mean) / std) = (W / std) log1p(x) - (W / std) mean`` with ``log1p(x)`` kept
+  CSR, so the cost is that of the non-zeros (batches more than 15% non-zero use a dense
+  matmul, which is faster there); extra inputs (a CSR dosage, a per-particle latent)
+  enter as additional terms of the same pre-activation, so the gene part is computed once per
+  cell even when the extra input has a particle dimension;
+* the decoder stops at its hidden layer: the last Linear is applied by the model inside the
+  fused NB likelihood (``NBLikelihood.forward_linear``) so the (particles, cells, genes) logits
+  are never stored during training.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+STD_FLOOR = 1e-6      # genes whose training log1p std is below this are not rescaled
+# Above this fraction of non-zeros a dense matmul beats CSR @ dense (forward + backward, CPU).
+DENSE_INPUT_ABOVE = 0.15
+SCALE_FLOOR = 1e-4    # minimum standard deviation of the Gaussian guides
+LEAKY_SLOPE = 0.01
+
+
+def _uniform_(t: torch.Tensor, fan_in: int) -> torch.Tensor:
+    bound = 1.0 / math.sqrt(max(1, fan_in))
+    with torch.no_grad():
+        return t.uniform_(-bound, bound)
+
+
+def csr_log1p(counts: torch.Tensor, dtype) -> torch.Tensor:
+    """log1p of a CSR (or dense) count matrix, keeping its layout, cast to ``dtype``."""
+    if counts.layout == torch.sparse_csr:
+        return torch.sparse_csr_tensor(counts.crow_indices(), counts.col_indices(),
+                                       torch.log1p(counts.values().to(dtype)), size=counts.shape,
+                                       check_invariants=False)
+    return torch.log1p(counts.to(dtype))
+
+
+def sparse_rows_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``x @ weight`` for x (rows, K) CSR or dense and weight (K, N): (rows, N)."""
+    if x.layout == torch.sparse_csr:
+        if x.values().dtype != weight.dtype:
+            x = torch.sparse_csr_tensor(x.crow_indices(), x.col_indices(),
+                                        x.values().to(weight.dtype), size=x.shape,
+                                        check_invariants=False)
+        return torch.sparse.mm(x, weight)
+    return x.to(weight.dtype) @ weight
+
+
+class GaussianEncoder(nn.Module):
+    """Amortised Gaussian guide ``q(z | x [, dosage] [, conditioning])`` with one hidden layer.
+
+    pre = W_x standardise(log1p x) + b [+ W_d^T dosage] [+ W_c conditioning]    (n_hidden,)
+    loc = W_loc LeakyReLU(pre) + b_loc;  scale = softplus(W_s LeakyReLU(pre) + b_s) + 1e-4
+
+    Args:
+        n_genes: G. n_hidden: width H of the hidden layer. n_latent: L.
+        gene_log1p_mean, gene_log1p_std: (G,) training-split mean / std of ``log1p(x)``
+            (buffers; None -> 0 / 1, i.e. no standardisation). A std below 1e-6 (a gene that is
+            all-zero in training) is replaced by 1, so such genes never produce inf/NaN.
+        n_dosage: T > 0 adds a CSR dosage input (the CVAE encoder).
+        n_conditioning: width of an extra dense input with optional particle dimension
+            (the correlated z_basal guide reads the perturbation latent z_p).
+    """
+
+    def __init__(self, n_genes: int, n_hidden: int, n_latent: int, *, gene_log1p_mean=None,
+                 gene_log1p_std=None, n_dosage: int = 0, n_conditioning: int = 0):
+        super().__init__()
+        self.n_genes, self.n_hidden, self.n_latent = n_genes, n_hidden, n_latent
+        self.register_buffer("gene_log1p_mean", torch.zeros(n_genes))
+        self.register_buffer("gene_log1p_std", torch.ones(n_genes))
+        self.set_gene_stats(gene_log1p_mean, gene_log1p_std)
+        fan_in = n_genes + n_dosage + n_conditioning
+        self.gene_weight = nn.Parameter(_uniform_(torch.empty(n_hidden, n_genes), fan_in))
+        self.bias = nn.Parameter(_uniform_(torch.empty(n_hidden), fan_in))
+        self.dosage_weight = (nn.Parameter(_uniform_(torch.empty(n_dosage, n_hidden), fan_in))
+                              if n_dosage else None)
+        self.conditioning = (nn.Linear(n_conditioning, n_hidden, bias=False)
+                             if n_conditioning else None)
+        self.out = nn.Linear(n_hidden, 2 * n_latent)
+
+    def set_gene_stats(self, mean, std) -> None:
+        """Set the (G,) log1p mean / std buffers (None leaves the current value)."""
+        for name, value in (("gene_log1p_mean", mean), ("gene_log1p_std", std)):
+            if value is None:
+                continue
+            t = torch.as_tensor(value, dtype=torch.float32).reshape(-1)
+            if t.numel() != self.n_genes:
+                raise ValueError(f"{name} must have one value per gene ({self.n_genes}), "
+                                 f"got {t.numel()}")
+            if not torch.isfinite(t).all():
+                raise ValueError(f"{name} holds non-finite values; compute it on the raw "
+                                 "training counts (samsvae.data.gene_log1p_stats)")
+            getattr(self, name).copy_(t)
+
+    def gene_part(self, counts: torch.Tensor) -> torch.Tensor:
+        """(B, G) CSR or dense counts -> (B, H) pre-activation from the genes (+ bias)."""
+        std = self.gene_log1p_std
+        std = torch.where(std > STD_FLOOR, std, torch.ones_like(std)).to(self.gene_weight.dtype)
+        w = self.gene_weight / std                                    # (H, G)
+        shift = w @ self.gene_log1p_mean.to(w.dtype)                  # (H,)
+        features = csr_log1p(counts, w.dtype)
+        if (features.layout == torch.sparse_csr
+                and features.values().numel() > DENSE_INPUT_ABOVE * features.numel()):
+            features = features.to_dense()
+        return sparse_rows_matmul(features, w.T) + (self.bias - shift)
+
+    def dosage_part(self, dosage: torch.Tensor) -> torch.Tensor:
+        """(B, T) CSR dosage -> (B, H)."""
+        return sparse_rows_matmul(dosage, self.dosage_weight)
+
+    def conditioning_part(self, cond: torch.Tensor) -> torch.Tensor:
+        """(..., B, n_conditioning) -> (..., B, H)."""
+        return self.conditioning(cond)
+
+    def head(self, pre: torch.Tensor):
+        """Pre-activation (..., H) -> ``loc, scale`` each (..., L)."""
+        out = self.out(F.leaky_relu(pre, LEAKY_SLOPE))
+        loc, raw = out.split(self.n_latent, dim=-1)
+        return loc, F.softplus(raw) + SCALE_FLOOR
+
+
+class DecoderBody(nn.Module):
+    """``hidden = LeakyReLU(W_z z + b [+ W_d^T dosage])``: the decoder up to its last layer.
+
+    The last layer (``out``: H -> G logits) is applied by the model, fused with the likelihood.
+    """
+
+    def __init__(self, n_latent: int, n_hidden: int, n_genes: int, *, n_dosage: int = 0):
+        super().__init__()
+        self.input = nn.Linear(n_latent, n_hidden)
+        self.dosage_weight = (nn.Parameter(_uniform_(torch.empty(n_dosage, n_hidden),
+                                                     n_latent + 1)) if n_dosage else None)
+        self.out = nn.Linear(n_hidden, n_genes)
+
+    def hidden(self, z: torch.Tensor, dosage_part: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """z (..., B, L) [+ dosage_part (B, H)] -> (..., B, H)."""
+        pre = self.input(z)
+        if dosage_part is not None:
+            pre = pre + dosage_part
+        return F.leaky_relu(pre, LEAKY_SLOPE)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(..., H) -> (..., G) unnormalised log expression proportions."""
+        return self.out(hidden)

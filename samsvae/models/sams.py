@@ -1,0 +1,268 @@
+"""SAMS-VAE (sparse additive mechanism shift VAE) and CPA-VAE (its special case with all masks 1).
+
+Generative model (Bereket & Karaletsos, NeurIPS 2023)::
+
+    z_basal_i ~ N(0, I)                     e_t ~ N(0, s^2 I)        m_tk ~ Bernoulli(alpha)
+    z_i = z_basal_i + sum_t d_it (e_t * m_t)
+    x_ig ~ NB(mean = l_i softmax(f(z_i))_g, theta_g)
+
+with s = ``embedding_prior_scale`` (1) and alpha = ``mask_prior_prob`` (0.01). CPA-VAE fixes
+every m_tk = 1.
+
+Guides:
+
+* ``mean_field``: q(z_basal | x) q(e_t) q(m_t); q(z_basal | x) an amortised Gaussian encoder of
+  the standardised log1p counts, q(e_t) = N(mu_t, sigma_t^2), q(m_t) = Bernoulli(sigmoid(l_t)).
+* ``corr_basal``: q(z_basal | x, z_p): the encoder also reads the particle's sampled
+  perturbation latent z_p = sum_t d_it e_t m_t.
+* ``corr_embedding``: q(e_t | m_t). The widely used implementation feeds [m_t, one-hot(t)] to an
+  MLP, i.e. a (particles, T, T) input: O(T^2) memory (~40 GB at T = 10,000). Here each
+  perturbation has a learned code c_t (``embedding_code_dim``, default 16) and
+
+      mu_t(m), log sigma_t(m) = (mu_t, log sigma_t) + MLP([m_t, c_t])
+
+  an MLP with one hidden layer (``embedding_hidden``, default 64, LeakyReLU) evaluated only for
+  the perturbations present in the batch, per particle. The per-perturbation base
+  (mu_t, log sigma_t) keeps the family at least as rich as mean-field whatever the code size
+  (a 16-dim code alone could not place 10,000 arbitrary 100-dim means); the MLP's last layer
+  starts at zero, so training starts from the mean-field guide and learns how e_t depends on
+  the sampled mask.
+* ``corr_both``: both.
+
+Masks are sampled as Gumbel-sigmoid at ``temperature`` rounded with a straight-through gradient;
+log q(m) is the exact Bernoulli log-probability of the rounded sample. Global terms
+(log p(e) + log p(m) - log q(e | .) - log q(m)) are computed only for the perturbations present
+in the batch and spread over cells with weight 1/N_t (``global_terms.per_cell_global_term``).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .. import ops
+from ..ops import batch_perturbations, draw_noise, perturbation_sum, relaxed_bernoulli_st
+from .base import PerturbationModel
+from .distributions import (HALF_LOG_2PI, bernoulli_log_prob, bernoulli_log_prob_const,
+                            kl_normal, normal_log_prob, std_normal_log_prob)
+from .eval_noise import global_noise, local_noise
+from .global_terms import per_cell_global_term
+from .networks import LEAKY_SLOPE, DecoderBody, GaussianEncoder
+
+SAMS_GUIDES = ("mean_field", "corr_embedding", "corr_basal", "corr_both")
+CPA_GUIDES = ("mean_field", "corr_basal")
+
+
+class SAMSVAE(PerturbationModel):
+    """SAMS-VAE (``model="sams_vae"``) or CPA-VAE (``model="cpa_vae"``, masks fixed to 1).
+
+    Args (beyond :class:`PerturbationModel`'s):
+        guide: one of ``mean_field``, ``corr_embedding``, ``corr_basal``, ``corr_both``
+            (CPA-VAE: ``mean_field``, ``corr_basal``).
+        gene_log1p_mean, gene_log1p_std: (G,) training statistics of log1p(counts) for the
+            encoder input.
+        mask_prior_prob: alpha, prior probability of a mask entry (0.01).
+        embedding_prior_scale: s, prior standard deviation of the embeddings (1).
+        temperature: Gumbel-sigmoid temperature of the mask samples (1).
+        mask_init_logit: initial guide logit of every mask entry.
+        embedding_init_scale: initial guide standard deviation of the embeddings.
+        embedding_init_loc_std: standard deviation of the random initial guide means.
+        embedding_code_dim, embedding_hidden: code size and hidden width of the correlated
+            embedding guide.
+    """
+
+    def __init__(self, *, model: str = "sams_vae", guide: str = "mean_field", n_genes: int,
+                 n_perturbations: int, n_latent: int = 100, n_hidden: int = 400,
+                 backend: str = "auto", gene_log1p_mean=None, gene_log1p_std=None,
+                 perturbation_counts=None, mask_prior_prob: float = 0.01,
+                 embedding_prior_scale: float = 1.0, temperature: float = 1.0,
+                 mask_init_logit: float = 0.0, embedding_init_scale: float = 0.1,
+                 embedding_init_loc_std: float = 0.1, embedding_code_dim: int = 16,
+                 embedding_hidden: int = 64):
+        if model not in ("sams_vae", "cpa_vae"):
+            raise ValueError(f"SAMSVAE implements 'sams_vae' and 'cpa_vae', not {model!r}")
+        guides = SAMS_GUIDES if model == "sams_vae" else CPA_GUIDES
+        if guide not in guides:
+            raise ValueError(f"{model} supports the guides {guides}, got {guide!r}")
+        if not 0.0 < mask_prior_prob < 1.0:
+            raise ValueError(f"mask_prior_prob must be in (0, 1), got {mask_prior_prob}")
+        for name, v in (("embedding_prior_scale", embedding_prior_scale),
+                        ("temperature", temperature),
+                        ("embedding_init_scale", embedding_init_scale)):
+            if not v > 0:
+                raise ValueError(f"{name} must be > 0, got {v}")
+        extra = dict(mask_prior_prob=mask_prior_prob, embedding_prior_scale=embedding_prior_scale,
+                     temperature=temperature, mask_init_logit=mask_init_logit,
+                     embedding_init_scale=embedding_init_scale,
+                     embedding_init_loc_std=embedding_init_loc_std,
+                     embedding_code_dim=embedding_code_dim, embedding_hidden=embedding_hidden)
+        super().__init__(model=model, guide=guide, n_genes=n_genes,
+                         n_perturbations=n_perturbations, n_latent=n_latent, n_hidden=n_hidden,
+                         backend=backend, perturbation_counts=perturbation_counts,
+                         extra_config=extra)
+        T, L = self.n_perturbations, self.n_latent
+        self.masked = model == "sams_vae"
+        self.has_masks = self.masked
+        self.corr_basal = guide in ("corr_basal", "corr_both")
+        self.corr_embedding = guide in ("corr_embedding", "corr_both")
+        self.mask_prior_prob = float(mask_prior_prob)
+        self.embedding_prior_scale = float(embedding_prior_scale)
+        self.temperature = float(temperature)
+
+        self.encoder = GaussianEncoder(self.n_genes, self.n_hidden, L,
+                                       gene_log1p_mean=gene_log1p_mean,
+                                       gene_log1p_std=gene_log1p_std,
+                                       n_conditioning=L if self.corr_basal else 0)
+        self.decoder = DecoderBody(L, self.n_hidden, self.n_genes)
+        self.emb_loc = nn.Parameter(torch.randn(T, L) * float(embedding_init_loc_std))
+        self.emb_log_scale = nn.Parameter(torch.full((T, L), math.log(embedding_init_scale)))
+        self.mask_logits = (nn.Parameter(torch.full((T, L), float(mask_init_logit)))
+                            if self.masked else None)
+        if self.corr_embedding:
+            self.emb_code = nn.Parameter(torch.randn(T, int(embedding_code_dim)))
+            self.embedding_net = nn.Sequential(
+                nn.Linear(L + int(embedding_code_dim), int(embedding_hidden)),
+                nn.LeakyReLU(LEAKY_SLOPE),
+                nn.Linear(int(embedding_hidden), 2 * L))
+            nn.init.zeros_(self.embedding_net[2].weight)
+            nn.init.zeros_(self.embedding_net[2].bias)
+
+    # -- global variables ----------------------------------------------------------------
+
+    def _embedding_guide(self, index: torch.Tensor, mask):
+        """Guide mean and log std of e_t for the perturbations ``index`` (U,):
+        (U, L) each for mean-field, (P, U, L) given a (P, U, L) mask for corr_embedding."""
+        loc, log_scale = self.emb_loc[index], self.emb_log_scale[index]
+        if self.corr_embedding:
+            code = self.emb_code[index].expand(mask.shape[0], -1, -1)
+            delta = self.embedding_net(torch.cat([mask, code], dim=-1))
+            dloc, dlog = delta.split(self.n_latent, dim=-1)
+            loc, log_scale = loc + dloc, log_scale + dlog
+        return loc, log_scale
+
+    def _globals_from_noise(self, index, eps, u):
+        """Sample e (P, U, L) and the straight-through mask (P, U, L) or None from noise."""
+        mask = None
+        if self.masked:
+            mask = relaxed_bernoulli_st(self.mask_logits[index], u, self.temperature)
+        loc, log_scale = self._embedding_guide(index, mask)
+        emb = loc + log_scale.exp() * eps
+        return emb, mask, loc, log_scale
+
+    def _global_log_ratio(self, index, emb, mask, loc, log_scale) -> torch.Tensor:
+        """(P, U): log p(e_t) + log p(m_t) - log q(e_t | .) - log q(m_t), summed over latent."""
+        z = (emb - loc) * torch.exp(-log_scale)
+        log_q_e = -0.5 * z * z - log_scale - HALF_LOG_2PI
+        log_p_e = normal_log_prob(emb, 0.0, self.embedding_prior_scale)
+        ratio = (log_p_e - log_q_e).sum(-1)
+        if mask is not None:
+            ratio = ratio + (bernoulli_log_prob_const(mask, self.mask_prior_prob)
+                             - bernoulli_log_prob(mask, self.mask_logits[index])).sum(-1)
+        return ratio
+
+    def _sample_globals(self, dosage, particles, generator):
+        """Training-time sample: z_p (P, B, L), index (U,), global log-ratio (P, U)."""
+        if not self.corr_embedding:
+            s = ops.masked_embedding_sum(dosage, self.emb_loc, self.emb_log_scale,
+                                         self.mask_logits, particles=particles,
+                                         temperature=self.temperature, generator=generator,
+                                         backend=self.backend)
+            ratio = self._global_log_ratio(s.index, s.embedding, s.mask, self.emb_loc[s.index],
+                                           self.emb_log_scale[s.index])
+            return s.z_p, s.index, ratio
+        index = batch_perturbations(dosage)[0]
+        eps, u = draw_noise(particles, index.numel(), self.n_latent, dtype=self.emb_loc.dtype,
+                            device=self.emb_loc.device, generator=generator, masked=True)
+        emb, mask, loc, log_scale = self._globals_from_noise(index, eps, u)
+        ratio = self._global_log_ratio(index, emb, mask, loc, log_scale)
+        return perturbation_sum(dosage, index, emb * mask), index, ratio
+
+    def _shift_mean(self, index: torch.Tensor) -> torch.Tensor:
+        """(U, L) guide mean of e_t * m_t. Exact for mean-field (mu_t * q(m=1)); for
+        corr_embedding the mean of e given the most probable mask, times q(m=1)."""
+        if not self.masked:
+            return self.emb_loc[index]
+        prob = torch.sigmoid(self.mask_logits[index])
+        if self.corr_embedding:
+            loc, _ = self._embedding_guide(index, (prob > 0.5).to(prob.dtype).unsqueeze(0))
+            return loc[0] * prob
+        return self.emb_loc[index] * prob
+
+    # -- hooks -------------------------------------------------------------------------------
+
+    def _elbo_parts(self, batch, particles, generator):
+        counts_n = self._require_counts()
+        z_p, index, ratio = self._sample_globals(batch.dosage, particles, generator)
+        glob = per_cell_global_term(batch.dosage, index, ratio, counts_n)
+        pre = self.encoder.gene_part(batch.counts)                      # (B, H), once per cell
+        if self.corr_basal:
+            pre = pre + self.encoder.conditioning_part(z_p)            # (P, B, H)
+        loc, scale = self.encoder.head(pre)
+        eps = torch.randn((particles,) + tuple(loc.shape[-2:]), dtype=loc.dtype,
+                          device=loc.device, generator=generator)
+        z_basal = loc + scale * eps
+        hidden = self.decoder.hidden(z_basal + z_p)
+        log_lik = self._log_lik(batch.counts, hidden, self._log_library(batch))
+        return {"log_lik": log_lik, "kl_local": kl_normal(loc, scale).sum(-1), "global": glob}
+
+    def _iwelbo_setup(self, batch):
+        return {"pre": self.encoder.gene_part(batch.counts),
+                "index": batch_perturbations(batch.dosage)[0],
+                "log_library": self._log_library(batch),
+                "cell_key": int(batch.index[0]) if getattr(batch, "index", None) is not None
+                and batch.index.numel() else 0}
+
+    def _log_weights(self, batch, state, start, n, seed):
+        index, pre = state["index"], state["pre"]
+        eps, u = global_noise(seed, start, n, index, self.n_latent, dtype=pre.dtype,
+                              masked=self.masked)
+        emb, mask, _, _ = self._globals_from_noise(index, eps, u)
+        z_p = perturbation_sum(batch.dosage, index, emb if mask is None else emb * mask)
+        if self.corr_basal:
+            pre = pre + self.encoder.conditioning_part(z_p)
+        loc, scale = self.encoder.head(pre)
+        eps_b = local_noise(seed, start, n, state["cell_key"], pre.shape[-2], self.n_latent,
+                            dtype=pre.dtype, device=pre.device)
+        z_basal = loc + scale * eps_b
+        log_lik = self._log_lik(batch.counts, self.decoder.hidden(z_basal + z_p),
+                                state["log_library"])
+        return (log_lik + std_normal_log_prob(z_basal).sum(-1)
+                - normal_log_prob(z_basal, loc, scale).sum(-1))
+
+    def _predictive_hidden(self, dosage, n_samples):
+        index = batch_perturbations(dosage)[0]
+        dtype, device = self.emb_loc.dtype, self.emb_loc.device
+        eps, u = draw_noise(n_samples, index.numel(), self.n_latent, dtype=dtype, device=device,
+                            masked=self.masked)
+        emb, mask, _, _ = self._globals_from_noise(index, eps, u)
+        z_p = perturbation_sum(dosage, index, emb if mask is None else emb * mask)
+        z_basal = torch.randn(n_samples, 1, self.n_latent, dtype=dtype, device=device)
+        return self.decoder.hidden(z_basal + z_p)
+
+    def _latent(self, batch, kind):
+        index = batch_perturbations(batch.dosage)[0]
+        z_p = perturbation_sum(batch.dosage, index, self._shift_mean(index).unsqueeze(0))[0]
+        pre = self.encoder.gene_part(batch.counts)
+        if self.corr_basal:
+            pre = pre + self.encoder.conditioning_part(z_p)
+        loc, _ = self.encoder.head(pre)
+        return loc if kind == "basal" else loc + z_p
+
+    # -- exports -----------------------------------------------------------------------------
+
+    def perturbation_masks(self):
+        """(T, L) guide probabilities q(m_tk = 1); None for CPA-VAE (masks fixed to 1)."""
+        if not self.masked:
+            return None
+        return torch.sigmoid(self.mask_logits.detach())
+
+    @torch.no_grad()
+    def perturbation_embeddings(self) -> torch.Tensor:
+        """(T, L) guide means of e_t (corr_embedding: given the most probable mask)."""
+        if not self.corr_embedding:
+            return self.emb_loc.detach().clone()
+        index = torch.arange(self.n_perturbations, device=self.emb_loc.device)
+        mode = (self.mask_logits > 0).to(self.emb_loc.dtype).unsqueeze(0)
+        return self._embedding_guide(index, mode)[0][0]
+

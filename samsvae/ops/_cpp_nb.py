@@ -1,0 +1,111 @@
+"""The ``cpp`` backend of :func:`samsvae.ops.nb_log_prob`: fused C++ CPU kernels.
+
+The kernels (``csrc/nb/``) are registered by ``samsvae._C`` as the custom ops
+
+* ``samsvae::nb_log_prob_fwd(crow, col, values, logits, log_library, log_theta) -> (out, lse)``
+* ``samsvae::nb_log_prob_bwd(grad_out, crow, col, values, logits, log_library, log_theta, lse)
+  -> (grad_logits, grad_log_library, grad_log_theta)``
+* ``samsvae::nb_log_prob_dense_fwd`` / ``samsvae::nb_log_prob_dense_bwd``: the same with dense
+  counts ``(C, G)`` in place of the three CSR parts.
+
+``lse`` (float64, ``logits.shape[:-1]``) is the per-row logsumexp, the only intermediate kept
+for the backward. This module gives the ops fake (meta) implementations and autograd, so they
+run under ``torch.compile`` and pass ``torch.library.opcheck``, and registers
+:func:`nb_log_prob_cpp` with the backend registry.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import backends
+from ._cpp import ext_available, why_unavailable
+
+_COMPUTE_DTYPES = (torch.float32, torch.float64)
+
+
+def _lead_fake(logits):
+    lead = logits.shape[:-1]
+    return logits.new_empty(lead), logits.new_empty(lead, dtype=torch.float64)
+
+
+@torch.library.register_fake("samsvae::nb_log_prob_fwd")
+def _fwd_fake(crow, col, values, logits, log_library, log_theta):
+    return _lead_fake(logits)
+
+
+@torch.library.register_fake("samsvae::nb_log_prob_dense_fwd")
+def _dense_fwd_fake(counts, logits, log_library, log_theta):
+    return _lead_fake(logits)
+
+
+def _grads_fake(logits, log_library, log_theta):
+    return torch.empty_like(logits), torch.empty_like(log_library), torch.empty_like(log_theta)
+
+
+@torch.library.register_fake("samsvae::nb_log_prob_bwd")
+def _bwd_fake(grad_out, crow, col, values, logits, log_library, log_theta, lse):
+    return _grads_fake(logits, log_library, log_theta)
+
+
+@torch.library.register_fake("samsvae::nb_log_prob_dense_bwd")
+def _dense_bwd_fake(grad_out, counts, logits, log_library, log_theta, lse):
+    return _grads_fake(logits, log_library, log_theta)
+
+
+def _setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs, output[1])
+    ctx.mark_non_differentiable(output[1])
+
+
+def _select(ctx, grads, n_count_parts):
+    """Gradients in input order: None for the count parts and for inputs that need none."""
+    out = [None] * n_count_parts + list(grads)
+    return tuple(g if need else None for g, need in zip(out, ctx.needs_input_grad))
+
+
+def _csr_backward(ctx, grad_out, _grad_lse):
+    crow, col, values, logits, log_library, log_theta, lse = ctx.saved_tensors
+    grads = torch.ops.samsvae.nb_log_prob_bwd(grad_out.contiguous(), crow, col, values, logits,
+                                              log_library, log_theta, lse)
+    return _select(ctx, grads, 3)
+
+
+def _dense_backward(ctx, grad_out, _grad_lse):
+    counts, logits, log_library, log_theta, lse = ctx.saved_tensors
+    grads = torch.ops.samsvae.nb_log_prob_dense_bwd(grad_out.contiguous(), counts, logits,
+                                                    log_library, log_theta, lse)
+    return _select(ctx, grads, 1)
+
+
+torch.library.register_autograd("samsvae::nb_log_prob_fwd", _csr_backward, setup_context=_setup)
+torch.library.register_autograd("samsvae::nb_log_prob_dense_fwd", _dense_backward,
+                                setup_context=_setup)
+
+
+def nb_log_prob_cpp(counts, logits, log_library, log_theta):
+    """C++ CPU implementation of :func:`samsvae.ops.nb_log_prob` (same signature and result).
+
+    counts ``(C, G)`` dense or ``torch.sparse_csr`` (any numeric dtype; never differentiated),
+    logits ``(C, G)`` or ``(P, C, G)``, log_library ``(C,)``, log_theta ``(G,)``; returns
+    ``logits.shape[:-1]`` log-likelihoods in nats. float32 and float64 run natively; other
+    floating dtypes are computed in float32 and cast back.
+    """
+    out_dtype = logits.dtype
+    dtype = out_dtype if out_dtype in _COMPUTE_DTYPES else torch.float32
+    logits = logits.to(dtype).contiguous()
+    log_library = log_library.to(dtype).contiguous()
+    log_theta = log_theta.to(dtype).contiguous()
+    counts = counts.detach()
+    if counts.layout == torch.sparse_csr:
+        out, _ = torch.ops.samsvae.nb_log_prob_fwd(
+            counts.crow_indices().to(torch.int64).contiguous(),
+            counts.col_indices().to(torch.int64).contiguous(),
+            counts.values().to(dtype).contiguous(), logits, log_library, log_theta)
+    else:
+        out, _ = torch.ops.samsvae.nb_log_prob_dense_fwd(counts.to(dtype).contiguous(), logits,
+                                                         log_library, log_theta)
+    return out.to(out_dtype)
+
+
+backends.register("nb_log_prob", "cpp", nb_log_prob_cpp, devices=("cpu",),
+                  available=ext_available, why_unavailable=why_unavailable)

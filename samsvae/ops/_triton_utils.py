@@ -1,0 +1,57 @@
+"""Availability checks and launch helpers shared by the Triton backends.
+
+This module must stay importable without importing triton: ``import samsvae`` imports the
+backend modules on every machine, and on a CPU-only one importing triton costs time and would
+pin ``TRITON_INTERPRET`` before the tests set it. Only the ``*_kernels`` modules import triton.
+"""
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+
+import torch
+
+
+@functools.lru_cache(maxsize=None)
+def triton_installed() -> bool:
+    """True when the ``triton`` package can be imported (checked without importing it)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def triton_cuda_available() -> bool:
+    """True when the Triton GPU kernels can run here: CUDA is present and triton is installed."""
+    return torch.cuda.is_available() and triton_installed()
+
+
+def why_triton_unavailable() -> str:
+    """Human-readable reason why :func:`triton_cuda_available` is False, with the fix."""
+    if not torch.cuda.is_available():
+        return ("CUDA is not available (the Triton kernels need an NVIDIA GPU and a CUDA build of "
+                "torch); use backend='auto' to run the reference or C++ kernels on CPU")
+    if not triton_installed():
+        return "triton is not installed; install it with: pip install 'samsvae[gpu]'"
+    return "available"
+
+
+def interpreting() -> bool:
+    """True when Triton kernels run through the CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip() not in ("", "0")
+
+
+def next_power_of_2(n: int) -> int:
+    """Smallest power of two >= max(n, 1)."""
+    return 1 << max(int(n) - 1, 0).bit_length()
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def multiprocessor_count(device: torch.device) -> int:
+    """Number of streaming multiprocessors of a CUDA device (a small constant elsewhere, so
+    that grid heuristics stay cheap under the CPU interpreter)."""
+    if device.type == "cuda":
+        return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return 4

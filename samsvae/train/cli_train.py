@@ -1,0 +1,271 @@
+"""``samsvae train``: train a model on a screen (.h5ad) into a run directory, or ``--demo``.
+
+    samsvae train DATA.h5ad --out RUN_DIR [--model sams_vae] [--guide mean_field] ...
+    samsvae train DATA.h5ad --out RUN_DIR --resume      # continue from checkpoints/last.pt
+    samsvae train --demo [--out samsvae-demo]           # simulate, train, evaluate (~1-2 min)
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+DEMO_DIR = "samsvae-demo"
+# The demo: a simulated screen sized to train and evaluate in about 1-2 minutes on 2 CPU cores.
+# Short training wants larger steps (lr 3e-3, batches of 256) than the paper's defaults, and the
+# correlated guide, which learns the perturbation effects much faster than mean-field.
+DEMO = {"cells": 5000, "genes": 500, "perturbations": 20, "combinations": 5, "latent": 10,
+        "epochs": 30, "guide": "corr_both", "lr": 3e-3, "batch_size": 256,
+        "iwelbo_particles": 100, "ate_particles": 500}
+TRAIN_DEFAULTS = {"lr": 3e-4, "batch_size": 512}
+# Options that define the model and the data: --resume must be given the run's values.
+IDENTITY_OPTIONS = ("model", "guide", "latent", "hidden", "split", "seed", "perturbation_key",
+                    "control_label", "drop_labels", "layer")
+
+
+class UserError(Exception):
+    """A problem with the command line or the files it names (printed without a traceback)."""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    p = parser
+    p.add_argument("data", nargs="?", metavar="DATA.h5ad",
+                   help="screen with raw counts in X (or --layer) and labels in obs")
+    p.add_argument("--out", metavar="RUN_DIR",
+                   help=f"run directory to write (required; --demo default: ./{DEMO_DIR})")
+    p.add_argument("--demo", action="store_true",
+                   help="simulate a small screen, train sams_vae on it briefly and evaluate it")
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default="sams_vae",
+                   help="cvae | svae_plus | cpa_vae | sams_vae (default: sams_vae)")
+    g.add_argument("--guide", default=None,
+                   help="inference variant: mean_field | corr_embedding | corr_basal | corr_both "
+                        "(default: mean_field)")
+    g.add_argument("--latent", type=int, default=None, help="latent dimensions (default: 100)")
+    g.add_argument("--hidden", type=int, default=400, help="hidden units of the MLPs (default: 400)")
+    g.add_argument("--backend", default="auto", choices=("auto", "reference", "cpp", "triton"),
+                   help="kernel backend for the fused ops (default: auto)")
+    g = p.add_argument_group("training")
+    steps = g.add_mutually_exclusive_group()
+    steps.add_argument("--max-steps", type=int, default=None, help="optimiser steps to run")
+    steps.add_argument("--max-epochs", type=int, default=None,
+                       help="passes over the training cells (default: min(400, 8e6 / cells))")
+    g.add_argument("--batch-size", type=int, default=None,
+                   help="cells per step (default: 512; --demo: 256)")
+    g.add_argument("--particles", type=int, default=5,
+                   help="Monte Carlo samples per cell in the ELBO (default: 5)")
+    g.add_argument("--lr", type=float, default=None,
+                   help="Adam learning rate (default: 3e-4; --demo: 3e-3)")
+    g.add_argument("--weight-decay", type=float, default=1e-6, help="Adam weight decay (default: 1e-6)")
+    g.add_argument("--grad-clip", type=float, default=None, help="clip the gradient norm to this")
+    g.add_argument("--val-every", type=int, default=None,
+                   help="validate every N steps (default: every epoch)")
+    g.add_argument("--checkpoint-every", type=int, default=1000,
+                   help="write checkpoints/last.pt every N steps (default: 1000, and at the end)")
+    g.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    g.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default: cpu)")
+    g.add_argument("--resume", action="store_true",
+                   help="continue RUN_DIR from checkpoints/last.pt (same options as the first run)")
+    g.add_argument("--no-progress", action="store_true",
+                   help="no progress bar: one line per validation")
+    g = p.add_argument_group("data")
+    g.add_argument("--split", default="random",
+                   help="random | ood_combinations | an obs column holding train/val/test "
+                        "(default: random)")
+    g.add_argument("--perturbation-key", default="perturbation",
+                   help="obs column with perturbation labels, combinations joined by '+'")
+    g.add_argument("--control-label", default=None,
+                   help="label of control cells (default: detect control/ctrl/non-targeting)")
+    g.add_argument("--drop-labels", default=None, metavar="L1,L2",
+                   help="comma-separated labels whose cells are left out")
+    g.add_argument("--layer", default=None, help="AnnData layer with raw counts (default: X)")
+    g.add_argument("--backed", action="store_true",
+                   help="read counts from the file on demand instead of loading them")
+    # sizes of the simulated demo screen (tests shrink it)
+    for name, default in (("cells", DEMO["cells"]), ("genes", DEMO["genes"]),
+                          ("perturbations", DEMO["perturbations"])):
+        p.add_argument(f"--demo-{name}", type=int, default=default, help=argparse.SUPPRESS)
+
+
+def run(args) -> int:
+    try:
+        if args.demo:
+            return _run_demo(args)
+        _check_args(args)
+        for name, value in TRAIN_DEFAULTS.items():
+            if getattr(args, name) is None:
+                setattr(args, name, value)
+        train_from_args(args)
+        return 0
+    except (UserError, ValueError, FileNotFoundError, NotImplementedError, KeyError) as exc:
+        if os.environ.get("SAMSVAE_DEBUG"):
+            raise
+        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        print(f"samsvae train: error: {message}", file=sys.stderr)
+        return 2
+
+
+def _check_args(args) -> None:
+    if args.data is None:
+        raise UserError("give the screen to train on (samsvae train DATA.h5ad --out RUN_DIR) "
+                        "or --demo")
+    if not Path(args.data).is_file():
+        raise UserError(f"data file {args.data} does not exist")
+    if args.out is None:
+        raise UserError("give the run directory to write with --out RUN_DIR")
+    _check_model_guide(args.model, args.guide or "mean_field")
+    for name in ("batch_size", "particles", "hidden", "checkpoint_every", "latent"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+
+
+def _check_model_guide(model: str, guide: str) -> None:
+    from ..models import MODEL_GUIDES
+    if model not in MODEL_GUIDES or guide not in MODEL_GUIDES[model]:
+        pairs = "; ".join(f"--model {m} --guide {'|'.join(g)}" for m, g in MODEL_GUIDES.items())
+        what = (f"unknown model {model!r}" if model not in MODEL_GUIDES
+                else f"model {model!r} has no guide {guide!r}")
+        raise UserError(f"{what}. Valid pairs: {pairs}")
+
+
+def _drop_labels(args) -> list:
+    return [s.strip() for s in (args.drop_labels or "").split(",") if s.strip()]
+
+
+def _identity(args) -> dict:
+    return {"model": args.model, "guide": args.guide or "mean_field",
+            "latent": args.latent if args.latent is not None else 100, "hidden": args.hidden,
+            "split": args.split, "seed": args.seed, "perturbation_key": args.perturbation_key,
+            "control_label": args.control_label, "drop_labels": _drop_labels(args),
+            "layer": args.layer}
+
+
+def train_from_args(args, *, log=print):
+    """Load the data, split, build the model, train into ``args.out``; returns the Trainer."""
+    import torch
+
+    from .. import ops
+    from ..data import load_screen, make_split
+    from .build import build_model_for_screen, make_loaders, split_indices
+    from .config import TrainConfig
+    from .run_dir import read_config, read_split, run_config, save_run, screen_for_run
+    from .run_dir import write_history, write_model
+    from .trainer import Trainer
+
+    out = Path(args.out)
+    identity = _identity(args)
+    data_options = {"layer": args.layer, "perturbation_key": args.perturbation_key,
+                    "separator": "+", "control_label": args.control_label,
+                    "drop_labels": identity["drop_labels"], "dosage_key": None,
+                    "backed": args.backed}
+    train_config = TrainConfig(max_steps=args.max_steps, max_epochs=args.max_epochs,
+                               batch_size=args.batch_size, particles=args.particles, lr=args.lr,
+                               weight_decay=args.weight_decay, grad_clip=args.grad_clip,
+                               val_every=args.val_every, checkpoint_every=args.checkpoint_every,
+                               seed=args.seed, device=args.device,
+                               progress=not args.no_progress)
+    log("backends (auto):\n  " + ops.backend_report().replace("\n", "\n  ")
+        + (f"\nrequested backend: {args.backend}" if args.backend != "auto" else ""))
+
+    existing = (out / "config.json").is_file()
+    if existing and not args.resume:
+        raise UserError(f"{out} already holds a run; pass --resume to continue it or choose "
+                        "another --out")
+    t0 = time.perf_counter()
+    if args.resume and existing:
+        config = read_config(out)
+        saved = config.get("cli", {})
+        changed = [f"--{k.replace('_', '-')}: run {saved.get(k)!r} vs now {identity[k]!r}"
+                   for k in IDENTITY_OPTIONS if k in saved and saved[k] != identity[k]]
+        if changed:
+            raise UserError("cannot resume with different model/data options ("
+                            + "; ".join(changed) + "); repeat the original options")
+        screen = screen_for_run(config, args.data)
+        split = read_split(out, screen.cell_names)
+    else:
+        screen = load_screen(args.data, layer=args.layer, perturbation_key=args.perturbation_key,
+                             control_label=args.control_label,
+                             drop_labels=tuple(identity["drop_labels"]), backed=args.backed)
+        split = _make_split(make_split, screen, args.split, args.seed)
+    log(f"data: {screen!r} ({time.perf_counter() - t0:.1f} s)")
+    parts = {k: int((split == k).sum()) for k in ("train", "val", "test")}
+    log(f"split {args.split!r}: " + ", ".join(f"{k} {v}" for k, v in parts.items()))
+
+    torch.manual_seed(args.seed)  # the initial weights
+    model = build_model_for_screen(screen, split_indices(split, "train"), model=args.model,
+                                   guide=identity["guide"], n_latent=identity["latent"],
+                                   n_hidden=args.hidden, backend=args.backend)
+    config = run_config(model_name=args.model, guide=identity["guide"],
+                        model_config=model.config, screen=screen, data_options=data_options,
+                        split_options={"kind": args.split, "seed": args.seed, "counts": parts},
+                        train_config=train_config.to_dict(), data_path=args.data)
+    config["cli"] = identity
+    save_run(out, config=config, screen=screen, split=split)
+
+    train_loader, val_loader = make_loaders(screen, split, batch_size=args.batch_size,
+                                            seed=args.seed, device=args.device)
+    trainer = Trainer(model, train_loader, val_loader, train_config, run_dir=out,
+                      run_config=config, n_train_cells=parts["train"], log=log)
+    log(f"model {args.model}/{identity['guide']} ({sum(p.numel() for p in model.parameters()):,} "
+        f"parameters), {trainer.total_steps} steps of {args.batch_size} cells "
+        f"({trainer.batches_per_epoch} per epoch) on {args.device}")
+    t1 = time.perf_counter()
+    trainer.fit(resume=args.resume)
+    trainer.load_best_weights()
+    write_model(out, model, step=trainer.best_step)
+    write_history(out, trainer.history)
+    best = ("" if trainer.best_val is None
+            else f"; best validation ELBO {trainer.best_val:.3f} at step {trainer.best_step}")
+    log(f"trained {trainer.step} steps in {time.perf_counter() - t1:.1f} s{best}")
+    log(f"wrote {out}/model.pt; evaluate with: samsvae evaluate {out}")
+    return trainer
+
+
+def _make_split(make_split, screen, kind: str, seed: int):
+    import numpy as np
+    return np.asarray(make_split(screen, kind, seed=seed)).astype(str)
+
+
+# -- the demo -------------------------------------------------------------------------------
+
+def _run_demo(args) -> int:
+    from ..data import simulate_screen
+    from ..infer.cli_evaluate import evaluate_run, print_metrics
+    from .run_dir import load_run
+
+    out = Path(args.out or DEMO_DIR)
+    data_path = out / "demo.h5ad"
+    if (out / "config.json").is_file() and not args.resume:
+        raise UserError(f"{out} already holds a run; remove it, pass another --out, or --resume")
+    t0 = time.perf_counter()
+    if not data_path.is_file():
+        out.mkdir(parents=True, exist_ok=True)
+        adata = simulate_screen(n_cells=args.demo_cells, n_genes=args.demo_genes,
+                                n_perturbations=args.demo_perturbations,
+                                n_combinations=min(DEMO["combinations"],
+                                                   args.demo_perturbations // 2),
+                                n_latent=DEMO["latent"], seed=args.seed)
+        adata.write_h5ad(data_path)
+        print(f"simulated {adata.n_obs} cells x {adata.n_vars} genes, "
+              f"{args.demo_perturbations} perturbations -> {data_path}")
+    args.data, args.out = str(data_path), str(out)
+    args.guide = args.guide or DEMO["guide"]
+    for name in TRAIN_DEFAULTS:
+        if getattr(args, name) is None:
+            setattr(args, name, DEMO[name])
+    args.latent = args.latent if args.latent is not None else DEMO["latent"]
+    if args.max_steps is None and args.max_epochs is None:
+        args.max_epochs = DEMO["epochs"]
+    _check_model_guide(args.model, args.guide)
+    train_from_args(args)
+
+    run_ = load_run(out)
+    metrics = evaluate_run(run_, split="test", iwelbo_particles=DEMO["iwelbo_particles"],
+                           ate_particles=DEMO["ate_particles"], batch_size=args.batch_size,
+                           seed=args.seed, plots=True)
+    print_metrics(metrics)
+    print(f"demo done in {time.perf_counter() - t0:.0f} s: run directory {out} "
+          f"(metrics.json, plots/)")
+    return 0

@@ -1,0 +1,89 @@
+"""Training options (:class:`TrainConfig`) and how they turn into a number of steps."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Optional
+
+# Options that change the sequence of updates: a resumed run must use the values it started with.
+RESUME_LOCKED = ("batch_size", "particles", "lr", "weight_decay", "grad_clip", "seed",
+                 "val_particles")
+
+
+@dataclass
+class TrainConfig:
+    """Options of :class:`samsvae.train.Trainer`.
+
+    Attributes:
+        max_steps: optimiser steps to run (exclusive with ``max_epochs``).
+        max_epochs: passes over the training cells. With neither given, scvi-tools' rule:
+            ``min(400, round(400 * 20000 / n_train_cells))`` epochs.
+        batch_size: cells per minibatch.
+        particles: Monte Carlo samples per cell in the training ELBO.
+        lr: Adam learning rate.
+        weight_decay: Adam L2 weight decay.
+        grad_clip: clip the global gradient norm to this value (None: no clipping).
+        val_every: validate every this many steps (None: at the end of each epoch).
+        val_particles: Monte Carlo samples per cell in the validation ELBO.
+        checkpoint_every: write ``checkpoints/last.pt`` every this many steps (and at the end).
+        seed: seeds the data order, the model's noise and torch's global generator.
+        device: ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
+        progress: show a tqdm bar when stderr is a terminal (otherwise one line per validation).
+    """
+    max_steps: Optional[int] = None
+    max_epochs: Optional[int] = None
+    batch_size: int = 512
+    particles: int = 5
+    lr: float = 3e-4
+    weight_decay: float = 1e-6
+    grad_clip: Optional[float] = None
+    val_every: Optional[int] = None
+    val_particles: int = 1
+    checkpoint_every: int = 1000
+    seed: int = 0
+    device: str = "cpu"
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.max_steps is not None and self.max_epochs is not None:
+            raise ValueError(f"give max_steps ({self.max_steps}) or max_epochs "
+                             f"({self.max_epochs}), not both")
+        positive = {"max_steps": self.max_steps, "max_epochs": self.max_epochs,
+                    "batch_size": self.batch_size, "particles": self.particles,
+                    "val_every": self.val_every, "val_particles": self.val_particles,
+                    "checkpoint_every": self.checkpoint_every}
+        for name, value in positive.items():
+            if value is not None and (int(value) != value or value < 1):
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr!r}")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise ValueError(f"grad_clip must be > 0 (or None to disable), got {self.grad_clip!r}")
+
+    def total_steps(self, batches_per_epoch: int, n_train_cells: int) -> int:
+        """Number of optimiser steps this configuration asks for."""
+        if batches_per_epoch < 1:
+            raise ValueError("the training split is empty: no minibatch to train on; check the "
+                             "split (train fraction, split column) and the dropped labels")
+        if self.max_steps is not None:
+            return int(self.max_steps)
+        return int(self.epochs(n_train_cells)) * batches_per_epoch
+
+    def epochs(self, n_train_cells: int) -> int:
+        if self.max_epochs is not None:
+            return int(self.max_epochs)
+        return default_max_epochs(n_train_cells)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def default_max_epochs(n_train_cells: int) -> int:
+    """scvi-tools' default: about 20k cells x 400 epochs of work, at most 400 epochs."""
+    return int(max(1, min(400, round(400 * 20000 / max(n_train_cells, 1)))))

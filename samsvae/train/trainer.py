@@ -1,0 +1,342 @@
+"""The training loop: Adam on the model's negative ELBO, validation, checkpoints, exact resume.
+
+One process today. The hooks for ``torchrun`` are in place: ``rank``/``world_size`` decide who
+writes and prints, validation sums go through :meth:`Trainer._all_reduce`, and the model is
+reached through ``self.model`` (the object to wrap) vs ``self.raw_model`` (the one to save).
+
+Resuming from ``checkpoints/last.pt`` reproduces the uninterrupted run exactly: the loader's
+order is a function of (seed, epoch) through ``set_epoch``, the batches already consumed in the
+current epoch are skipped, and the model's noise generator, torch's, numpy's and Python's global
+generators, the optimiser and the history come back from the checkpoint.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from .checkpoint import atomic_torch_save, capture_rng_state, load_checkpoint, restore_rng_state
+from .config import RESUME_LOCKED, TrainConfig
+
+CHECKPOINT_FORMAT = "samsvae-checkpoint-v1"
+_LOG_EVERY = 10  # steps between host syncs for the loss (progress bar, NaN check)
+_VAL_SEED_OFFSET = 0x5A175  # validation noise stream, distinct from the training one
+
+
+class Trainer:
+    """Fits a :class:`~samsvae.models.PerturbationModel` with Adam.
+
+    Args:
+        model: a ``PerturbationModel`` (``loss(batch, particles=, generator=)`` returning
+            ``{"loss": scalar, "elbo": (B,), ...}``).
+        train_loader: a :class:`~samsvae.data.MinibatchLoader` over the training cells
+            (shuffled; ``set_epoch`` is called before every epoch).
+        val_loader: loader over the validation cells, or None to skip validation.
+        config: :class:`TrainConfig`.
+        run_dir: directory receiving ``checkpoints/{last,best}.pt``; None keeps everything in
+            memory (no checkpoint, no resume).
+        run_config: JSON-serialisable description of the run stored in each checkpoint.
+        n_train_cells: number of training cells over all ranks (default: ``len(train_loader)``
+            batches times the batch size is not exact, so pass it when known).
+        rank, world_size: process rank and count under torch.distributed.
+        log: called with one line of text per validation when no progress bar is shown;
+            None silences the trainer.
+    """
+
+    def __init__(self, model, train_loader, val_loader=None, config: Optional[TrainConfig] = None,
+                 *, run_dir=None, run_config: Optional[dict] = None,
+                 n_train_cells: Optional[int] = None, rank: int = 0, world_size: int = 1,
+                 log: Optional[Callable[[str], None]] = print):
+        self.config = config or TrainConfig()
+        self.device = torch.device(self.config.device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError("device 'cuda' requested but CUDA is not available here; "
+                               "use device='cpu' (--device cpu)")
+        self.raw_model = model.to(self.device)
+        self.model = self.raw_model  # under DDP: DistributedDataParallel(self.raw_model)
+        self.train_loader = train_loader
+        self.val_loader = val_loader
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.run_config = run_config or {}
+        self.rank, self.world_size = rank, world_size
+        self.is_main = rank == 0
+        self.log = log if self.is_main else None
+
+        self.batches_per_epoch = len(train_loader)
+        self.n_train_cells = int(n_train_cells if n_train_cells is not None
+                                 else _loader_cells(train_loader))
+        self.total_steps = self.config.total_steps(self.batches_per_epoch, self.n_train_cells)
+
+        self.optimizer = torch.optim.Adam(self.raw_model.parameters(), lr=self.config.lr,
+                                          weight_decay=self.config.weight_decay)
+        self.noise = torch.Generator(device=self.device)
+        self.noise.manual_seed(_mix(self.config.seed, rank))
+        self.val_noise = torch.Generator(device=self.device)
+
+        self.step = 0       # optimiser steps taken
+        self.epoch = 0      # current epoch
+        self.position = 0   # batches of the current epoch already consumed
+        self.history = {"train": {"step": [], "epoch": [], "loss": []},
+                        "val": {"step": [], "epoch": [], "elbo": []}}
+        self.best_val: Optional[float] = None
+        self.best_step: Optional[int] = None
+        self.best_state: Optional[dict] = None  # CPU copy of the best weights
+        self._pending: list = []  # (step, epoch, loss tensor) not yet copied to the host
+
+    # -- public -------------------------------------------------------------------------------
+
+    @property
+    def checkpoint_dir(self) -> Optional[Path]:
+        return None if self.run_dir is None else self.run_dir / "checkpoints"
+
+    def fit(self, resume: bool = False) -> dict:
+        """Train until ``total_steps``; returns the history.
+
+        With ``resume=True`` and ``checkpoints/last.pt`` present, continues from it (a missing
+        checkpoint starts from scratch, so preemptible jobs can always pass it).
+        """
+        torch.manual_seed(self.config.seed)
+        self._remove_stale_temp_files()
+        if resume:
+            self._resume()
+        if self.step >= self.total_steps:
+            self._say(f"nothing to do: step {self.step} >= {self.total_steps} steps asked for")
+            return self.history
+
+        bar = self._progress_bar()
+        self.raw_model.train()
+        t_last, cells_since = time.perf_counter(), 0
+        while self.step < self.total_steps:
+            self.train_loader.set_epoch(self.epoch)
+            batches = iter(self.train_loader)
+            for _ in range(self.position):  # resume mid-epoch: same order, skip what was seen
+                next(batches)
+            for batch in batches:
+                loss = self._train_step(batch.to(self.device))
+                self._pending.append((self.step, self.epoch, loss))
+                cells_since += int(batch.index.shape[0])
+                self.step += 1
+                self.position += 1
+                end_of_epoch = self.position >= self.batches_per_epoch
+                if end_of_epoch:
+                    self.epoch, self.position = self.epoch + 1, 0
+                done = self.step >= self.total_steps
+                val_due = self._validation_due(end_of_epoch, done)
+                ckpt_due = self.step % self.config.checkpoint_every == 0 or done
+
+                if self.step % _LOG_EVERY == 0 or end_of_epoch or val_due or ckpt_due:
+                    last_loss = self._flush_losses()
+                    now = time.perf_counter()
+                    speed = cells_since * self.world_size / max(now - t_last, 1e-9)
+                    cells_since = 0
+                    if bar is not None:
+                        bar.update(self.step - bar.n)
+                        bar.set_postfix(loss=f"{last_loss:.4g}", cells_s=f"{speed:,.0f}")
+                if val_due:
+                    val = self.validate()
+                    self._record_validation(val)
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{last_loss:.4g}", val_elbo=f"{val:.4g}",
+                                        cells_s=f"{speed:,.0f}")
+                    else:
+                        self._say(f"step {self.step}/{self.total_steps} epoch {self.epoch} | "
+                                  f"loss {last_loss:.4f} | val elbo {val:.4f} | "
+                                  f"{speed:,.0f} cells/s")
+                if ckpt_due:
+                    self.save_checkpoint("last")
+                if cells_since == 0:  # speed excludes validation and checkpoint time
+                    t_last = time.perf_counter()
+                if done:
+                    break
+        if bar is not None:
+            bar.close()
+        if self.best_state is None:  # no validation: the final weights are the best we have
+            self.best_state = _cpu_state(self.raw_model)
+        return self.history
+
+    @torch.no_grad()
+    def validate(self) -> float:
+        """Mean per-cell validation ELBO (nats), with the same noise at every call."""
+        if self.val_loader is None:
+            raise RuntimeError("no validation loader was given")
+        self.raw_model.eval()
+        self.val_noise.manual_seed(_mix(self.config.seed + _VAL_SEED_OFFSET, self.rank))
+        total = torch.zeros(2, dtype=torch.float64, device=self.device)
+        for batch in self.val_loader:
+            out = self.raw_model.loss(batch.to(self.device), particles=self.config.val_particles,
+                                      generator=self.val_noise)
+            elbo = out["elbo"].detach().to(torch.float64)
+            total[0] += elbo.sum()
+            total[1] += elbo.numel()
+        self.raw_model.train()
+        total = self._all_reduce(total)
+        if total[1] == 0:
+            raise RuntimeError("the validation split is empty; pass val_loader=None or give "
+                               "the split validation cells")
+        return float(total[0] / total[1])
+
+    def save_checkpoint(self, name: str = "last") -> Optional[Path]:
+        """Write ``checkpoints/<name>.pt`` atomically (main rank only)."""
+        if self.checkpoint_dir is None or not self.is_main:
+            return None
+        self._flush_losses()
+        return atomic_torch_save(self._state(include_best=name != "best"),
+                                 self.checkpoint_dir / f"{name}.pt")
+
+    def _remove_stale_temp_files(self) -> None:
+        # a process killed while writing a checkpoint leaves its temporary file behind
+        if self.checkpoint_dir is not None and self.is_main and self.checkpoint_dir.is_dir():
+            for tmp in self.checkpoint_dir.glob(".*.pt.*.tmp"):
+                tmp.unlink(missing_ok=True)
+
+    def load_best_weights(self) -> None:
+        """Put the best validation weights (or the last ones without validation) in the model."""
+        if self.best_state is not None:
+            self.raw_model.load_state_dict(self.best_state)
+
+    # -- the step -----------------------------------------------------------------------------
+
+    def _train_step(self, batch) -> torch.Tensor:
+        # Under DDP the call must go through the wrapper's forward so gradients are reduced.
+        out = self.raw_model.loss(batch, particles=self.config.particles, generator=self.noise)
+        loss = out["loss"]
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.config.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), self.config.grad_clip)
+        self.optimizer.step()
+        return loss.detach()
+
+    def _flush_losses(self) -> float:
+        """Copy buffered losses to the history (one host sync); returns the latest one."""
+        if not self._pending:
+            losses = self.history["train"]["loss"]
+            return losses[-1] if losses else float("nan")
+        values = torch.stack([p[2] for p in self._pending]).to(torch.float64).cpu().tolist()
+        train = self.history["train"]
+        for (step, epoch, _), value in zip(self._pending, values):
+            if not math.isfinite(value):
+                self._pending = []
+                raise FloatingPointError(
+                    f"training loss became {value} at step {step + 1} (epoch {epoch}); lower the "
+                    f"learning rate (now {self.config.lr}) or clip gradients (--grad-clip 10), "
+                    "and check the counts are raw integers")
+            train["step"].append(step + 1)
+            train["epoch"].append(epoch)
+            train["loss"].append(value)
+        self._pending = []
+        return values[-1]
+
+    def _validation_due(self, end_of_epoch: bool, done: bool) -> bool:
+        if self.val_loader is None:
+            return False
+        if self.config.val_every is None:
+            return end_of_epoch or done
+        return self.step % self.config.val_every == 0 or done
+
+    def _record_validation(self, val: float) -> None:
+        val_hist = self.history["val"]
+        val_hist["step"].append(self.step)
+        val_hist["epoch"].append(self.epoch)
+        val_hist["elbo"].append(val)
+        if self.best_val is None or val > self.best_val:
+            self.best_val, self.best_step = val, self.step
+            self.best_state = _cpu_state(self.raw_model)
+            self.save_checkpoint("best")
+
+    def _all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.world_size > 1:
+            import torch.distributed as dist
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor
+
+    # -- checkpoint state ---------------------------------------------------------------------
+
+    def _state(self, include_best: bool = True) -> dict:
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "model_state": self.raw_model.state_dict(),
+            "model_config": copy.deepcopy(getattr(self.raw_model, "config", {})),
+            "optimizer_state": self.optimizer.state_dict(),
+            "step": self.step,
+            "epoch": self.epoch,
+            "position": self.position,
+            "batches_per_epoch": self.batches_per_epoch,
+            "total_steps": self.total_steps,
+            "rng": capture_rng_state({"noise": self.noise}),
+            "loader": {"seed": getattr(self.train_loader, "seed", None), "epoch": self.epoch},
+            "train_config": self.config.to_dict(),
+            "run_config": self.run_config,
+            "history": self.history,
+            "best": {"val_elbo": self.best_val, "step": self.best_step},
+            # the best weights travel with last.pt: best.pt may be ahead of it after a crash
+            "best_model_state": self.best_state if include_best else None,
+        }
+
+    def _resume(self) -> None:
+        path = None if self.checkpoint_dir is None else self.checkpoint_dir / "last.pt"
+        if path is None:
+            raise ValueError("resume=True needs a run_dir holding checkpoints/last.pt")
+        if not path.exists():
+            self._say(f"no checkpoint at {path}: starting from scratch")
+            return
+        ckpt = load_checkpoint(path, map_location=self.device)
+        if ckpt.get("format") != CHECKPOINT_FORMAT:
+            raise RuntimeError(f"{path} is not a samsvae training checkpoint "
+                               f"(format {ckpt.get('format')!r})")
+        saved = ckpt["train_config"]
+        changed = {k: (saved.get(k), getattr(self.config, k)) for k in RESUME_LOCKED
+                   if saved.get(k) != getattr(self.config, k)}
+        if changed:
+            desc = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in changed.items())
+            raise ValueError(f"cannot resume {path} with different training options ({desc}); "
+                             "use the original values or start a new run directory")
+        if ckpt["batches_per_epoch"] != self.batches_per_epoch:
+            raise ValueError(f"the checkpoint saw {ckpt['batches_per_epoch']} batches per epoch, "
+                             f"this loader gives {self.batches_per_epoch}: the data or split "
+                             "changed; resume with the same data, split and batch size")
+        self.raw_model.load_state_dict(ckpt["model_state"])
+        self.optimizer.load_state_dict(ckpt["optimizer_state"])
+        self.step, self.epoch, self.position = ckpt["step"], ckpt["epoch"], ckpt["position"]
+        restore_rng_state(ckpt["rng"], {"noise": self.noise})
+        self.history = ckpt["history"]
+        self.best_val, self.best_step = ckpt["best"]["val_elbo"], ckpt["best"]["step"]
+        best = ckpt.get("best_model_state")
+        self.best_state = None if best is None else {k: v.to("cpu") for k, v in best.items()}
+        self._say(f"resumed from {path} at step {self.step} (epoch {self.epoch}, "
+                  f"batch {self.position} of {self.batches_per_epoch})")
+
+    # -- output -------------------------------------------------------------------------------
+
+    def _progress_bar(self):
+        if not (self.config.progress and self.is_main and self.log is not None
+                and sys.stderr.isatty()):
+            return None
+        from tqdm.auto import tqdm
+        return tqdm(total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True)
+
+    def _say(self, line: str) -> None:
+        if self.log is not None:
+            self.log(line)
+
+
+def _cpu_state(model) -> dict:
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+
+def _mix(seed: int, rank: int) -> int:
+    """Distinct, reproducible seed per rank (rank 0 keeps ``seed``)."""
+    return (int(seed) + 1_000_003 * int(rank)) % (2 ** 63)
+
+
+def _loader_cells(loader) -> int:
+    for attr in ("n_cells", "indices"):
+        value = getattr(loader, attr, None)
+        if value is not None:
+            return int(value) if attr == "n_cells" else len(value)
+    return len(loader) * int(getattr(loader, "batch_size", 1))

@@ -1,0 +1,84 @@
+"""Smoke tests of the benchmark scripts at tiny sizes: they run, report every implementation in
+both modes, and their accuracy columns agree with the float64 reference. No timing asserted."""
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCH))
+import bench_embedding  # noqa: E402
+import bench_nb  # noqa: E402
+import bench_nb_linear  # noqa: E402
+
+TINY_NB = ["--rows", "24", "--genes", "40", "--zero-fractions", "0.9", "--repeats", "1",
+           "--warmup", "0", "--threads", "1"]
+
+
+def _check_nb_rows(rows, impls):
+    got = {(r["impl"], r["mode"]) for r in rows}
+    assert got == {(i, m) for i in impls for m in ("fwd", "fwd_bwd")}
+    for r in rows:
+        assert r["median_s"] > 0 and r["speedup_vs_eager"] > 0
+        if r["mode"] == "fwd":
+            assert r["gelem_per_s"] > 0
+            assert r["fwd_max_abs_err"] < 1e-2 and r["grad_rel_err"] < 1e-4, r["impl"]
+
+
+def test_bench_nb_in_process_writes_json(tmp_path):
+    out = tmp_path / "nb.json"
+    payload = bench_nb.main(TINY_NB + ["--no-compile", "--in-process", "--out", str(out)])
+    impls = {"eager", "scvi_formula", "reference_csr", "reference_dense"}
+    assert impls <= {r["impl"] for r in payload["rows"]}
+    _check_nb_rows(payload["rows"], {r["impl"] for r in payload["rows"]})
+    saved = json.loads(out.read_text())
+    assert saved["meta"]["torch_threads"] == 1 and "cpu_model" in saved["meta"]
+    assert "reference_csr" in saved["markdown"] and "G elements/s" in saved["markdown"]
+
+
+def test_bench_nb_worker_processes():
+    payload = bench_nb.main(TINY_NB + ["--no-compile", "--impls", "reference_csr"])
+    _check_nb_rows(payload["rows"], {"eager", "reference_csr"})
+    assert all(r["peak_bytes"] is None or r["peak_bytes"] >= 0 for r in payload["rows"])
+    assert "fresh worker" in payload["meta"]["memory_method"]
+
+
+def test_bench_nb_compiled_baselines_capture():
+    """The compile_* baselines trace (forward and backward) without graph breaks on sparse
+    inputs; aot_eager skips code generation, which a cold inductor compile would take ~1 min."""
+    payload = bench_nb.main(TINY_NB + ["--in-process", "--compile-backend", "aot_eager",
+                                       "--impls", "compile_sparse_coo", "compile_eager"])
+    _check_nb_rows(payload["rows"], {"eager", "compile_sparse_coo", "compile_eager"})
+
+
+def test_bench_nb_rejects_unknown_impl():
+    with pytest.raises(SystemExit, match="unknown or unavailable"):
+        bench_nb.main(TINY_NB + ["--in-process", "--no-compile", "--impls", "no_such_impl"])
+
+
+def test_bench_embedding_in_process():
+    payload = bench_embedding.main(["--perturbations", "60", "--latent", "4", "--particles", "2",
+                                    "--cells", "16", "--repeats", "1", "--warmup", "0",
+                                    "--compile-backend", "aot_eager", "--in-process",
+                                    "--threads", "1"])
+    rows = payload["rows"]
+    impls = {r["impl"] for r in rows}
+    assert {"dense_all_t", "bag_all_t", "bag_batch_u", "index_add_batch_u", "reference",
+            "compile_dense_all_t", "compile_bag_all_t", "compile_index_add_batch_u"} <= impls
+    for r in rows:
+        if r["mode"] == "fwd":
+            assert r["max_abs_err"] < 1e-5, r["impl"]
+    assert "T=60" in payload["markdown"]
+
+
+def test_bench_nb_linear_in_process():
+    payload = bench_nb_linear.main(["--particles", "1", "3", "--cells", "8", "--genes", "30",
+                                    "--hidden", "5", "--unfused-max-particles", "1",
+                                    "--chunk-rows", "5", "--repeats", "1", "--warmup", "0",
+                                    "--in-process", "--threads", "1"])
+    seen = {(r["impl"], r["particles"], r["mode"]) for r in payload["rows"]}
+    assert seen == {("fused", 1, "fwd"), ("fused", 1, "fwd_bwd"), ("fused", 3, "fwd"),
+                    ("fused", 3, "fwd_bwd"), ("unfused", 1, "fwd"), ("unfused", 1, "fwd_bwd")}
+    assert all(math.isfinite(r["median_s"]) for r in payload["rows"])

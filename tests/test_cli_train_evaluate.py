@@ -1,0 +1,130 @@
+"""`samsvae train` / `samsvae evaluate` end to end on a tiny simulated screen, `train --demo`, and
+the messages for the mistakes a user can make."""
+import json
+import math
+
+import numpy as np
+import pytest
+
+from samsvae.cli import main
+from samsvae.data import simulate_screen
+
+TINY = ["--latent", "4", "--hidden", "32", "--batch-size", "64", "--lr", "3e-3", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def tiny_h5ad(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "tiny.h5ad"
+    adata = simulate_screen(n_cells=300, n_genes=30, n_perturbations=5, n_combinations=2,
+                            n_latent=4, seed=2)
+    adata.obs["my_split"] = np.where(np.arange(adata.n_obs) % 5 == 0, "test",
+                                     np.where(np.arange(adata.n_obs) % 5 == 1, "val", "train"))
+    adata.write_h5ad(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained_run(tiny_h5ad, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "run"
+    assert main(["train", str(tiny_h5ad), "--out", str(out), "--max-steps", "30", *TINY]) == 0
+    return out
+
+
+def _assert_png(path):
+    from matplotlib.image import imread
+    assert path.is_file() and path.stat().st_size > 5000, path
+    img = imread(path)
+    assert img.shape[0] > 200 and img.shape[1] > 200
+    assert img[..., :3].std() > 0.05  # not a blank canvas
+
+
+def test_train_writes_a_complete_run_directory(trained_run, capsys):
+    for name in ("config.json", "split.csv", "model.pt", "history.json", "checkpoints/last.pt",
+                 "checkpoints/best.pt"):
+        assert (trained_run / name).is_file(), name
+    config = json.loads((trained_run / "config.json").read_text())
+    assert config["model"]["name"] == "sams_vae" and config["model"]["guide"] == "mean_field"
+    assert len(config["genes"]) == 30 and config["perturbations"] == [f"P{i}" for i in range(5)]
+    history = json.loads((trained_run / "history.json").read_text())
+    assert history["train"]["step"][-1] == 30
+
+
+def test_evaluate_writes_contract_metrics_and_plots(trained_run, capsys):
+    rc = main(["evaluate", str(trained_run), "--iwelbo-particles", "10", "--ate-particles", "100",
+               "--plots"])
+    assert rc == 0
+    metrics = json.loads((trained_run / "metrics.json").read_text())
+    for key in ("test_iwelbo", "ate_pearson", "ate_pearson_top20", "mask_f1"):
+        assert isinstance(metrics[key], float) and math.isfinite(metrics[key]), key
+    assert metrics["split"] == "test" and metrics["n_cells"] > 0
+    printed = capsys.readouterr().out
+    assert "test_iwelbo" in printed and "ate_pearson_top20" in printed
+    for name in ("masks.png", "ate_scatter.png", "ate_per_perturbation.png",
+                 "training_curves.png"):
+        _assert_png(trained_run / "plots" / name)
+
+
+def test_evaluate_on_explicit_data_and_split(trained_run, tiny_h5ad):
+    assert main(["evaluate", str(trained_run), "--data", str(tiny_h5ad), "--split", "val",
+                 "--iwelbo-particles", "4", "--ate-particles", "20"]) == 0
+    metrics = json.loads((trained_run / "metrics.json").read_text())
+    assert metrics["split"] == "val" and math.isfinite(metrics["test_iwelbo"])
+
+
+def test_train_with_split_column_and_other_model(tiny_h5ad, tmp_path):
+    out = tmp_path / "cpa"
+    assert main(["train", str(tiny_h5ad), "--out", str(out), "--max-steps", "5",
+                 "--model", "cpa_vae", "--guide", "corr_basal", "--split", "my_split",
+                 "--backed", *TINY]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["data"]["backed"] and config["split"]["kind"] == "my_split"
+    split = (out / "split.csv").read_text().splitlines()
+    assert split[0] == "cell,split" and len(split) == 301
+    assert sum(line.endswith(",test") for line in split) == 60
+
+
+def test_demo_runs_small(tmp_path, capsys):
+    out = tmp_path / "demo"
+    rc = main(["train", "--demo", "--out", str(out), "--demo-cells", "300", "--demo-genes", "30",
+               "--demo-perturbations", "4", "--max-steps", "10", "--no-progress"])
+    assert rc == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert all(math.isfinite(metrics[k]) for k in ("test_iwelbo", "ate_pearson", "mask_f1"))
+    assert (out / "demo.h5ad").is_file() and (out / "plots" / "masks.png").is_file()
+    assert "demo done" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "nope.h5ad", "--out", "x"], "data file nope.h5ad does not exist"),
+    (["train", "{data}", "--out", "{tmp}/a", "--model", "sams_vae", "--guide", "corr_bad"],
+     "model 'sams_vae' has no guide 'corr_bad'. Valid pairs: --model cvae --guide mean_field"),
+    (["train", "{data}", "--out", "{tmp}/a", "--model", "vae"], "unknown model 'vae'"),
+    (["train", "{data}", "--out", "{tmp}/a", "--split", "batchy"], "unknown split 'batchy'"),
+    (["train", "{data}"], "--out RUN_DIR"),
+    (["train"], "or --demo"),
+    (["evaluate", "{tmp}/nothing"], "does not exist"),
+])
+def test_user_errors_are_explained(argv, message, tiny_h5ad, tmp_path, capsys):
+    argv = [a.format(data=tiny_h5ad, tmp=tmp_path) for a in argv]
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_max_steps_and_max_epochs_are_exclusive(tiny_h5ad, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["train", str(tiny_h5ad), "--out", "x", "--max-steps", "3", "--max-epochs", "2"])
+    assert exc.value.code == 2
+    assert "not allowed with argument --max-steps" in capsys.readouterr().err
+
+
+def test_existing_run_needs_resume_and_resume_checks_options(trained_run, tiny_h5ad, capsys):
+    assert main(["train", str(tiny_h5ad), "--out", str(trained_run), "--max-steps", "30",
+                 *TINY]) == 2
+    assert "pass --resume" in capsys.readouterr().err
+    assert main(["train", str(tiny_h5ad), "--out", str(trained_run), "--max-steps", "30",
+                 "--resume", *TINY, "--latent", "8"]) == 2
+    assert "--latent: run 4 vs now 8" in capsys.readouterr().err
+    # same options, nothing left to do: finishes at once and keeps the weights
+    assert main(["train", str(tiny_h5ad), "--out", str(trained_run), "--max-steps", "30",
+                 "--resume", *TINY]) == 0
+    assert "nothing to do" in capsys.readouterr().out
