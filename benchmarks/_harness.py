@@ -1,7 +1,9 @@
 """Timing, peak-memory and reporting helpers shared by the benchmark scripts.
 
 Timing: median wall time of ``repeats`` calls after ``warmup`` calls (torch.compile's first
-compilation happens in the warmup and is excluded); CUDA calls are synchronised.
+compilation happens in the warmup and is excluded); CUDA calls are synchronised. Several
+implementations are timed round-robin (:func:`time_interleaved`) so that load from other users
+of a shared machine affects them alike.
 
 Peak memory, CPU: the peak resident set size of *this process* during one call, minus the
 resident size just before it (``VmHWM - VmRSS`` after resetting the high-water mark through
@@ -84,6 +86,25 @@ def time_fn(fn: Callable[[], object], *, repeats: int, warmup: int, device: str 
         _sync(device)
         times.append(time.perf_counter() - t0)
     return {"median_s": statistics.median(times), "min_s": min(times), "repeats": repeats}
+
+
+def time_interleaved(calls: Dict[str, Callable[[], object]], *, repeats: int, warmup: int,
+                     device: str = "cpu") -> Dict[str, Dict]:
+    """:func:`time_fn` for several callables, timed round-robin (one call of each per round),
+    so that load changes on a shared machine hit every implementation alike."""
+    for fn in calls.values():
+        for _ in range(warmup):
+            fn()
+    _sync(device)
+    times: Dict[str, List[float]] = {k: [] for k in calls}
+    for _ in range(repeats):
+        for k, fn in calls.items():
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            times[k].append(time.perf_counter() - t0)
+    return {k: {"median_s": statistics.median(v), "min_s": min(v), "repeats": repeats}
+            for k, v in times.items()}
 
 
 def _status_kib(field: str) -> int:

@@ -7,10 +7,10 @@
 Grid: rows B in {256 (1 particle x 256 cells), 2560 (5 particles x 512 cells)}, genes
 G in {2000, 8000}, zero fraction in {0.5, 0.9, 0.97}, float32. For each point and implementation:
 forward (under ``no_grad``) and forward+backward (gradients of logits and log_theta) median wall
-time, speed-up over ``eager`` measured in the same worker process, forward throughput in
-G elements/s (B * G / time), peak extra memory of one call (see ``_harness``), and the float32
-error against the float64 reference (forward: max |error| per row in nats; backward: max
-|error| of d/dlogits relative to its max magnitude).
+time, speed-up over ``eager`` measured in the same worker process (implementations timed
+round-robin), forward throughput in G elements/s (B * G / time), peak extra memory of one call
+(see ``_harness``), and the float32 error against the float64 reference (forward: max |error|
+per row in nats; backward: max |error| of d/dlogits relative to its max magnitude).
 
 Implementations: ``eager`` (log_softmax + lgamma, dense), ``scvi_formula`` (scvi-tools'
 ``log_nb_positive`` from its formula, on ``mu = library * softmax``), real scvi-tools / pyro
@@ -90,7 +90,7 @@ def _call(fn, logits, lib, lt, mode):
     return run
 
 
-def _accuracy(fn, inputs64, ref_value, ref_grad, logits, lib, lt) -> Dict[str, float]:
+def _accuracy(fn, ref_value, ref_grad, logits, lib, lt) -> Dict[str, float]:
     lg = logits.detach().requires_grad_()
     out = fn(lg, lib, lt)
     (g,) = torch.autograd.grad(out.sum(), (lg,))
@@ -117,28 +117,30 @@ def worker(cfg: Dict) -> List[Dict]:
         (g64,) = torch.autograd.grad(val64.sum(), (lg64,))
         acc_ref = (val64.detach(), g64)
         del lg64, val64
-    rows = []
     n_elem = logits.numel()
-    for name, fn in impls.items():
-        for mode in MODES:
-            call = _call(fn, logits, lib, lt, mode)
-            row = {"impl": name, "mode": mode, "rows": logits.numel() // cfg["genes"],
-                   "particles": particles or 1, "cells": cells, "genes": cfg["genes"],
-                   "zero_fraction": cfg["zero_fraction"],
-                   "nonzero_fraction_actual": float((counts != 0).float().mean())}
-            if cfg["measure"] == "time":
-                t = H.time_fn(call, repeats=cfg["repeats"], warmup=cfg["warmup"], device=device)
-                row.update(t)
-                if mode == "fwd":
-                    row["gelem_per_s"] = n_elem / t["median_s"] / 1e9
-                    if acc_ref is not None:
-                        row.update(_accuracy(fn, None, acc_ref[0], acc_ref[1], logits, lib, lt))
-            else:
-                for _ in range(max(1, cfg["warmup"])):
-                    call()
-                row["peak_bytes"] = H.peak_memory_bytes(call, device)
-            row.update(threads)
-            rows.append(row)
+    calls = {(name, mode): _call(fn, logits, lib, lt, mode) for name, fn in impls.items()
+             for mode in MODES}
+    if cfg["measure"] == "time":
+        stats = H.time_interleaved(calls, repeats=cfg["repeats"], warmup=cfg["warmup"],
+                                   device=device)
+    rows = []
+    for (name, mode), call in calls.items():
+        row = {"impl": name, "mode": mode, "rows": n_elem // cfg["genes"],
+               "particles": particles or 1, "cells": cells, "genes": cfg["genes"],
+               "zero_fraction": cfg["zero_fraction"],
+               "nonzero_fraction_actual": float((counts != 0).float().mean())}
+        if cfg["measure"] == "time":
+            row.update(stats[(name, mode)])
+            if mode == "fwd":
+                row["gelem_per_s"] = n_elem / row["median_s"] / 1e9
+                if acc_ref is not None:
+                    row.update(_accuracy(impls[name], acc_ref[0], acc_ref[1], logits, lib, lt))
+        else:
+            for _ in range(max(1, cfg["warmup"])):
+                call()
+            row["peak_bytes"] = H.peak_memory_bytes(call, device)
+        row.update(threads)
+        rows.append(row)
     return rows
 
 

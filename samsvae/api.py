@@ -304,26 +304,24 @@ class SAMSVAE:
         return out
 
     def get_perturbation_masks(self):
-        """DataFrame (perturbations x latent dims) of the guide's q(mask = 1)."""
+        """DataFrame (perturbations x latent dims) of the guide's q(mask = 1) (SVAE+: NaN rows
+        for perturbations seen only in combinations)."""
         import pandas as pd
         masks = self.module.perturbation_masks()
         if masks is None:
             raise ValueError(f"model {self.init_params['model']!r} has no perturbation masks "
                              "(sams_vae and svae_plus learn them; cpa_vae fixes them to 1)")
-        return pd.DataFrame(masks.detach().cpu().numpy(), index=self._row_names(),
+        return pd.DataFrame(masks.detach().cpu().numpy(), index=self.perturbations,
                             columns=[f"z{k}" for k in range(masks.shape[1])])
 
     def get_perturbation_embeddings(self):
         """DataFrame (perturbations x latent dims) of the guide means of the embeddings (SVAE+:
-        one row per training label, its latent shift)."""
+        the shift of each single-perturbation label; NaN rows for perturbations seen only in
+        combinations)."""
         import pandas as pd
         emb = self.module.perturbation_embeddings()
-        return pd.DataFrame(emb.detach().cpu().numpy(), index=self._row_names(),
+        return pd.DataFrame(emb.detach().cpu().numpy(), index=self.perturbations,
                             columns=[f"z{k}" for k in range(emb.shape[1])])
-
-    def _row_names(self) -> list:
-        from .train.build import mask_row_names
-        return mask_row_names(self.module, self.perturbations)
 
     # -- persistence ------------------------------------------------------------------------
 
@@ -459,10 +457,15 @@ def _load_options(setup: dict) -> dict:
 
 
 def _registered_screen(adata, setup: Optional[dict] = None):
+    import warnings
+
     from .data import load_screen
     if setup is None or UNS_KEY in adata.uns:
         setup = _registered(adata)
-    return load_screen(adata, **_load_options(setup))
+    with warnings.catch_warnings():
+        # other data (e.g. a subset) need not hold the labels dropped at training
+        warnings.filterwarnings("ignore", message="drop_labels .* do not occur")
+        return load_screen(adata, **_load_options(setup))
 
 
 def _as_label_list(perturbations) -> list:

@@ -138,3 +138,31 @@ def test_embed_new_data_with_a_subset_of_perturbations(trained):
     sub = adata[adata.obs["perturbation"].isin(["control", "P3"])].copy()
     z = model.get_latent_representation(sub)
     assert z.shape == (sub.n_obs, 4) and np.isfinite(z).all()
+
+
+def test_saved_model_is_a_run_directory_for_the_cli(trained, tmp_path):
+    from samsvae.cli import main
+    adata, model = trained
+    model.save(tmp_path / "m")
+    adata.write_h5ad(tmp_path / "data.h5ad")  # the registration travels in uns
+    assert main(["evaluate", str(tmp_path / "m")]) == 2  # no recorded data file: asks for it
+    assert main(["evaluate", str(tmp_path / "m"), "--data", str(tmp_path / "data.h5ad"),
+                 "--iwelbo-particles", "4", "--ate-particles", "20"]) == 0
+    assert (tmp_path / "m" / "metrics.json").is_file()
+
+
+def test_train_with_checkpoint_dir_then_resume(tmp_path):
+    adata = _adata(seed=6)
+    samsvae.SAMSVAE.setup_anndata(adata, drop_labels=["unassigned"])
+
+    def fit(steps, resume):
+        model = samsvae.SAMSVAE(adata, n_latent=3, n_hidden=16, seed=2)
+        return model.train(max_steps=steps, batch_size=64, progress=False, log=None,
+                           checkpoint_dir=tmp_path / "ck", checkpoint_every=4, resume=resume)
+
+    fit(6, resume=False)
+    resumed = fit(12, resume=True)
+    straight = samsvae.SAMSVAE(adata, n_latent=3, n_hidden=16, seed=2)
+    straight.train(max_steps=12, batch_size=64, progress=False, log=None)
+    assert resumed.history["train"]["loss"] == straight.history["train"]["loss"]
+    assert (tmp_path / "ck" / "model.pt").is_file()

@@ -25,7 +25,8 @@ def _csr(rows, n_cols):
                       shape=(len(rows), n_cols))
     return torch.sparse_csr_tensor(torch.as_tensor(m.indptr, dtype=torch.int64),
                                    torch.as_tensor(m.indices, dtype=torch.int64),
-                                   torch.as_tensor(m.data), size=m.shape, check_invariants=False)
+                                   torch.as_tensor(m.data), size=m.shape,
+                                   check_invariants=False)
 
 
 def test_per_cell_terms_sum_to_each_global_once():

@@ -5,6 +5,7 @@ import torch
 
 from samsvae.cli import main
 from samsvae.data import load_screen, simulate_screen
+from samsvae.models import MODEL_GUIDES
 from samsvae.train import align_screen, load_run
 
 
@@ -67,3 +68,16 @@ def test_missing_pieces_are_explained(run, tmp_path):
         load_run(tmp_path)
     with pytest.raises(FileNotFoundError, match="data file .* does not exist"):
         load_run(out, data=tmp_path / "gone.h5ad")
+
+
+@pytest.mark.parametrize("model, guide", [(m, g) for m, gs in MODEL_GUIDES.items() for g in gs])
+def test_every_model_guide_pair_trains_and_reloads(run, tmp_path, model, guide):
+    data, _ = run
+    out = tmp_path / f"{model}-{guide}"
+    assert main(["train", str(data), "--out", str(out), "--model", model, "--guide", guide,
+                 "--max-steps", "3", "--latent", "3", "--hidden", "16", "--batch-size", "64",
+                 "--no-progress"]) == 0
+    loaded = load_run(out)
+    assert (loaded.model.config["model"], loaded.model.config["guide"]) == (model, guide)
+    saved = torch.load(out / "model.pt", weights_only=True)["state_dict"]
+    assert all(torch.equal(v, saved[k]) for k, v in loaded.model.state_dict().items())

@@ -16,10 +16,9 @@ struct TypedKernels {
   void (*nb_table)(const NbGenes<T>&, double* table, bool derivative, int64_t g0,
                    int64_t g1);
   void (*nb_scan)(const T* values, int64_t n, int* max_small, int64_t* n_small);
-  // return the number of invalid counts met (negative, infinite or NaN)
-  int64_t (*nb_forward)(const NbFwdArgs<T>&, const NbScratch<T>&, int64_t c0, int64_t c1);
-  int64_t (*nb_backward)(const NbBwdArgs<T>&, const NbScratch<T>&, double* theta_acc,
-                         int64_t c0, int64_t c1);
+  NbStatus (*nb_forward)(const NbFwdArgs<T>&, const NbScratch<T>&, int64_t c0, int64_t c1);
+  NbStatus (*nb_backward)(const NbBwdArgs<T>&, const NbScratch<T>&, double* theta_acc,
+                          int64_t c0, int64_t c1);
   void (*emb_sample)(const EmbFwdArgs<T>&, T* scratch, int64_t u0, int64_t u1);
   void (*emb_compose)(const EmbFwdArgs<T>&, int64_t i0, int64_t i1);
   void (*emb_backward)(const EmbBwdArgs<T>&, T* scratch, int64_t u0, int64_t u1);

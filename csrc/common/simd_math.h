@@ -31,43 +31,86 @@ SV_INLINE void vf_store(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
 SV_INLINE vf as_vf(vi v) { return (vf)v; }
 SV_INLINE vi as_vi(vf v) { return (vi)v; }
 
-// Reciprocal to about 1.5 ulp without a division (divisions are the slowest vector
-// instruction on x86). Initial guess from the exponent bits (|rel err| < 12.5%), then three
-// Newton steps r <- r + r (1 - u r): 1.6e-2, 2.4e-4, 6e-8. Valid for normal positive u.
+#if defined(__x86_64__) && SAMSVAE_VEC_BYTES == 64
+#define SV_X86_512 1
+#elif defined(__x86_64__) && SAMSVAE_VEC_BYTES == 32
+#define SV_X86_256 1
+#elif defined(__x86_64__) && SAMSVAE_VEC_BYTES == 16
+#define SV_X86_128 1
+#endif
+
+// Reciprocal of a normal positive u to about 1 ulp without a division (divisions are the
+// slowest vector instruction on x86): the hardware estimate (14 bits on AVX-512, 12 bits
+// before) refined by Newton steps r <- r + r (1 - u r), each doubling the correct bits.
 SV_INLINE vf vf_recip(vf u) {
-  vf r = as_vf(vi_splat(0x7EF311C3) - as_vi(u));
+#if defined(SV_X86_512)
+  vf r = (vf)_mm512_rcp14_ps((__m512)u);
+  return r + r * (1.0f - u * r);
+#else
+#if defined(SV_X86_256)
+  vf r = (vf)_mm256_rcp_ps((__m256)u);
+#elif defined(SV_X86_128)
+  vf r = (vf)_mm_rcp_ps((__m128)u);
+#else
+  vf r = as_vf(vi_splat(0x7EF311C3) - as_vi(u));  // exponent trick, 12% error
   r = r + r * (1.0f - u * r);
+#endif
   r = r + r * (1.0f - u * r);
-  r = r + r * (1.0f - u * r);
-  return r;
+  return r + r * (1.0f - u * r);
+#endif
 }
 
-// exp(x) to about 1 ulp; 0 below ln(FLT_MIN) (no denormal results), +inf above ln(FLT_MAX).
-SV_INLINE vf vf_exp(vf x) {
-  const float lo = -87.3365478515625f, hi = 88.72283935546875f;
-  vf xc = x < lo ? vf_splat(lo) : x;
-  xc = xc > hi ? vf_splat(hi) : xc;
+// exp(x) for x <= 0 to about 1 ulp: 0 below ln(FLT_MIN) (no denormal results); NaN in, NaN
+// out. The hot loops only exponentiate logit - max.
+SV_INLINE vf vf_exp_nonpos(vf x) {
+  const float lo = -87.3365478515625f;
+  const vi under = x < lo;
+  const vf xc = under ? vf_splat(lo) : x;
   const float magic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
-  vf n = (xc * 1.44269504088896341f + magic) - magic;
+  const vf n = (xc * 1.44269504088896341f + magic) - magic;
   vf r = xc - n * 0.693359375f;     // ln 2 split in two: n * 0.693359375 is exact
   r = r - n * -2.12194440e-4f;
-  vf z = r * r;
+  const vf z = r * r;
   vf p = 1.9875691500e-4f * r + 1.3981999507e-3f;
   p = p * r + 8.3334519073e-3f;
   p = p * r + 4.1665795894e-2f;
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * z + r + 1.0f;
-  vi ni = __builtin_convertvector(n, vi);
-  vi n1 = ni >> 1, n2 = ni - n1;     // two factors keep 2^n normal for n in [-126, 128]
+  const vi ni = __builtin_convertvector(n, vi);
+  const vf res = p * as_vf((ni + 127) << 23);   // n >= -126: 2^n is normal
+  return under ? vf{} : res;
+}
+
+// exp(x) to about 1 ulp over the whole float range; +inf above ln(FLT_MAX).
+SV_INLINE vf vf_exp(vf x) {
+  const float hi = 88.72283935546875f;
+  const vf xc = x > hi ? vf_splat(hi) : x;
+  // split 2^n in two factors so that n = 128 stays finite before the final check
+  const float lo = -87.3365478515625f;
+  const vf xl = xc < lo ? vf_splat(lo) : xc;
+  const float magic = 12582912.0f;
+  const vf n = (xl * 1.44269504088896341f + magic) - magic;
+  vf r = xl - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  const vf z = r * r;
+  vf p = 1.9875691500e-4f * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * z + r + 1.0f;
+  const vi ni = __builtin_convertvector(n, vi);
+  const vi n1 = ni >> 1, n2 = ni - n1;
   vf res = p * as_vf((n1 + 127) << 23) * as_vf((n2 + 127) << 23);
   res = x < lo ? vf{} : res;
   res = x > hi ? vf_splat(__builtin_inff()) : res;
   return x != x ? x : res;
 }
 
-// log(1 + f) + e log(2) for f in [sqrt(1/2) - 1, sqrt(2) - 1] (Cephes-style polynomial).
-SV_INLINE vf vf_log_kernel(vf f, vf ef) {
+// log(1 + f) + e log(2) - f for f in [sqrt(1/2) - 1, sqrt(2) - 1]: the kernel without its
+// linear term (Cephes-style minimax polynomial).
+SV_INLINE vf vf_log_kernel_nonlinear(vf f, vf ef) {
   vf z = f * f;
   vf p = 7.0376836292e-2f * f - 1.1514610310e-1f;
   p = p * f + 1.1676998740e-1f;
@@ -77,19 +120,29 @@ SV_INLINE vf vf_log_kernel(vf f, vf ef) {
   p = p * f + 2.0000714765e-1f;
   p = p * f - 2.4999993993e-1f;
   p = p * f + 3.3333331174e-1f;
-  vf y = p * f * z + ef * -2.12194440e-4f - 0.5f * z;
-  return f + y + ef * 0.693359375f;
+  return p * f * z + ef * -2.12194440e-4f - 0.5f * z;
 }
 
-// x = 2^e * (1 + f) with 1 + f in [sqrt(1/2), sqrt(2)); x > 0, denormals included.
+// log(1 + f) + e log(2), same range
+SV_INLINE vf vf_log_kernel(vf f, vf ef) {
+  return f + vf_log_kernel_nonlinear(f, ef) + ef * 0.693359375f;
+}
+
+// x = 2^e * (1 + f) with 1 + f in [sqrt(1/2), sqrt(2)); x > 0 (normal unless kDenormals).
+template <bool kDenormals>
 SV_INLINE void vf_log_reduce(vf x, vf* f, vf* ef) {
-  vi den = x < 1.17549435e-38f;
-  vf xs = den ? x * 8388608.0f : x;   // 2^23
-  vi bits = as_vi(xs);
-  vi e = ((bits >> 23) & 0xff) - 127;
-  e = den ? e - 23 : e;
+  vi bits, e;
+  if (kDenormals) {
+    const vi den = x < 1.17549435e-38f;
+    bits = as_vi(den ? x * 8388608.0f : x);   // 2^23
+    e = ((bits >> 23) & 0xff) - 127;
+    e = den ? e - 23 : e;
+  } else {
+    bits = as_vi(x);
+    e = ((bits >> 23) & 0xff) - 127;
+  }
   vf m = as_vf((bits & 0x007fffff) | 0x3f800000);    // mantissa in [1, 2)
-  vi big = m > 1.41421356237f;
+  const vi big = m > 1.41421356237f;
   m = big ? m * 0.5f : m;
   e = e - big;                                       // big is -1 where true
   *f = m - 1.0f;
@@ -99,7 +152,7 @@ SV_INLINE void vf_log_reduce(vf x, vf* f, vf* ef) {
 // Natural log to about 1 ulp for x > 0; log(0) = -inf, log(<0) = NaN, log(inf) = inf.
 SV_INLINE vf vf_log(vf x) {
   vf f, ef;
-  vf_log_reduce(x, &f, &ef);
+  vf_log_reduce<true>(x, &f, &ef);
   vf res = vf_log_kernel(f, ef);
   res = x == 0.0f ? vf_splat(-__builtin_inff()) : res;
   res = x < 0.0f ? vf_splat(__builtin_nanf("")) : res;
@@ -107,21 +160,55 @@ SV_INLINE vf vf_log(vf x) {
   return x != x ? x : res;
 }
 
-// log(1 + y) to about 1 ulp for y >= -1, tiny y included: where 1 + y lies in the kernel's
-// interval the kernel takes f = y itself (no rounding of 1 + y at all); elsewhere the result
-// is >= 0.34 in magnitude and the rounding of 1 + y costs under an ulp.
-SV_INLINE vf vf_log1p(vf y) {
-  vf u = 1.0f + y;
+// log(1 + y) to about 1 ulp for finite y >= 0, tiny y included: where 1 + y lies in the
+// kernel's interval the kernel takes f = y itself (no rounding of 1 + y at all); elsewhere the
+// result is >= 0.34 and the rounding of 1 + y costs under an ulp.
+SV_INLINE vf vf_log1p_nonneg(vf y) {
   vf f, ef;
-  vf_log_reduce(u, &f, &ef);
-  vi direct = (y > -0.29289321881f) & (y < 0.41421356237f);
-  f = direct ? y : f;
-  ef = direct ? vf{} : ef;
-  vf res = vf_log_kernel(f, ef);
+  vf_log_reduce<false>(1.0f + y, &f, &ef);
+  const vi direct = y < 0.41421356237f;
+  return vf_log_kernel(direct ? y : f, direct ? vf{} : ef);
+}
+
+// log(1 + y) for any y >= -1 (same method), with log1p(-1) = -inf, NaN below, inf at inf.
+SV_INLINE vf vf_log1p(vf y) {
+  const vf u = 1.0f + y;
+  vf f, ef;
+  vf_log_reduce<false>(u, &f, &ef);
+  const vi direct = (y > -0.29289321881f) & (y < 0.41421356237f);
+  vf res = vf_log_kernel(direct ? y : f, direct ? vf{} : ef);
   res = u == 0.0f ? vf_splat(-__builtin_inff()) : res;
   res = u < 0.0f ? vf_splat(__builtin_nanf("")) : res;
   res = y == __builtin_inff() ? y : res;
   return y != y ? y : res;
+}
+
+// The low / high W/2 lanes of a float vector, widened to double, in registers.
+SV_INLINE vdh vf_lo_to_double(vf v) {
+#if defined(SV_X86_512)
+  return (vdh)_mm512_cvtps_pd(_mm512_castps512_ps256((__m512)v));
+#elif defined(SV_X86_256)
+  return (vdh)_mm256_cvtps_pd(_mm256_castps256_ps128((__m256)v));
+#elif defined(SV_X86_128)
+  return (vdh)_mm_cvtps_pd((__m128)v);
+#else
+  vfh h;
+  std::memcpy(&h, &v, sizeof h);
+  return __builtin_convertvector(h, vdh);
+#endif
+}
+SV_INLINE vdh vf_hi_to_double(vf v) {
+#if defined(SV_X86_512)
+  return (vdh)_mm512_cvtps_pd((__m256)_mm512_extractf64x4_pd((__m512d)v, 1));
+#elif defined(SV_X86_256)
+  return (vdh)_mm256_cvtps_pd(_mm256_extractf128_ps((__m256)v, 1));
+#elif defined(SV_X86_128)
+  return (vdh)_mm_cvtps_pd(_mm_movehl_ps((__m128)v, (__m128)v));
+#else
+  vfh h;
+  std::memcpy(&h, reinterpret_cast<const char*>(&v) + sizeof h, sizeof h);
+  return __builtin_convertvector(h, vdh);
+#endif
 }
 
 // Double-precision accumulator for W float lanes (sums of thousands of float terms keep
@@ -132,22 +219,16 @@ struct DAcc {
 };
 SV_INLINE void dacc_zero(DAcc& a) { a.lo = vdh{}; a.hi = vdh{}; }
 SV_INLINE void dacc_add(DAcc& a, vf v) {
-  vfh l, h;
-  std::memcpy(&l, &v, sizeof l);
-  std::memcpy(&h, reinterpret_cast<const char*>(&v) + sizeof l, sizeof h);
-  a.lo += __builtin_convertvector(l, vdh);
-  a.hi += __builtin_convertvector(h, vdh);
+  a.lo += vf_lo_to_double(v);
+  a.hi += vf_hi_to_double(v);
 }
 // a += m[0:W] * v  (m a double array)
 SV_INLINE void dacc_fma(DAcc& a, const double* m, vf v) {
-  vfh l, h;
-  std::memcpy(&l, &v, sizeof l);
-  std::memcpy(&h, reinterpret_cast<const char*>(&v) + sizeof l, sizeof h);
   vdh m0, m1;
   std::memcpy(&m0, m, sizeof m0);
   std::memcpy(&m1, m + kW / 2, sizeof m1);
-  a.lo += m0 * __builtin_convertvector(l, vdh);
-  a.hi += m1 * __builtin_convertvector(h, vdh);
+  a.lo += m0 * vf_lo_to_double(v);
+  a.hi += m1 * vf_hi_to_double(v);
 }
 SV_INLINE double dacc_sum(const DAcc& a) {
   vdh s = a.lo + a.hi;
@@ -157,17 +238,15 @@ SV_INLINE double dacc_sum(const DAcc& a) {
 }
 // acc[0:W] += v, with acc a double array
 SV_INLINE void dacc_add_to(double* acc, vf v) {
-  vfh l, h;
-  std::memcpy(&l, &v, sizeof l);
-  std::memcpy(&h, reinterpret_cast<const char*>(&v) + sizeof l, sizeof h);
   vdh a0, a1;
   std::memcpy(&a0, acc, sizeof a0);
   std::memcpy(&a1, acc + kW / 2, sizeof a1);
-  a0 += __builtin_convertvector(l, vdh);
-  a1 += __builtin_convertvector(h, vdh);
+  a0 += vf_lo_to_double(v);
+  a1 += vf_hi_to_double(v);
   std::memcpy(acc, &a0, sizeof a0);
   std::memcpy(acc + kW / 2, &a1, sizeof a1);
 }
+
 // ---- the two lane policies the kernels are written against ----------------------------
 template <class T> struct Lanes;
 
@@ -180,8 +259,10 @@ template <> struct Lanes<float> {
   static SV_INLINE void store(float* p, V v) { vf_store(p, v); }
   static SV_INLINE V splat(float s) { return vf_splat(s); }
   static SV_INLINE V exp(V x) { return vf_exp(x); }
+  static SV_INLINE V exp_nonpos(V x) { return vf_exp_nonpos(x); }
   static SV_INLINE V log(V x) { return vf_log(x); }
   static SV_INLINE V log1p(V x) { return vf_log1p(x); }
+  static SV_INLINE V log1p_nonneg(V x) { return vf_log1p_nonneg(x); }
   static SV_INLINE V recip(V x) { return vf_recip(x); }
   static SV_INLINE V sel(M m, V a, V b) { return m ? a : b; }
   static SV_INLINE M lt(V a, V b) { return a < b; }
@@ -220,8 +301,10 @@ template <> struct Lanes<double> {
   static SV_INLINE void store(double* p, V v) { *p = v; }
   static SV_INLINE V splat(double s) { return s; }
   static SV_INLINE V exp(V x) { return std::exp(x); }
+  static SV_INLINE V exp_nonpos(V x) { return std::exp(x); }
   static SV_INLINE V log(V x) { return std::log(x); }
   static SV_INLINE V log1p(V x) { return std::log1p(x); }
+  static SV_INLINE V log1p_nonneg(V x) { return std::log1p(x); }
   static SV_INLINE V recip(V x) { return 1.0 / x; }
   static SV_INLINE V sel(M m, V a, V b) { return m ? a : b; }
   static SV_INLINE M lt(V a, V b) { return a < b; }

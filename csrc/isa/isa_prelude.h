@@ -7,5 +7,9 @@
 #include <cstdint>
 #include <cstring>
 
+#if defined(__x86_64__)
+#include <immintrin.h>  // its intrinsics carry their own target attributes
+#endif
+
 #include "common/kernel_table.h"
 #include "nb/nb_special.h"

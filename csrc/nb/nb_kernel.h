@@ -40,6 +40,12 @@ struct NbCounts {
   const T* dense = nullptr;       // (C, G) row-major
 };
 
+// What a kernel call met that the caller must report as an error.
+struct NbStatus {
+  int64_t bad_counts = 0;  // entries whose count is negative, infinite or NaN
+  int64_t bad_cells = 0;   // cells with a column index outside [0, G) (their entries are skipped)
+};
+
 template <class T>
 struct NbScratch {  // one per thread; rows of Gp elements unless noted
   T* xrow = nullptr;           // backward: counts of the current cell; all zero between cells

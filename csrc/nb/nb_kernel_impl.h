@@ -10,40 +10,43 @@
 // per-gene table (small integer counts) or nb_count_term (float64, any count). T depends on
 // the cell only, so it is evaluated once for all particles; the per-entry sums are float64.
 //
-// Backward, with w = 1/(1+y), v = y w, f(y) = log1p(y) - v (series in v when v is small):
+// Backward, with w = 1/(1+y), v = y w, f(y) = log1p(y) - v (nb_log1p_minus_v):
 //   dL/dlogmu_g   = go * w_g (x_g - mu_g)          (counts scattered into a zeroed dense row)
 //   dL/dlogit_g   = dL/dlogmu_g - softmax_g * S,      S = sum_g dL/dlogmu_g = dL/dlog_library
 //   dL/dlogtheta_g += -go theta_g f(y_g)  (every gene)  + go (x v_g + dT(x, theta_g)) (entries)
 // accumulated in a per-thread float64 row, reduced over threads by the caller.
 
-// --- per-type constants of the backward series f(v) = sum_{k>=2} v^k / k ----------------
-template <class T> struct NbSeries;
-template <> struct NbSeries<float> { static constexpr float kMaxV = 0.125f; };
-template <> struct NbSeries<double> { static constexpr double kMaxV = 1e-3; };
-
-template <class T>
-SV_INLINE typename Lanes<T>::V nb_f_series(typename Lanes<T>::V v) {
-  typedef typename Lanes<T>::V V;
-  V p = v * (T)(1.0 / 10.0) + (T)(1.0 / 9.0);
-  p = p * v + (T)(1.0 / 8.0);
-  p = p * v + (T)(1.0 / 7.0);
-  p = p * v + (T)(1.0 / 6.0);
-  p = p * v + (T)(1.0 / 5.0);
-  p = p * v + (T)(1.0 / 4.0);
-  p = p * v + (T)(1.0 / 3.0);
-  p = p * v + (T)(1.0 / 2.0);
-  return p * v * v;
+// f(y) = log1p(y) - y / (1 + y) = -log(w) - v, given w = 1 / (1 + y) and v = y w = 1 - w.
+// It is ~v^2/2 for small v, so the direct difference would cancel. Float lanes: for
+// v < 1 - sqrt(1/2), log(w) = log(1 - v) comes from the log kernel at f = -v, whose linear
+// term -v is dropped symbolically; above, w is reduced as usual and the difference is benign.
+SV_INLINE vf nb_log1p_minus_v(vf /*y*/, vf w, vf v) {
+  const vi small = v < 0.29289321881f;
+  vf fr, er;
+  vf_log_reduce<false>(w, &fr, &er);  // w in (0, 1], normal
+  const vf arg = small ? -v : fr;
+  const vf ef = small ? vf{} : er;
+  const vf q = vf_log_kernel_nonlinear(arg, ef);  // log(w) = arg + q + ef * ln2_hi
+  const vf lin = small ? vf{} : (vf{} - arg) - ef * 0.693359375f - v;
+  return lin - q;
 }
 
-// Count-only term of one stored entry: table lookup for small integers, else float64 math.
-// `bad` counts entries that are negative, infinite or NaN.
-template <class T>
-SV_INLINE double nb_entry_term(T x, int64_t g, const NbGenes<T>& gn, bool derivative,
-                               int64_t& bad) {
-  if (x >= (T)0 && x < (T)gn.K) {
-    const int xi = (int)x;
-    if ((T)xi == x) return gn.table[(int64_t)xi * gn.Gp + g];
+// float64: the series sum_{k>=2} v^k / k for small v, the difference elsewhere
+SV_INLINE double nb_log1p_minus_v(double y, double /*w*/, double v) {
+  if (v < 1e-3) {
+    double p = 1.0 / 10.0;
+    for (int k = 9; k >= 2; --k) p = p * v + 1.0 / k;
+    return p * v * v;
   }
+  return std::log1p(y) - v;
+}
+
+// Count-only term of an entry off the table (large or non-integer count) in float64, or NaN
+// and ++bad for a negative, infinite or NaN count.
+template <class T>
+__attribute__((noinline, cold)) double nb_entry_term_general(T x, int64_t g,
+                                                             const NbGenes<T>& gn,
+                                                             bool derivative, int64_t& bad) {
   if (!(x >= (T)0 && x < (T)__builtin_inf())) {
     ++bad;
     return __builtin_nan("");
@@ -52,6 +55,46 @@ SV_INLINE double nb_entry_term(T x, int64_t g, const NbGenes<T>& gn, bool deriva
   const double th = std::exp(lt);
   return derivative ? nb_count_term_dlogtheta((double)x, th)
                     : nb_count_term((double)x, th, lt);
+}
+
+// Count-only term of one stored entry: one table load for small integer counts.
+template <class T>
+SV_INLINE double nb_entry_term(T x, int64_t g, const NbGenes<T>& gn, T Kf, bool derivative,
+                               int64_t& bad) {
+  if (x >= (T)0 && x < Kf) {
+    const int xi = (int)x;
+    if ((T)xi == x) return gn.table[(int64_t)xi * gn.Gp + g];
+  }
+  return nb_entry_term_general(x, g, gn, derivative, bad);
+}
+
+// Sum of the count-only terms of n entries. Four partial sums (one float64 accumulator would
+// serialise on the add latency); when the table outgrows the caches, the table element of the
+// entry 16 ahead is prefetched so that the data-dependent loads overlap.
+#ifndef SAMSVAE_NB_PREFETCH
+#define SAMSVAE_NB_PREFETCH 32
+#endif
+constexpr int64_t kNbPrefetch = SAMSVAE_NB_PREFETCH;
+
+template <class T>
+SV_INLINE double nb_entries_term_sum(const int64_t* ecol, const T* ex, int64_t n,
+                                     const NbGenes<T>& gn, int64_t& bad) {
+  const T Kf = (T)gn.K;
+  const bool prefetch = (int64_t)gn.K * gn.Gp * 8 > (256 << 10);
+  double a[4] = {0.0, 0.0, 0.0, 0.0};
+  int64_t k = 0;
+  for (; k + 4 <= n; k += 4) {
+    if (prefetch && k + kNbPrefetch + 4 <= n) {
+      for (int j = 0; j < 4; ++j) {
+        const T x = ex[k + kNbPrefetch + j];
+        const int64_t xi = x >= (T)0 && x < Kf ? (int64_t)x : 0;
+        __builtin_prefetch(gn.table + xi * gn.Gp + ecol[k + kNbPrefetch + j]);
+      }
+    }
+    for (int j = 0; j < 4; ++j) a[j] += nb_entry_term(ex[k + j], ecol[k + j], gn, Kf, false, bad);
+  }
+  for (; k < n; ++k) a[0] += nb_entry_term(ex[k], ecol[k], gn, Kf, false, bad);
+  return (a[0] + a[1]) + (a[2] + a[3]);
 }
 
 // Builds the table (rows: counts 0..K-1) for genes [g0, g1); g0 is a multiple of the vector
@@ -75,7 +118,7 @@ void nb_build_table(const NbGenes<T>& gn, double* table, bool derivative, int64_
       double* row = table + (int64_t)x * Gp + g;
       if (!derivative) {
         // D(x) = sum_{j<x} log1p(j / theta); T(x) = D(x) - lgamma(x + 1)
-        L::acc_add(acc, L::log1p(it * j));
+        L::acc_add(acc, L::log1p_nonneg(it * j));
         L::acc_store(row, acc, -log_fact);
       } else {
         // dD(x)/dlog(theta) = -sum_{j<x} j / (theta + j): exact for integer x, no digamma
@@ -122,8 +165,8 @@ void nb_scan_counts(const T* v, int64_t n, int* max_small, int64_t* n_small) {
 template <class T>
 SV_INLINE int64_t nb_cell_entries(const NbCounts<T>& cnt, int64_t c, int64_t G,
                                   const NbScratch<T>& s, const int64_t** ecol, const T** ex,
-                                  double* X) {
-  double sum = 0.0;
+                                  double* X, NbStatus& st) {
+  const double sum = 0.0;
   int64_t n;
   if (cnt.dense != nullptr) {
     const T* d = cnt.dense + c * G;
@@ -141,9 +184,21 @@ SV_INLINE int64_t nb_cell_entries(const NbCounts<T>& cnt, int64_t c, int64_t G,
     n = cnt.crow[c + 1] - b;
     *ecol = cnt.col + b;
     *ex = cnt.val + b;
+    uint64_t out_of_range = 0;  // negative indices wrap to huge unsigned values
+    for (int64_t k = 0; k < n; ++k) out_of_range |= (uint64_t)(*ecol)[k] >= (uint64_t)G;
+    if (out_of_range) {
+      ++st.bad_cells;
+      n = 0;
+    }
   }
-  for (int64_t k = 0; k < n; ++k) sum += (double)(*ex)[k];
-  *X = sum;
+  // four partial sums: a single float64 accumulator would serialise on the add latency
+  double part[4] = {0.0, 0.0, 0.0, 0.0};
+  const T* xv = *ex;
+  int64_t k = 0;
+  for (; k + 4 <= n; k += 4)
+    for (int j = 0; j < 4; ++j) part[j] += (double)xv[k + j];
+  for (; k < n; ++k) part[0] += (double)xv[k];
+  *X = sum + (part[0] + part[1]) + (part[2] + part[3]);
   return n;
 }
 
@@ -169,19 +224,19 @@ struct NbRow {
 };
 
 template <class T>
-int64_t nb_forward_cells(const NbFwdArgs<T>& a, const NbScratch<T>& s, int64_t c0, int64_t c1) {
+NbStatus nb_forward_cells(const NbFwdArgs<T>& a, const NbScratch<T>& s, int64_t c0, int64_t c1) {
   typedef Lanes<T> L;
   typedef typename L::V V;
   const NbGenes<T>& gn = a.genes;
   const int64_t G = gn.G, Gp = gn.Gp, C = a.C;
-  int64_t bad = 0;
+  NbStatus st;
+  int64_t& bad = st.bad_counts;
   for (int64_t c = c0; c < c1; ++c) {
     const int64_t* ecol;
     const T* ex;
     double X;
-    const int64_t n = nb_cell_entries(a.counts, c, G, s, &ecol, &ex, &X);
-    double tsum = 0.0;
-    for (int64_t k = 0; k < n; ++k) tsum += nb_entry_term(ex[k], ecol[k], gn, false, bad);
+    const int64_t n = nb_cell_entries(a.counts, c, G, s, &ecol, &ex, &X, st);
+    const double tsum = nb_entries_term_sum(ecol, ex, n, gn, bad);
     const double log_lib = (double)a.log_library[c];
     const double lib = std::exp(log_lib);
     for (int64_t p = 0; p < a.P; ++p) {
@@ -195,7 +250,7 @@ int64_t nb_forward_cells(const NbFwdArgs<T>& a, const NbScratch<T>& s, int64_t c
       const T* next = p + 1 < a.P ? lrow + C * G : (c + 1 < c1 ? a.logits + (c + 1) * G : lrow);
       for (int64_t g = 0; g < Gp; g += L::W) {
         __builtin_prefetch(next + g);  // the next row streams in while this one computes
-        const V e = L::exp(row.load(g) - m);
+        const V e = L::exp_nonpos(row.load(g) - m);
         L::store(s.aux + g, e);
         L::acc_add(se, e);
       }
@@ -209,41 +264,50 @@ int64_t nb_forward_cells(const NbFwdArgs<T>& a, const NbScratch<T>& s, int64_t c
       L::acc_zero(zero_part);
       for (int64_t g = 0; g < Gp; g += L::W) {
         const V q = L::load(s.aux + g) * L::load(gn.inv_theta + g);
-        const V sp = L::log1p(q * clh + q * cll);
+        const V sp = L::log1p_nonneg(q * clh + q * cll);
         L::store(s.aux + g, sp);
         L::acc_fma(zero_part, gn.theta_eff + g, sp);
       }
       // x (logit - s) per stored entry in float64: the products are exact there, and the
       // terms are large (hundreds of nats) where they cancel against X (log_library - lse)
-      double lin = 0.0;
-      for (int64_t k = 0; k < n; ++k) {
+      double lpart[4] = {0.0, 0.0, 0.0, 0.0};
+      int64_t k = 0;
+      for (; k + 4 <= n; k += 4)
+        for (int j = 0; j < 4; ++j) {
+          const int64_t g = ecol[k + j];
+          lpart[j] += (double)ex[k + j] * ((double)lrow[g] - (double)s.aux[g]);
+        }
+      for (; k < n; ++k) {
         const int64_t g = ecol[k];
-        lin += (double)ex[k] * ((double)lrow[g] - (double)s.aux[g]);
+        lpart[0] += (double)ex[k] * ((double)lrow[g] - (double)s.aux[g]);
       }
+      const double lin = (lpart[0] + lpart[1]) + (lpart[2] + lpart[3]);
       a.out[r] = (T)(tsum + lin + X * (log_lib - lse) - L::acc_sum(zero_part));
       a.lse[r] = lse;
     }
   }
-  return bad;
+  return st;
 }
 
 template <class T>
-int64_t nb_backward_cells(const NbBwdArgs<T>& a, const NbScratch<T>& s, double* theta_acc,
-                          int64_t c0, int64_t c1) {
+NbStatus nb_backward_cells(const NbBwdArgs<T>& a, const NbScratch<T>& s, double* theta_acc,
+                           int64_t c0, int64_t c1) {
   typedef Lanes<T> L;
   typedef typename L::V V;
   constexpr int W = L::W;
   const NbGenes<T>& gn = a.genes;
   const int64_t G = gn.G, Gp = gn.Gp, C = a.C;
-  int64_t bad = 0;
+  NbStatus st;
+  int64_t& bad = st.bad_counts;
   alignas(64) T gtail[W];
   for (int64_t c = c0; c < c1; ++c) {
     const int64_t* ecol;
     const T* ex;
     double X;
-    const int64_t n = nb_cell_entries(a.counts, c, G, s, &ecol, &ex, &X);
+    const int64_t n = nb_cell_entries(a.counts, c, G, s, &ecol, &ex, &X, st);
+    const T Kf = (T)gn.K;
     for (int64_t k = 0; k < n; ++k) {
-      s.ent_t[k] = nb_entry_term(ex[k], ecol[k], gn, true, bad);
+      s.ent_t[k] = nb_entry_term(ex[k], ecol[k], gn, Kf, true, bad);
       s.xrow[ecol[k]] += ex[k];  // duplicate columns add up, as in the reference
     }
     const double lib = std::exp((double)a.log_library[c]);
@@ -256,17 +320,20 @@ int64_t nb_backward_cells(const NbBwdArgs<T>& a, const NbScratch<T>& s, double* 
         std::memset(grow, 0, sizeof(T) * G);
         continue;
       }
-      const NbRow<T> row(a.logits + r * G, G);
+      const T* lrow = a.logits + r * G;
+      const NbRow<T> row(lrow, G);
       const T m_s = row.max(Gp);
       const double sum = std::exp(a.lse[r] - (double)m_s);
+      const T* next = p + 1 < a.P ? lrow + C * G : (c + 1 < c1 ? a.logits + (c + 1) * G : lrow);
       const T cl_hi = (T)(lib / sum);
       const V clh = L::splat(cl_hi), cll = L::splat((T)(lib / sum - (double)cl_hi));
       const V m = L::splat(m_s), go = L::splat(go_s);
-      const V one = L::splat((T)1), vmax = L::splat(NbSeries<T>::kMaxV);
+      const V one = L::splat((T)1);
       typename L::Acc S;
       L::acc_zero(S);
       for (int64_t g = 0; g < Gp; g += W) {
-        const V e = L::exp(row.load(g) - m);
+        __builtin_prefetch(next + g);
+        const V e = L::exp_nonpos(row.load(g) - m);
         const V mu = e * clh + e * cll;
         const V y = mu * L::load(gn.inv_theta + g);
         const V w = L::recip(one + y);
@@ -277,7 +344,7 @@ int64_t nb_backward_cells(const NbBwdArgs<T>& a, const NbScratch<T>& s, double* 
         if (g < row.Gfull) L::store(grow + g, dlm);
         else L::store(gtail, dlm);
         L::acc_add(S, dlm);
-        const V f = L::sel(L::lt(v, vmax), nb_f_series<T>(v), L::log1p(y) - v);
+        const V f = nb_log1p_minus_v(y, w, v);
         L::add_to(theta_acc + g, (T)0 - go * L::load(gn.theta + g) * f);
       }
       // count-dependent part of dL/dlog(theta), per stored entry in float64
@@ -297,5 +364,5 @@ int64_t nb_backward_cells(const NbBwdArgs<T>& a, const NbScratch<T>& s, double* 
     a.grad_log_library[c] = (T)grad_lib;
     for (int64_t k = 0; k < n; ++k) s.xrow[ecol[k]] = (T)0;
   }
-  return bad;
+  return st;
 }

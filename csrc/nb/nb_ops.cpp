@@ -73,14 +73,7 @@ void check_csr(const at::Tensor& crow, const at::Tensor& col, const at::Tensor& 
     TORCH_CHECK(cr[c] <= cr[c + 1], kOp, ": crow_indices must be non-decreasing (row ", c, ")");
     in.max_entries = std::max(in.max_entries, cr[c + 1] - cr[c]);
   }
-  const int64_t* cl = col.data_ptr<int64_t>();
-  int64_t lo = 0, hi = 0;
-  for (int64_t k = 0; k < nnz; ++k) {
-    lo = cl[k] < lo ? cl[k] : lo;
-    hi = cl[k] > hi ? cl[k] : hi;
-  }
-  TORCH_CHECK(nnz == 0 || (lo >= 0 && hi < in.G), kOp, ": col_indices must lie in [0, ", in.G,
-              "), found [", lo, ", ", hi, "]");
+  // column indices are checked by the kernels, cell by cell, as they read them
 }
 
 template <class T>
@@ -169,6 +162,21 @@ struct Scratch {
   }
 };
 
+// Kernel statuses summed over threads, raised as one error.
+struct StatusSum {
+  std::atomic<int64_t> bad_counts{0}, bad_cells{0};
+  void add(const NbStatus& s) {
+    bad_counts += s.bad_counts;
+    bad_cells += s.bad_cells;
+  }
+  void check(int64_t G) const {
+    TORCH_CHECK(bad_cells.load() == 0, kOp, ": col_indices must lie in [0, ", G, "); ",
+                bad_cells.load(), " cells have indices outside; pass a valid CSR tensor");
+    TORCH_CHECK(bad_counts.load() == 0, kOp, ": counts must be finite and non-negative; found ",
+                bad_counts.load(), " invalid entries");
+  }
+};
+
 int64_t cell_grain(const NbInputs& in) {
   return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, in.P * in.G));
 }
@@ -198,14 +206,13 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const NbCounts<T>& counts, const
   a.log_library = log_library.data_ptr<T>();
   a.out = out.data_ptr<T>();
   a.lse = lse.data_ptr<double>();
-  std::atomic<int64_t> bad{0};
+  StatusSum status;
   at::parallel_for(0, in.C, cell_grain(in), [&](int64_t c0, int64_t c1) {
     DenormalsAreZero ftz;
     Scratch<T> sc(in, gd.genes.Gp);
-    bad += kern.nb_forward(a, sc.s, c0, c1);
+    status.add(kern.nb_forward(a, sc.s, c0, c1));
   });
-  TORCH_CHECK(bad.load() == 0, kOp, ": counts must be finite and non-negative; found ",
-              bad.load(), " invalid entries");
+  status.check(in.G);
   return {out, lse};
 }
 
@@ -244,16 +251,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
   a.grad_out = grad_out.data_ptr<T>();
   a.grad_logits = grad_logits.data_ptr<T>();
   a.grad_log_library = grad_lib.data_ptr<T>();
-  std::atomic<int64_t> bad{0};
+  StatusSum status;
   at::parallel_for(0, in.C, cell_grain(in), [&](int64_t c0, int64_t c1) {
     const int tid = at::get_thread_num();
     TORCH_INTERNAL_ASSERT(tid >= 0 && tid < n_threads, "thread id out of range");
     DenormalsAreZero ftz;
     Scratch<T> sc(in, Gp);
-    bad += kern.nb_backward(a, sc.s, acc + tid * Gp, c0, c1);
+    status.add(kern.nb_backward(a, sc.s, acc + tid * Gp, c0, c1));
   });
-  TORCH_CHECK(bad.load() == 0, kOp, ": counts must be finite and non-negative; found ",
-              bad.load(), " invalid entries");
+  status.check(in.G);
   // reduce the per-thread accumulators (float64) and drop the padding
   at::Tensor grad_theta = theta_acc.sum(0).narrow(0, 0, in.G).to(logits.scalar_type());
   return {grad_logits, grad_lib, grad_theta};

@@ -81,6 +81,7 @@ class BackedCSR:
             if rows.size > 1 and not np.all(np.diff(rows) > 0):
                 raise ValueError("rows of a BackedCSR view must be strictly increasing")
         self._rows = rows
+        self.bytes_read = 0  # bytes of data + indices read so far (for throughput reports)
 
     # -- file handle -------------------------------------------------------------------------
     def _group(self) -> h5py.Group:
@@ -139,6 +140,18 @@ class BackedCSR:
         idx = np.asarray(idx, dtype=np.int64)
         return idx if self._rows is None else self._rows[idx]
 
+    def reopen(self, *, max_gap: Optional[int] = None) -> "BackedCSR":
+        """An independent reader of the same view (own file handles, e.g. for a reader thread).
+
+        ``max_gap`` replaces this view's value when given. No file access until the first read.
+        """
+        other = BackedCSR.__new__(BackedCSR)
+        other.__setstate__(self.__getstate__())
+        other.bytes_read = 0
+        if max_gap is not None:
+            other.max_gap = int(max_gap)
+        return other
+
     def select(self, rows: np.ndarray) -> "BackedCSR":
         """A view on rows ``rows`` (strictly increasing) of this view."""
         return BackedCSR(self.path, self.key, self.source_rows(rows), max_gap=self.max_gap,
@@ -178,6 +191,7 @@ class BackedCSR:
         data_reader, ind_reader = self._range_readers()
         data_buf = data_reader.read(run_lo, run_hi, total_read)
         ind_buf = ind_reader.read(run_lo, run_hi, total_read)
+        self.bytes_read += total_read * (data_buf.itemsize + ind_buf.itemsize)
 
         indptr = np.zeros(idx.size + 1, dtype=np.int64)
         np.cumsum(lengths, out=indptr[1:])

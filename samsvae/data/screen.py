@@ -192,7 +192,7 @@ def _simulation_truth(uns, vocab: list) -> Optional[dict]:
 def load_screen(adata_or_path, *, layer: Optional[str] = None, perturbation_key: str = "perturbation",
                 separator: str = "+", control_label: Optional[str] = None,
                 drop_labels: Sequence[str] = (), dosage_key: Optional[str] = None,
-                backed: bool = False) -> ScreenData:
+                backed: bool = False, library: Optional[np.ndarray] = None) -> ScreenData:
     """Read a perturbation screen from an AnnData (or an .h5ad path) into a :class:`ScreenData`.
 
     adata_or_path:    AnnData (in memory or backed) or path to an .h5ad file.
@@ -205,6 +205,9 @@ def load_screen(adata_or_path, *, layer: Optional[str] = None, perturbation_key:
                       ``obsm[dosage_key]`` instead of labels (names from
                       ``uns[dosage_key + "_names"]`` or the DataFrame columns, else P0..).
     backed:           for a path: open it backed and read count rows from disk on demand.
+    library:          (n_obs,) float64 total counts of EVERY row of the file/AnnData, known
+                      already (e.g. cached by :mod:`samsvae.data.stream_stats`): skips the pass
+                      over the counts that computes and validates them. Used with backed files.
 
     Cells with zero counts are dropped with a warning. In memory, ``counts`` shares memory with
     the AnnData when it is already float32 CSR and no cell is dropped.
@@ -212,14 +215,15 @@ def load_screen(adata_or_path, *, layer: Optional[str] = None, perturbation_key:
     adata, opened_backed = _open(adata_or_path, backed)
     try:
         return _load(adata, layer=layer, perturbation_key=perturbation_key, separator=separator,
-                     control_label=control_label, drop_labels=drop_labels, dosage_key=dosage_key)
+                     control_label=control_label, drop_labels=drop_labels, dosage_key=dosage_key,
+                     library=library)
     finally:
         if opened_backed:  # rows are read through BackedCSR's own handle
             adata.file.close()
 
 
 def _load(adata, *, layer, perturbation_key, separator, control_label, drop_labels,
-          dosage_key) -> ScreenData:
+          dosage_key, library=None) -> ScreenData:
     is_backed = bool(adata.isbacked)
     n_obs = adata.n_obs
     if is_backed:  # backed layers are read from the file itself
@@ -255,9 +259,15 @@ def _load(adata, *, layer, perturbation_key, separator, control_label, drop_labe
                          f"{list(adata.obsm.keys()) or 'none'}")
 
     # Counts: validate and sum per cell.
+    if library is not None:
+        library = np.asarray(library, dtype=np.float64)
+        if library.shape != (n_obs,):
+            raise ValueError(f"library must hold one total per cell of the data ({n_obs},), got "
+                             f"shape {library.shape}; recompute it (delete a stale cache file)")
     if is_backed:
         key = f"layers/{layer}" if layer else "X"
-        library_all = _backed_counts(adata.filename, key, source, fix)
+        library_all = (library if library is not None
+                       else _backed_counts(adata.filename, key, source, fix))
         matrix = None
     else:
         matrix, library_all = _in_memory_counts(

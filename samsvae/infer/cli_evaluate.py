@@ -98,9 +98,7 @@ def write_plots(loaded, idx, raw: dict, *, ate_particles: int, seed: int) -> lis
     written = []
     masks = loaded.model.perturbation_masks()
     if masks is not None:
-        from ..train.build import mask_row_names
-        plots.plot_mask_heatmap(masks.detach().cpu().numpy(),
-                                mask_row_names(loaded.model, loaded.screen.perturbations),
+        plots.plot_mask_heatmap(masks.detach().cpu().numpy(), loaded.screen.perturbations,
                                 path=out / "masks.png")
         written.append(out / "masks.png")
     labels, d_ate, m_ate = _ate_arrays(loaded, idx, raw, ate_particles=ate_particles, seed=seed)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .ate import _as_rows, ate_pearson, data_ate, model_ate
+from .ate import _as_rows, ate_pearson, data_ate, label_dosage, model_ate
 from .iwelbo import _model_device, test_iwelbo
 from .masks import mask_recovery
 
@@ -34,10 +34,13 @@ def evaluate_model(model, screen, indices, *, iwelbo_particles: int = 100,
         batch_size: cells per IWELBO batch.
 
     Returns:
-        ``test_iwelbo`` (mean nats per cell), ``n_cells``, ``ate_pearson``,
+        ``test_iwelbo`` (mean nats per cell), ``n_cells`` (cells evaluated),
+        ``n_cells_unpredictable`` (cells left out because the model cannot represent their
+        condition: SVAE+ and combinations absent from its label vocabulary), ``ate_pearson``,
         ``ate_pearson_top20``, ``n_ate_labels`` (None when no perturbed cell is evaluated or the
         screen has no control), the arrays ``ate_labels``, ``data_ate``, ``model_ate``,
-        ``ate_pearson_per_label``; with ``screen.ground_truth`` holding masks:
+        ``ate_pearson_per_label``, and ``ate_labels_unpredictable`` (labels the model cannot
+        predict, left out of the ATE: SVAE+ and combinations it never saw); with ``screen.ground_truth`` holding masks:
         ``mask_f1``, ``mask_precision``, ``mask_recall`` (None for models without masks:
         cvae, cpa_vae).
     """
@@ -47,13 +50,25 @@ def evaluate_model(model, screen, indices, *, iwelbo_particles: int = 100,
     if rows.size == 0:
         raise ValueError("no cells to evaluate: indices is empty (is the split empty?)")
     device = _model_device(model)
+    all_rows = rows
+    known = model.known_conditions(screen.dosage[rows])
+    out = {"n_cells_unpredictable": int((~known).sum())}
+    rows = rows[known]
+    if rows.size == 0:
+        raise ValueError("the model cannot evaluate any of these cells (SVAE+ with "
+                         "perturbation combinations it was not built with)")
     loader = MinibatchLoader(screen, rows, batch_size=batch_size, shuffle=False, device=device)
     iw = test_iwelbo(model, loader, particles=iwelbo_particles, global_seed=seed)
-    out = {"test_iwelbo": float(np.mean(iw)), "n_cells": int(rows.size)}
+    out.update(test_iwelbo=float(np.mean(iw)), n_cells=int(rows.size))
 
     out.update(ate_pearson=None, ate_pearson_top20=None, n_ate_labels=0)
     if np.asarray(screen.is_control).any():
-        labels, d_ate = data_ate(screen, rows)
+        labels, d_ate = data_ate(screen, all_rows)
+        known = model.known_conditions(label_dosage(screen, labels)) if labels else []
+        if labels and not np.all(known):
+            out["ate_labels_unpredictable"] = [l for l, k in zip(labels, known) if not k]
+            labels = [l for l, k in zip(labels, known) if k]
+            d_ate = d_ate[np.asarray(known, dtype=bool)]
         if labels:
             m_ate = model_ate(model, screen, labels, n_samples=ate_particles, seed=seed)
             r = ate_pearson(m_ate, d_ate, top_k=20)

@@ -217,6 +217,11 @@ class PerturbationModel(nn.Module):
         """(T, L) guide probabilities q(m_tk = 1); None for models without masks."""
         return None
 
+    def known_conditions(self, dosage) -> np.ndarray:
+        """(n,) bool: which dosage rows the model can predict (all of them, except for models
+        that treat each combination as its own label, such as SVAE+)."""
+        return np.ones(dosage.shape[0], dtype=bool)
+
     def perturbation_embeddings(self) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 

@@ -230,6 +230,16 @@ class SVAEPlus(PerturbationModel):
         prob = torch.sigmoid(self.mask_logits[present]).unsqueeze(0)
         return loc - self._prior_loc(prob, present, pos)[0]
 
+    def known_conditions(self, dosage) -> np.ndarray:
+        """(n,) bool: dosage rows whose perturbation set is a label of the model (or control)."""
+        from .labels import _csr_parts
+        indptr, indices, _ = _csr_parts(dosage)
+        out = np.ones(len(indptr) - 1, dtype=bool)
+        for r in range(len(out)):
+            key = tuple(sorted(indices[indptr[r]:indptr[r + 1]].tolist()))
+            out[r] = not key or key in self.label_index.lookup
+        return out
+
     # -- exports -------------------------------------------------------------------------------
 
     def label_masks(self) -> torch.Tensor:

@@ -105,10 +105,8 @@ def sigmoid_pair(y):
 
 
 @triton.jit
-def sigmoid_minus_softplus(y):
-    """sigmoid(y) - softplus(y); for y << 0 both are ~exp(y) and the difference is
-    -exp(2y)/2, which the direct form loses entirely in float32."""
-    t = exp_acc(-tl.abs(y))
+def _sms_from_t(y, t):
+    # sigmoid(y) - softplus(y) given t = exp(-|y|)
     w = t / (2.0 + t)
     w2 = w * w
     tail = 2.0 * w * w2 * _atanh_tail(w2)  # log1p(t) - 2w
@@ -116,6 +114,43 @@ def sigmoid_minus_softplus(y):
     neg = -t * t / ((1.0 + t) * (2.0 + t)) - tail
     pos = 1.0 / (1.0 + t) - y - (2.0 * w + tail)
     return tl.where(y < 0.0, neg, pos)
+
+
+@triton.jit
+def sigmoid_minus_softplus(y):
+    """sigmoid(y) - softplus(y); for y << 0 both are ~exp(y) and the difference is
+    -exp(2y)/2, which the direct form loses entirely in float32."""
+    return _sms_from_t(y, exp_acc(-tl.abs(y)))
+
+
+@triton.jit
+def softplus_sigmoid(y):
+    """(softplus(y), softplus(-y), sigmoid(y), sigmoid(-y)) from one exp."""
+    t = exp_acc(-tl.abs(y))
+    common = _log1p_unit(t)
+    a = 1.0 / (1.0 + t)
+    b = t * a
+    pos = y >= 0.0
+    return (tl.maximum(y, 0.0) + common, tl.maximum(-y, 0.0) + common,
+            tl.where(pos, a, b), tl.where(pos, b, a))
+
+
+@triton.jit
+def sigmoid_pair_sms(y):
+    """(sigmoid(y), sigmoid(-y), sigmoid(y) - softplus(y)) from one exp."""
+    t = exp_acc(-tl.abs(y))
+    a = 1.0 / (1.0 + t)
+    b = t * a
+    pos = y >= 0.0
+    return tl.where(pos, a, b), tl.where(pos, b, a), _sms_from_t(y, t)
+
+
+@triton.jit
+def two_sum(a, b):
+    """(s, e) with s = fl(a + b) and s + e = a + b exactly (Knuth's TwoSum)."""
+    s = a + b
+    bb = s - a
+    return s, (a - (s - bb)) + (b - bb)
 
 
 @triton.jit

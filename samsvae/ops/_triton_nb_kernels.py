@@ -49,29 +49,46 @@ STIRLING_THETA = tl.constexpr(10.0)  # theta from which N uses the E form (and S
 # ----------------------------------------------------------------------------- count terms
 
 @triton.jit
-def _count_terms(x, theta, lg_theta, LARGE: tl.constexpr):
-    """E(x, theta) where theta >= 10, F(x, theta) where theta < 10, for x > 0.
-
-    ``lg_theta`` = lgamma(theta) (per gene, from the table). LARGE: x >= 8 is known, so
-    lgamma(x + .) needs no shifting and lgamma(x + theta) - lgamma(x + 1) is taken as one
-    Stirling difference (no subtraction of two ~x log x values)."""
-    if LARGE:
-        lg_x1 = tm.lgamma_stirling(x + 1.0)
-    else:
-        lg_x1 = tm.lgamma_pos(x + 1.0)
+def _count_terms(x, theta, lg_theta):
+    """E(x, theta) where theta >= 10, F(x, theta) where theta < 10, for any x > 0 (shifted
+    series; used for non-integer counts below the table size). ``lg_theta`` = lgamma(theta)."""
+    lg_x1 = tm.lgamma_pos(x + 1.0)
     big = theta >= STIRLING_THETA
     th = tl.where(big, theta, STIRLING_THETA)
     e_big = ((th + x - 0.5) * tm.log1p(x / th) - x
              + tm.stirling_correction(th + x) - tm.stirling_correction(th)) - lg_x1
     th_s = tl.where(big, 1.0, theta)
-    if LARGE:
-        a = x + 1.0
-        b = th_s - 1.0
-        diff = ((a + b - 0.5) * tm.log1p(b / a) + b * tl.log(a) - b
-                + tm.stirling_correction(a + b) - tm.stirling_correction(a))
-    else:
-        diff = tm.lgamma_pos(x + th_s) - lg_x1
-    return tl.where(big, e_big, diff - lg_theta)
+    return tl.where(big, e_big, tm.lgamma_pos(x + th_s) - lg_x1 - lg_theta)
+
+
+@triton.jit
+def _large_count_term(x, theta, lg_theta, a, a_lo, s, s_neg):
+    """N(x) for counts x >= 8 (Stirling series without shifting), written so that no two
+    ~x log x terms are subtracted:
+
+    theta >= 10:  x B + theta L - L/2 - log(x + 1)/2 + 1 - log(2 pi)/2 + c(theta + x) - c(theta)
+                  - c(x + 1),  L = log1p(x/theta),  B = log((theta + x)/(theta + mu))
+                  + log(mu/(x + 1)), each log taken as log1p of a small ratio when mu ~ x;
+    theta <  10:  F - x softplus(-y) with lgamma(x + theta) - lgamma(x + 1) as one Stirling
+                  difference (a = x + 1, b = theta - 1).
+    a = log mu as a (hi, lo) pair; s = softplus(a - log theta)."""
+    big = theta >= STIRLING_THETA
+    th = tl.where(big, theta, STIRLING_THETA)
+    x1 = x + 1.0
+    log_x1 = tl.log(x1)
+    mu = tm.exp_acc(a) * (1.0 + a_lo)
+    r1 = (mu - x1) / x1
+    b1 = tl.where(tl.abs(r1) < 0.5, tm.log1p(r1), (a - log_x1) + a_lo)
+    lx = tm.log1p(x / th)
+    r2 = (x - mu) / (th + mu)
+    b2 = tl.where(r2 > -0.5, tm.log1p(r2), lx - s)
+    n_big = (x * (b1 + b2) + (th - 0.5) * lx - 0.5 * log_x1 + (1.0 - tm.HALF_LOG_2PI)
+             + tm.stirling_correction(th + x) - tm.stirling_correction(th)
+             - tm.stirling_correction(x1))
+    bs = tl.where(big, 0.0, theta - 1.0)
+    diff = ((x1 + bs - 0.5) * tm.log1p(bs / x1) + bs * log_x1 - bs
+            + tm.stirling_correction(x1 + bs) - tm.stirling_correction(x1))
+    return tl.where(big, n_big, diff - lg_theta - x * s_neg)
 
 
 @triton.jit
@@ -106,21 +123,20 @@ def _table_index(x, nz, X_TAB: tl.constexpr):
 
 
 @triton.jit
-def _nonzero_term(x, nz, gene, theta, a, y, tab_ptr, n_genes, X_TAB: tl.constexpr):
-    """(N(x) at the non-zero counts ``nz`` else 0, softplus(y)); ``gene`` indexes the tables."""
-    s, s_neg = tm.softplus_pair(y)
+def _nonzero_term(x, nz, gene, theta, a, a_lo, s, a_minus_s, s_neg, tab_ptr, n_genes,
+                  X_TAB: tl.constexpr):
+    """N(x) at the non-zero counts ``nz``, 0 elsewhere; ``gene`` indexes the tables."""
     xi, in_tab, large, frac = _table_index(x, nz, X_TAB)
     c = tl.load(tab_ptr + xi * n_genes + gene, mask=in_tab, other=0.0)
-    n_large = tl.sum(large.to(tl.int32))
-    n_frac = tl.sum(frac.to(tl.int32))
-    if n_large + n_frac > 0:  # tiles without large or non-integer counts skip the series
-        lg_theta = tl.load(tab_ptr + X_TAB * n_genes + gene, mask=nz, other=0.0)
-        if n_large > 0:
-            c = tl.where(large, _count_terms(x, theta, lg_theta, True), c)
-        if n_frac > 0:
-            c = tl.where(frac, _count_terms(x, theta, lg_theta, False), c)
-    n = c + tl.where(theta >= STIRLING_THETA, x * (a - s), -x * s_neg)
-    return tl.where(nz, n, 0.0), s
+    # tiles without large or non-integer counts skip the series
+    if tl.sum(frac.to(tl.int32)) > 0:
+        lg_theta = tl.load(tab_ptr + X_TAB * n_genes + gene, mask=frac, other=0.0)
+        c = tl.where(frac, _count_terms(x, theta, lg_theta), c)
+    n = c + tl.where(theta >= STIRLING_THETA, x * a_minus_s, -x * s_neg)
+    if tl.sum(large.to(tl.int32)) > 0:
+        lg_theta = tl.load(tab_ptr + X_TAB * n_genes + gene, mask=large, other=0.0)
+        n = tl.where(large, _large_count_term(x, theta, lg_theta, a, a_lo, s, s_neg), n)
+    return tl.where(nz, n, 0.0)
 
 
 @triton.jit
@@ -129,14 +145,12 @@ def _nonzero_dlogtheta(x, nz, gene, theta, q, qc, dtab_ptr, n_genes, X_TAB: tl.c
     xi, in_tab, large, frac = _table_index(x, nz, X_TAB)
     d = tl.load(dtab_ptr + xi * n_genes + gene, mask=in_tab, other=0.0)
     d += tl.where(theta >= STIRLING_THETA, x * q, -x * qc)
-    n_large = tl.sum(large.to(tl.int32))
-    n_frac = tl.sum(frac.to(tl.int32))
-    if n_large + n_frac > 0:
-        dg_theta = tl.load(dtab_ptr + X_TAB * n_genes + gene, mask=nz, other=0.0)
-        if n_large > 0:
-            d = tl.where(large, _count_dlogtheta(x, theta, q, qc, dg_theta, True), d)
-        if n_frac > 0:
-            d = tl.where(frac, _count_dlogtheta(x, theta, q, qc, dg_theta, False), d)
+    if tl.sum(large.to(tl.int32)) > 0:
+        dg_theta = tl.load(dtab_ptr + X_TAB * n_genes + gene, mask=large, other=0.0)
+        d = tl.where(large, _count_dlogtheta(x, theta, q, qc, dg_theta, True), d)
+    if tl.sum(frac.to(tl.int32)) > 0:
+        dg_theta = tl.load(dtab_ptr + X_TAB * n_genes + gene, mask=frac, other=0.0)
+        d = tl.where(frac, _count_dlogtheta(x, theta, q, qc, dg_theta, False), d)
     return tl.where(nz, d, 0.0)
 
 
@@ -161,7 +175,8 @@ def _row_lse(logits_ptr, row_off, n_genes, ROWS: tl.constexpr, BLOCK_G: tl.const
                     other=float("-inf")).to(tl.float32)
         m_new = tl.maximum(m, tl.max(z, axis=1))
         scale = tm.exp_f64(m.to(tl.float64) - m_new.to(tl.float64))
-        ssum = ssum * scale + tl.sum(tm.exp_acc(z - m_new[:, None]), axis=1).to(tl.float64)
+        # plain tl.exp suffices here: its per-term errors average out in the float64 sum
+        ssum = ssum * scale + tl.sum(tl.exp(z - m_new[:, None]), axis=1).to(tl.float64)
         m = m_new
     return m.to(tl.float64) + tm.log_f64(ssum)
 
@@ -171,6 +186,40 @@ def _split(v):
     """A float64 vector as a float32 pair (hi, lo) with hi + lo = v to ~1e-15."""
     hi = v.to(tl.float32)
     return hi, (v - hi.to(tl.float64)).to(tl.float32)
+
+
+@triton.jit
+def _log_mu(base, base_lo, z, lt):
+    """a = log mu = base + base_lo + logit and y = a - log theta as float32 pairs (hi, lo)
+    summing to the exact values: rounding these sums would shift each sigmoid/softplus by
+    ~1e-7 |y| (more than their own error); the lo parts enter as first-order corrections."""
+    a, a_err = tm.two_sum(base, z)
+    a_lo = a_err + base_lo
+    y, y_err = tm.two_sum(a, -lt)
+    return a, a_lo, y, y_err + a_lo
+
+
+@triton.jit
+def _softplus_terms(a, a_lo, y, y_lo):
+    """(softplus(y), a - softplus(y), softplus(-y)) corrected to first order in the lo parts."""
+    s, s_neg, q, qc = tm.softplus_sigmoid(y)
+    return s + q * y_lo, (a - s) + (a_lo - q * y_lo), s_neg - qc * y_lo
+
+
+@triton.jit
+def _sigmoids(y, y_lo):
+    """(sigmoid(y), sigmoid(-y)) corrected to first order in y_lo."""
+    q, qc = tm.sigmoid_pair(y)
+    d = q * qc * y_lo
+    return q + d, qc - d
+
+
+@triton.jit
+def _sigmoids_sms(y, y_lo):
+    """(sigmoid(y), sigmoid(-y), sigmoid(y) - softplus(y)) corrected to first order in y_lo."""
+    q, qc, sms = tm.sigmoid_pair_sms(y)
+    d = q * qc * y_lo
+    return q + d, qc - d, sms - q * q * y_lo
 
 
 @triton.jit
@@ -200,29 +249,27 @@ def _csr_row(crow_ptr, pid, r, n_rows, n_cells, ROWS: tl.constexpr):
 @triton.jit
 def _nb_tables_kernel(theta_ptr, tab_ptr, dtab_ptr, n_genes,
                       X_TAB: tl.constexpr, BLOCK_G: tl.constexpr):
-    """Rows x < X_TAB, accumulated in float64 over j < x:
+    """Rows x < X_TAB: cumulative float64 sums over j < x of
     theta >= 10: tab = E = sum log1p(j/theta) - log(j + 1),  dtab = dE = -sum j / (theta + j);
     theta <  10: tab = F = sum log((theta + j) / (j + 1)),    dtab = dF =  sum theta / (theta + j).
     Row X_TAB: tab = lgamma(theta), dtab = digamma(theta) (for the series of other counts)."""
     g = tl.program_id(0) * BLOCK_G + tl.arange(0, BLOCK_G)
     gm = g < n_genes
-    theta = tl.load(theta_ptr + g, mask=gm, other=1.0)
+    theta = tl.load(theta_ptr + g, mask=gm, other=1.0)[None, :]
     big = theta >= STIRLING_THETA
-    acc = tl.zeros([BLOCK_G], tl.float64)
-    dacc = tl.zeros([BLOCK_G], tl.float64)
-    tl.store(tab_ptr + g, acc.to(tl.float32), mask=gm)
-    tl.store(dtab_ptr + g, dacc.to(tl.float32), mask=gm)
-    for x in range(1, X_TAB):
-        j = tl.zeros([BLOCK_G], tl.float32) + (x - 1)
-        e_step = tm.log1p(j / theta).to(tl.float64) - tl.log(j + 1.0).to(tl.float64)
-        # log((theta + j) / (j + 1)); log1p only where theta - 1 keeps theta's digits
-        r = (theta - 1.0) / (j + 1.0)
-        f_step = tl.where(r > -0.5, tm.log1p(r), tl.log((theta + j) / (j + 1.0)))
-        acc += tl.where(big, e_step, f_step.to(tl.float64))
-        dacc += tl.where(big, -j, theta).to(tl.float64) / (theta + j).to(tl.float64)
-        tl.store(tab_ptr + x * n_genes + g, acc.to(tl.float32), mask=gm)
-        tl.store(dtab_ptr + x * n_genes + g, dacc.to(tl.float32), mask=gm)
-    theta64 = theta.to(tl.float64)
+    x = tl.arange(0, X_TAB)[:, None]
+    j = tl.maximum(x - 1, 0).to(tl.float32)  # row x adds the step of j = x - 1 (row 0: none)
+    e_step = tm.log1p(j / theta).to(tl.float64) - tl.log(j + 1.0).to(tl.float64)
+    # log((theta + j) / (j + 1)); log1p only where theta - 1 keeps theta's digits
+    r = (theta - 1.0) / (j + 1.0)
+    f_step = tl.where(r > -0.5, tm.log1p(r), tl.log((theta + j) / (j + 1.0))).to(tl.float64)
+    step = tl.where(x > 0, tl.where(big, e_step, f_step), 0.0)
+    dstep = tl.where(x > 0, tl.where(big, -j, theta).to(tl.float64)
+                     / (theta.to(tl.float64) + j.to(tl.float64)), 0.0)
+    offs = x * n_genes + g[None, :]
+    tl.store(tab_ptr + offs, tl.cumsum(step, axis=0).to(tl.float32), mask=gm[None, :])
+    tl.store(dtab_ptr + offs, tl.cumsum(dstep, axis=0).to(tl.float32), mask=gm[None, :])
+    theta64 = tl.load(theta_ptr + g, mask=gm, other=1.0).to(tl.float64)
     tl.store(tab_ptr + X_TAB * n_genes + g, tm.lgamma_pos_f64(theta64).to(tl.float32), mask=gm)
     tl.store(dtab_ptr + X_TAB * n_genes + g, tm.digamma_pos_f64(theta64).to(tl.float32),
              mask=gm)
@@ -240,9 +287,7 @@ def _nb_fwd_kernel(logits_ptr, ll_ptr, lt_ptr, theta_ptr, tab_ptr,
                                                               ROWS)
     ll = tl.load(ll_ptr + cells).to(tl.float64)
     lse = _row_lse(logits_ptr, row_off, n_genes, ROWS, BLOCK_G)
-    # log mu = (base + logit) + base_lo: the row's ll - lse is carried to ~1e-15 so that its
-    # rounding does not shift every gene of the row alike
-    base, base_lo = _split(ll - lse)
+    base, base_lo = _split(ll - lse)  # log mu = base + base_lo + logit
 
     acc = tl.zeros([ROWS], tl.float64)
     for g0 in range(0, n_genes, BLOCK_G):
@@ -251,16 +296,15 @@ def _nb_fwd_kernel(logits_ptr, ll_ptr, lt_ptr, theta_ptr, tab_ptr,
         z = tl.load(logits_ptr + row_off[:, None] + g[None, :], mask=gm[None, :],
                     other=0.0).to(tl.float32)
         lt = tl.load(lt_ptr + g, mask=gm, other=0.0)[None, :]
-        theta = tl.load(theta_ptr + g, mask=gm, other=0.0)[None, :]
-        a = (base[:, None] + z) + base_lo[:, None]
-        y = a - lt
-        if IS_CSR:
-            term = -theta * tm.softplus(y)
-        else:
+        theta = tl.load(theta_ptr + g, mask=gm, other=1.0)[None, :]
+        a, a_lo, y, y_lo = _log_mu(base[:, None], base_lo[:, None], z, lt)
+        s, a_minus_s, s_neg = _softplus_terms(a, a_lo, y, y_lo)
+        term = -theta * s
+        if not IS_CSR:
             x = tl.load(x_ptr + cell_off[:, None] + g[None, :], mask=gm[None, :],
                         other=0).to(tl.float32)
-            n, s = _nonzero_term(x, x > 0.0, g[None, :], theta, a, y, tab_ptr, n_genes, X_TAB)
-            term = n - theta * s
+            term += _nonzero_term(x, x > 0.0, g[None, :], theta, a, a_lo, s, a_minus_s, s_neg,
+                                  tab_ptr, n_genes, X_TAB)
         acc += tl.sum(tl.where(gm[None, :], term, 0.0), axis=1).to(tl.float64)
 
     if IS_CSR:
@@ -277,9 +321,10 @@ def _nb_fwd_kernel(logits_ptr, ll_ptr, lt_ptr, theta_ptr, tab_ptr,
                 z = tl.load(logits_ptr + row * n_genes + c, mask=km, other=0.0).to(tl.float32)
                 lt = tl.load(lt_ptr + c, mask=km, other=0.0)
                 theta = tl.load(theta_ptr + c, mask=km, other=1.0)
-                a = (base_r + z) + lo_r
-                n, _ = _nonzero_term(x, km & (x > 0.0), c, theta, a, a - lt, tab_ptr, n_genes,
-                                     X_TAB)
+                a, a_lo, y, y_lo = _log_mu(base_r, lo_r, z, lt)
+                s, a_minus_s, s_neg = _softplus_terms(a, a_lo, y, y_lo)
+                n = _nonzero_term(x, km & (x > 0.0), c, theta, a, a_lo, s, a_minus_s, s_neg,
+                                  tab_ptr, n_genes, X_TAB)
                 part += tl.sum(n).to(tl.float64)
             acc += tl.where(ridx == r, part, 0.0)
 
@@ -312,12 +357,12 @@ def _nb_bwd_kernel(grad_ptr, logits_ptr, ll_ptr, lt_ptr, theta_ptr, dtab_ptr,
         z = tl.load(logits_ptr + row_off[:, None] + g[None, :], mask=gm[None, :],
                     other=0.0).to(tl.float32)
         lt = tl.load(lt_ptr + g, mask=gm, other=0.0)[None, :]
-        theta = tl.load(theta_ptr + g, mask=gm, other=0.0)[None, :]
-        y = ((base[:, None] + z) + base_lo[:, None]) - lt
-        q, qc = tm.sigmoid_pair(y)
+        theta = tl.load(theta_ptr + g, mask=gm, other=1.0)[None, :]
+        _, _, y, y_lo = _log_mu(base[:, None], base_lo[:, None], z, lt)
+        q, qc, sms = _sigmoids_sms(y, y_lo)
         h = -theta * q
         if NEED_DLT:
-            dl = theta * tm.sigmoid_minus_softplus(y)
+            dl = theta * sms
         if not IS_CSR:
             x = tl.load(x_ptr + cell_off[:, None] + g[None, :], mask=gm[None, :],
                         other=0).to(tl.float32)
@@ -347,7 +392,8 @@ def _nb_bwd_kernel(grad_ptr, logits_ptr, ll_ptr, lt_ptr, theta_ptr, dtab_ptr,
                 z = tl.load(logits_ptr + row * n_genes + c, mask=km, other=0.0).to(tl.float32)
                 lt = tl.load(lt_ptr + c, mask=km, other=0.0)
                 theta = tl.load(theta_ptr + c, mask=km, other=1.0)
-                q, qc = tm.sigmoid_pair(((base_r + z) + lo_r) - lt)
+                _, _, y, y_lo = _log_mu(base_r, lo_r, z, lt)
+                q, qc = _sigmoids(y, y_lo)
                 hpart += tl.sum(tl.where(nz, x * qc, 0.0)).to(tl.float64)
                 if NEED_DLT:
                     dn = _nonzero_dlogtheta(x, nz, c, theta, q, qc, dtab_ptr, n_genes, X_TAB)
@@ -364,14 +410,16 @@ def _nb_bwd_kernel(grad_ptr, logits_ptr, ll_ptr, lt_ptr, theta_ptr, dtab_ptr,
         z = tl.load(logits_ptr + row_off[:, None] + g[None, :], mask=gm[None, :],
                     other=0.0).to(tl.float32)
         lt = tl.load(lt_ptr + g, mask=gm, other=0.0)[None, :]
-        theta = tl.load(theta_ptr + g, mask=gm, other=0.0)[None, :]
-        q, qc = tm.sigmoid_pair(((base[:, None] + z) + base_lo[:, None]) - lt)
+        theta = tl.load(theta_ptr + g, mask=gm, other=1.0)[None, :]
+        _, _, y, y_lo = _log_mu(base[:, None], base_lo[:, None], z, lt)
+        q, qc = _sigmoids(y, y_lo)
         h = -theta * q
         if not IS_CSR:
             x = tl.load(x_ptr + cell_off[:, None] + g[None, :], mask=gm[None, :],
                         other=0).to(tl.float32)
             h += x * qc
-        p = tm.exp_acc((z - lse_hi[:, None]) - lse_lo[:, None])
+        w, w_err = tm.two_sum(z, -lse_hi[:, None])
+        p = tm.exp_acc(w) * (1.0 + (w_err - lse_lo[:, None]))  # softmax
         d = go[:, None] * (h - p * H32[:, None])
         tl.store(dlogits_ptr + row_off[:, None] + g[None, :], d,
                  mask=row_ok[:, None] & gm[None, :])
@@ -390,7 +438,8 @@ def _nb_bwd_kernel(grad_ptr, logits_ptr, ll_ptr, lt_ptr, theta_ptr, dtab_ptr,
                 x = tl.load(x_ptr + k, mask=km, other=0).to(tl.float32)
                 z = tl.load(logits_ptr + row * n_genes + c, mask=km, other=0.0).to(tl.float32)
                 lt = tl.load(lt_ptr + c, mask=km, other=0.0)
-                _, qc = tm.sigmoid_pair(((base_r + z) + lo_r) - lt)
+                _, _, y, y_lo = _log_mu(base_r, lo_r, z, lt)
+                _, qc = _sigmoids(y, y_lo)
                 tl.atomic_add(dlogits_ptr + row * n_genes + c, go_r * x * qc,
                               mask=km & (x > 0.0))
 
@@ -421,21 +470,24 @@ def override_config(config: Optional[NBConfig]):
         _CONFIG_OVERRIDE = old
 
 
+TILE_ELEMENTS = 2048  # rows * block_g per program: ~8 float32 elements per thread at 8 warps
+
+
 def choose_config(n_rows: int, n_genes: int, device: torch.device) -> NBConfig:
-    """Tile of up to 4096 elements; as many rows per program as keeps >= 2 programs per SM
-    (fewer rows means more d log_theta partial rows to sum, more rows less parallelism)."""
+    """Tiles of TILE_ELEMENTS; as many rows per program (up to 8) as keeps >= 2 programs per
+    SM (more rows: fewer d log_theta partial rows to sum; fewer rows: more parallelism)."""
     if _CONFIG_OVERRIDE is not None:
         return _CONFIG_OVERRIDE
     if interpreting():  # the CPU interpreter pays per program and per loop iteration
-        return NBConfig(rows=4, block_g=min(256, next_power_of_2(n_genes)), block_nnz=64,
+        return NBConfig(rows=8, block_g=min(128, next_power_of_2(n_genes)), block_nnz=64,
                         num_warps=4)
     target = 2 * multiprocessor_count(device)
     rows = 1
-    while rows < 8 and (n_rows + 2 * rows - 1) // (2 * rows) >= target:
+    while rows < 8 and n_rows // (2 * rows) >= target:
         rows *= 2
-    block_g = max(128, min(4096 // rows, next_power_of_2(n_genes)))
+    block_g = max(64, min(TILE_ELEMENTS // rows, next_power_of_2(n_genes)))
     return NBConfig(rows=rows, block_g=block_g, block_nnz=256,
-                    num_warps=8 if rows * block_g >= 4096 else 4)
+                    num_warps=8 if rows * block_g >= TILE_ELEMENTS else 4)
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -457,7 +509,7 @@ def nb_tables(theta: torch.Tensor):
     n_genes = theta.shape[0]
     tab = torch.empty(X_TAB + 1, n_genes, dtype=torch.float32, device=theta.device)
     dtab = torch.empty_like(tab)
-    block = 256 if interpreting() else 512
+    block = 64 if interpreting() else 32  # (X_TAB, block) float64 tiles
     grid = (triton.cdiv(n_genes, block),)
     _wrap_triton(_nb_tables_kernel)[grid](theta, tab, dtab, n_genes, X_TAB=X_TAB, BLOCK_G=block)
     return tab, dtab

@@ -107,3 +107,15 @@ def backend_report() -> str:
         cuda = resolve(op, "auto", "cuda")[0] if torch.cuda.is_available() else "n/a (no CUDA)"
         lines.append(f"{op}: cpu -> {cpu}, cuda -> {cuda}")
     return "\n".join(lines)
+
+
+KERNEL_OPS = ("nb_log_prob", "masked_embedding_sum")  # ops with cpp/triton tiers
+
+
+def require_backend(backend: str, device: torch.device | str = "cpu") -> None:
+    """Raise :class:`BackendUnavailableError` unless every kernel op can run on ``backend``.
+
+    Composite ops (e.g. ``nb_log_prob_linear``) follow the backend of the kernels they call."""
+    for op in KERNEL_OPS:
+        if op in _REGISTRY:
+            resolve(op, backend, device)

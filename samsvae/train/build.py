@@ -13,12 +13,15 @@ def split_indices(split: np.ndarray, part: str) -> np.ndarray:
 
 def build_model_for_screen(screen, train_idx: np.ndarray, *, model: str = "sams_vae",
                            guide: str = "mean_field", n_latent: int = 100, n_hidden: int = 400,
-                           backend: str = "auto", **kwargs):
+                           backend: str = "auto", gene_stats=None, **kwargs):
     """A PerturbationModel for ``screen`` whose data-dependent parts come from training cells.
 
     The encoder's input standardisation (per-gene mean/std of log1p counts) and the number of
     cells N_t carrying each perturbation (which weights the global KL terms) are computed over
     ``train_idx`` only, so nothing about validation or test cells leaks into the model.
+    ``gene_stats``: ``(mean, std)`` of log1p counts over ``train_idx`` already computed (e.g.
+    by the one-pass statistics of a backed screen, ``samsvae.data.stream_stats``), which
+    spares a pass over the counts.
     """
     from ..data import gene_log1p_stats, perturbation_cell_counts
     from ..models import build_model, svae_plus_labels
@@ -26,7 +29,7 @@ def build_model_for_screen(screen, train_idx: np.ndarray, *, model: str = "sams_
     if train_idx.size == 0:
         raise ValueError("the training split holds no cell; check the split (its train "
                          "fraction or split column) and drop_labels")
-    mean, std = gene_log1p_stats(screen, train_idx)
+    mean, std = gene_log1p_stats(screen, train_idx) if gene_stats is None else gene_stats
     counts = perturbation_cell_counts(screen.dosage, train_idx)
     if model == "svae_plus" and "labels" not in kwargs:
         # SVAE+ gives each seen combination its own shift: its vocabulary is the training labels
@@ -38,32 +41,34 @@ def build_model_for_screen(screen, train_idx: np.ndarray, *, model: str = "sams_
 
 
 def make_loaders(screen, split: np.ndarray, *, batch_size: int = 512, seed: int = 0,
-                 device="cpu", rank: int = 0, world_size: int = 1):
+                 device="cpu", rank: int = 0, world_size: int = 1, **stream_options):
     """``(train_loader, val_loader or None)`` over the ``train`` / ``val`` cells of ``split``.
 
-    Under data parallelism each rank takes every ``world_size``-th training cell of a fixed
-    permutation (not implemented yet: ``world_size`` must be 1).
+    One process with counts in memory: MinibatchLoader (uniform shuffling). A backed screen or
+    several processes: :class:`~samsvae.data.streaming.StreamingLoader`, which reads the file
+    in shuffled chunks behind a prefetch thread and gives rank ``rank`` its disjoint shard of
+    each epoch (``batch_size`` is then the global batch). ``stream_options`` (chunk_rows,
+    buffer_chunks, prefetch_batches, max_gap) go to StreamingLoader.
     """
     from ..data import MinibatchLoader
-    if world_size != 1:
-        raise NotImplementedError("multi-process training comes with the torchrun issue")
+    from ..data.streaming import StreamingLoader
     train_idx = split_indices(split, "train")
     val_idx = split_indices(split, "val")
     if train_idx.size == 0:
         raise ValueError("the training split holds no cell; check the split and drop_labels")
-    train = MinibatchLoader(screen, train_idx, batch_size, shuffle=True, seed=seed,
-                            drop_last=False, device=device)
+    if world_size == 1 and not getattr(screen, "is_backed", False):
+        train = MinibatchLoader(screen, train_idx, batch_size, shuffle=True, seed=seed,
+                                drop_last=False, device=device)
+        val = None
+        if val_idx.size:
+            val = MinibatchLoader(screen, val_idx, batch_size, shuffle=False, seed=seed,
+                                  drop_last=False, device=device)
+        return train, val
+    shard = dict(rank=rank, world_size=world_size, device=device, seed=seed, **stream_options)
+    train = StreamingLoader(screen, train_idx, batch_size, shuffle=True, **shard)
     val = None
-    if val_idx.size:
-        val = MinibatchLoader(screen, val_idx, batch_size, shuffle=False, seed=seed,
-                              drop_last=False, device=device)
+    if val_idx.size:  # ranks validate their pieces and sum: the batch counts may differ
+        val = StreamingLoader(screen, val_idx, batch_size, shuffle=False, even_batches=False,
+                              **shard)
     return train, val
 
-
-def mask_row_names(model, perturbations) -> list:
-    """Names of the rows of ``model.perturbation_masks()`` / ``perturbation_embeddings()``:
-    the perturbations, or for SVAE+ its labels (combinations joined by '+')."""
-    labels = getattr(model, "config", {}).get("labels")
-    if labels:
-        return ["+".join(str(perturbations[c]) for c in label) for label in labels]
-    return [str(p) for p in perturbations]

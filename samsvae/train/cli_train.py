@@ -42,8 +42,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="cvae | svae_plus | cpa_vae | sams_vae (default: sams_vae)")
     g.add_argument("--guide", default=None,
                    help="inference variant: mean_field | corr_embedding | corr_basal | corr_both "
-                        "(default: mean_field)")
-    g.add_argument("--latent", type=int, default=None, help="latent dimensions (default: 100)")
+                        "(default: mean_field; --demo: corr_both)")
+    g.add_argument("--latent", type=int, default=None, help="latent dimensions (default: 100; --demo: 10)")
     g.add_argument("--hidden", type=int, default=400, help="hidden units of the MLPs (default: 400)")
     g.add_argument("--backend", default="auto", choices=("auto", "reference", "cpp", "triton"),
                    help="kernel backend for the fused ops (default: auto)")
@@ -82,7 +82,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="comma-separated labels whose cells are left out")
     g.add_argument("--layer", default=None, help="AnnData layer with raw counts (default: X)")
     g.add_argument("--backed", action="store_true",
-                   help="read counts from the file on demand instead of loading them")
+                   help="stream the counts from the file instead of loading them (screens larger "
+                        "than memory; statistics cached in RUN_DIR/data_stats.npz)")
+    g.add_argument("--chunk-rows", type=int, default=None, metavar="N",
+                   help="streaming: consecutive cells per read and shuffling unit (default: "
+                        "1024 backed, 1 in memory)")
+    g.add_argument("--buffer-chunks", type=int, default=16, metavar="K",
+                   help="streaming: chunks read and shuffled together (default: 16)")
     # sizes of the simulated demo screen (tests shrink it)
     for name, default in (("cells", DEMO["cells"]), ("genes", DEMO["genes"]),
                           ("perturbations", DEMO["perturbations"])):
@@ -90,6 +96,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
+    from ..ops import BackendUnavailableError
     try:
         if args.demo:
             return _run_demo(args)
@@ -99,12 +106,18 @@ def run(args) -> int:
                 setattr(args, name, value)
         train_from_args(args)
         return 0
-    except (UserError, ValueError, FileNotFoundError, NotImplementedError, KeyError) as exc:
-        if os.environ.get("SAMSVAE_DEBUG"):
+    except (UserError, ValueError, FileNotFoundError, NotImplementedError,
+            BackendUnavailableError) as exc:
+        if os.environ.get("SAMSVAE_DEBUG"):  # show the traceback
             raise
-        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        print(f"samsvae train: error: {message}", file=sys.stderr)
+        print(f"samsvae train: error: {exc}", file=sys.stderr)
         return 2
+    except RuntimeError as exc:
+        from .distributed import DistributedFailure
+        if not isinstance(exc, DistributedFailure) or os.environ.get("SAMSVAE_DEBUG"):
+            raise
+        print(f"samsvae train: error: {exc}", file=sys.stderr)
+        return 1
 
 
 def _check_args(args) -> None:
@@ -116,9 +129,18 @@ def _check_args(args) -> None:
     if args.out is None:
         raise UserError("give the run directory to write with --out RUN_DIR")
     _check_model_guide(args.model, args.guide or "mean_field")
-    for name in ("batch_size", "particles", "hidden", "checkpoint_every", "latent"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
+    _check_device(args.device)
+    for name in ("batch_size", "particles", "hidden", "checkpoint_every", "latent",
+                 "chunk_rows", "buffer_chunks"):
+        if getattr(args, name, None) is not None and getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+
+
+def _check_device(device: str) -> None:
+    import torch
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {device} asked for but CUDA is not available here; use "
+                        "--device cpu")
 
 
 def _check_model_guide(model: str, guide: str) -> None:
@@ -143,18 +165,39 @@ def _identity(args) -> dict:
 
 
 def train_from_args(args, *, log=print):
-    """Load the data, split, build the model, train into ``args.out``; returns the Trainer."""
+    """Load the data, split, build the model, train into ``args.out``; returns the Trainer.
+
+    Under torchrun (``WORLD_SIZE`` > 1) every process runs this: they join the process group,
+    train their shards with DDP, and only rank 0 writes the run directory and logs.
+    """
+    from .distributed import init_from_env, shutdown
+    comm = init_from_env(args.device)
+    try:
+        return _train(args, log=log if comm is None or comm.is_main else _silent, comm=comm)
+    finally:
+        shutdown(comm)
+
+
+def _silent(*_args, **_kwargs) -> None:
+    pass
+
+
+def _train(args, *, log, comm):
+    import numpy as np
     import torch
 
     from .. import ops
     from ..data import load_screen, make_split
     from .build import build_model_for_screen, make_loaders, split_indices
     from .config import TrainConfig
-    from .run_dir import read_config, read_split, run_config, save_run, screen_for_run
-    from .run_dir import write_history, write_model
+    from .run_dir import align_screen, read_config, read_split, run_config, save_run
+    from .run_dir import screen_for_run, write_history, write_model
     from .trainer import Trainer
 
     out = Path(args.out)
+    is_main = comm is None or comm.is_main
+    if comm is not None:  # cuda -> this process's GPU (cuda:LOCAL_RANK)
+        args.device = str(comm.device)
     identity = _identity(args)
     data_options = {"layer": args.layer, "perturbation_key": args.perturbation_key,
                     "separator": "+", "control_label": args.control_label,
@@ -169,12 +212,17 @@ def train_from_args(args, *, log=print):
     log("backends (auto):\n  " + ops.backend_report().replace("\n", "\n  ")
         + (f"\nrequested backend: {args.backend}" if args.backend != "auto" else ""))
 
+    if args.backend != "auto":  # an explicit backend must exist here: fail before any work
+        ops.backends.require_backend(args.backend, args.device)
     existing = (out / "config.json").is_file()
     if existing and not args.resume:
         raise UserError(f"{out} already holds a run; pass --resume to continue it or choose "
                         "another --out")
+    if comm is not None:  # every rank has looked at the directory before rank 0 writes to it
+        comm.barrier("checking the run directory")
     t0 = time.perf_counter()
-    if args.resume and existing:
+    resuming = args.resume and existing
+    if resuming:
         config = read_config(out)
         saved = config.get("cli", {})
         changed = [f"--{k.replace('_', '-')}: run {saved.get(k)!r} vs now {identity[k]!r}"
@@ -182,13 +230,32 @@ def train_from_args(args, *, log=print):
         if changed:
             raise UserError("cannot resume with different model/data options ("
                             + "; ".join(changed) + "); repeat the original options")
+    gene_stats = None
+    if args.backed:
+        # one pass over the file (shared by the ranks) for library sizes, validation and the
+        # training cells' gene statistics, cached beside the run for --resume / evaluate
+        from ..data.stream_stats import CACHE_NAME, load_backed_screen
+        if resuming:
+            def split_fn(s):
+                return read_split(out, s.cell_names)
+        else:
+            def split_fn(s):
+                return np.asarray(make_split(s, args.split, seed=args.seed)).astype(str)
+        screen, split, stats = load_backed_screen(
+            args.data, split_fn, cache_path=out / CACHE_NAME, comm=comm, log=log,
+            layer=args.layer, perturbation_key=args.perturbation_key,
+            control_label=args.control_label, drop_labels=tuple(identity["drop_labels"]))
+        if resuming:
+            screen = align_screen(screen, config["genes"], config["perturbations"])
+        gene_stats = (stats.gene_log1p_mean, stats.gene_log1p_std)
+    elif resuming:
         screen = screen_for_run(config, args.data)
         split = read_split(out, screen.cell_names)
     else:
         screen = load_screen(args.data, layer=args.layer, perturbation_key=args.perturbation_key,
                              control_label=args.control_label,
                              drop_labels=tuple(identity["drop_labels"]), backed=args.backed)
-        split = _make_split(make_split, screen, args.split, args.seed)
+        split = np.asarray(make_split(screen, args.split, seed=args.seed)).astype(str)
     log(f"data: {screen!r} ({time.perf_counter() - t0:.1f} s)")
     parts = {k: int((split == k).sum()) for k in ("train", "val", "test")}
     log(f"split {args.split!r}: " + ", ".join(f"{k} {v}" for k, v in parts.items()))
@@ -196,36 +263,47 @@ def train_from_args(args, *, log=print):
     torch.manual_seed(args.seed)  # the initial weights
     model = build_model_for_screen(screen, split_indices(split, "train"), model=args.model,
                                    guide=identity["guide"], n_latent=identity["latent"],
-                                   n_hidden=args.hidden, backend=args.backend)
+                                   n_hidden=args.hidden, backend=args.backend,
+                                   gene_stats=gene_stats)
     config = run_config(model_name=args.model, guide=identity["guide"],
                         model_config=model.config, screen=screen, data_options=data_options,
                         split_options={"kind": args.split, "seed": args.seed, "counts": parts},
                         train_config=train_config.to_dict(), data_path=args.data)
     config["cli"] = identity
-    save_run(out, config=config, screen=screen, split=split)
+    if is_main:
+        save_run(out, config=config, screen=screen, split=split)
+    if comm is not None:
+        comm.barrier("rank 0 writing the run directory")
 
-    train_loader, val_loader = make_loaders(screen, split, batch_size=args.batch_size,
-                                            seed=args.seed, device=args.device)
-    trainer = Trainer(model, train_loader, val_loader, train_config, run_dir=out,
-                      run_config=config, n_train_cells=parts["train"], log=log)
+    stream = {k: getattr(args, k) for k in ("chunk_rows", "buffer_chunks")
+              if getattr(args, k, None) is not None}
+    train_loader, val_loader = make_loaders(
+        screen, split, batch_size=args.batch_size, seed=args.seed, device=args.device,
+        rank=0 if comm is None else comm.rank, world_size=1 if comm is None else comm.world_size,
+        **stream)
+    if comm is None:
+        trainer = Trainer(model, train_loader, val_loader, train_config, run_dir=out,
+                          run_config=config, n_train_cells=parts["train"], log=log)
+    else:
+        from .distributed import DistributedTrainer
+        trainer = DistributedTrainer(model, train_loader, val_loader, train_config, comm=comm,
+                                     run_dir=out, run_config=config,
+                                     n_train_cells=parts["train"], log=log)
+    where = args.device if comm is None else f"{comm.world_size} processes ({args.device} ...)"
     log(f"model {args.model}/{identity['guide']} ({sum(p.numel() for p in model.parameters()):,} "
         f"parameters), {trainer.total_steps} steps of {args.batch_size} cells "
-        f"({trainer.batches_per_epoch} per epoch) on {args.device}")
+        f"({trainer.batches_per_epoch} per epoch) on {where}")
     t1 = time.perf_counter()
     trainer.fit(resume=args.resume)
     trainer.load_best_weights()
-    write_model(out, model, step=trainer.best_step)
-    write_history(out, trainer.history)
+    if is_main:
+        write_model(out, model, step=trainer.best_step)
+        write_history(out, trainer.history)
     best = ("" if trainer.best_val is None
             else f"; best validation ELBO {trainer.best_val:.3f} at step {trainer.best_step}")
     log(f"trained {trainer.step} steps in {time.perf_counter() - t1:.1f} s{best}")
     log(f"wrote {out}/model.pt; evaluate with: samsvae evaluate {out}")
     return trainer
-
-
-def _make_split(make_split, screen, kind: str, seed: int):
-    import numpy as np
-    return np.asarray(make_split(screen, kind, seed=seed)).astype(str)
 
 
 # -- the demo -------------------------------------------------------------------------------
@@ -237,8 +315,18 @@ def _run_demo(args) -> int:
 
     out = Path(args.out or DEMO_DIR)
     data_path = out / "demo.h5ad"
+    args.guide = args.guide or DEMO["guide"]
+    for name in TRAIN_DEFAULTS:
+        if getattr(args, name) is None:
+            setattr(args, name, DEMO[name])
+    args.latent = args.latent if args.latent is not None else DEMO["latent"]
+    if args.max_steps is None and args.max_epochs is None:
+        args.max_epochs = DEMO["epochs"]
+    _check_model_guide(args.model, args.guide)
+    _check_device(args.device)
     if (out / "config.json").is_file() and not args.resume:
         raise UserError(f"{out} already holds a run; remove it, pass another --out, or --resume")
+
     t0 = time.perf_counter()
     if not data_path.is_file():
         out.mkdir(parents=True, exist_ok=True)
@@ -251,18 +339,10 @@ def _run_demo(args) -> int:
         print(f"simulated {adata.n_obs} cells x {adata.n_vars} genes, "
               f"{args.demo_perturbations} perturbations -> {data_path}")
     args.data, args.out = str(data_path), str(out)
-    args.guide = args.guide or DEMO["guide"]
-    for name in TRAIN_DEFAULTS:
-        if getattr(args, name) is None:
-            setattr(args, name, DEMO[name])
-    args.latent = args.latent if args.latent is not None else DEMO["latent"]
-    if args.max_steps is None and args.max_epochs is None:
-        args.max_epochs = DEMO["epochs"]
-    _check_model_guide(args.model, args.guide)
     train_from_args(args)
 
-    run_ = load_run(out)
-    metrics = evaluate_run(run_, split="test", iwelbo_particles=DEMO["iwelbo_particles"],
+    loaded = load_run(out)
+    metrics = evaluate_run(loaded, split="test", iwelbo_particles=DEMO["iwelbo_particles"],
                            ate_particles=DEMO["ate_particles"], batch_size=args.batch_size,
                            seed=args.seed, plots=True)
     print_metrics(metrics)

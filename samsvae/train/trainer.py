@@ -113,9 +113,13 @@ class Trainer:
         t_last, cells_since = time.perf_counter(), 0
         while self.step < self.total_steps:
             self.train_loader.set_epoch(self.epoch)
-            batches = iter(self.train_loader)
-            for _ in range(self.position):  # resume mid-epoch: same order, skip what was seen
-                next(batches)
+            if self.position and hasattr(self.train_loader, "iter_from"):
+                # resume mid-epoch: a streaming loader skips the batches seen without reading
+                batches = self.train_loader.iter_from(self.position)
+            else:
+                batches = iter(self.train_loader)
+                for _ in range(self.position):  # resume mid-epoch: same order, skip what was seen
+                    next(batches)
             for batch in batches:
                 loss = self._train_step(batch.to(self.device))
                 self._pending.append((self.step, self.epoch, loss))

@@ -1,0 +1,168 @@
+"""Out-of-core and data-parallel training throughput on a large simulated screen (issue 6).
+
+    python -m samsvae simulate /tmp/sim_1m.h5ad --cells 1000000 --genes 8000 \\
+        --perturbations 10000 --latent 100 --seed 0
+    OMP_NUM_THREADS=1 /usr/bin/time -v python benchmarks/genome_scale.py /tmp/sim_1m.h5ad \\
+        --run /tmp/genome_run --steps 40
+    OMP_NUM_THREADS=1 /usr/bin/time -v torchrun --standalone --nproc-per-node 2 \\
+        benchmarks/genome_scale.py /tmp/sim_1m.h5ad --run /tmp/genome_run2 --steps 40
+    python benchmarks/genome_scale.py /tmp/sim_200k.h5ad --run /tmp/r200k --steps 20 --in-memory
+
+What it runs is what ``samsvae train DATA --backed`` runs (the one-pass statistics cached in
+``RUN/data_stats.npz``, StreamingLoader shards, Trainer / DistributedTrainer), without the
+validation pass, plus the test IWELBO of ``--eval-cells`` held-out cells. It prints one JSON
+record (also written to ``RUN/bench.json``): the statistics pass (seconds, bytes, MiB/s),
+training cells/s after ``--warmup`` steps, the seconds an epoch would take at that rate, the
+loader's read time / wait time / bytes read, the IWELBO, and each rank's peak RSS.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from samsvae.data import MinibatchLoader, gene_log1p_stats, load_screen, make_split  # noqa: E402
+from samsvae.data.stream_stats import load_backed_screen  # noqa: E402
+from samsvae.data.streaming import StreamingLoader  # noqa: E402
+from samsvae.train import Trainer, TrainConfig  # noqa: E402
+from samsvae.train.build import build_model_for_screen, split_indices  # noqa: E402
+from samsvae.train.distributed import (DistributedTrainer, distributed_test_iwelbo,  # noqa: E402
+                                       init_from_env, shutdown)
+
+
+def _peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("data")
+    p.add_argument("--run", required=True, help="directory for data_stats.npz and bench.json")
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--warmup", type=int, default=3, help="steps left out of the rate")
+    p.add_argument("--batch-size", type=int, default=512)
+    p.add_argument("--particles", type=int, default=5)
+    p.add_argument("--latent", type=int, default=100)
+    p.add_argument("--hidden", type=int, default=400)
+    p.add_argument("--model", default="sams_vae")
+    p.add_argument("--guide", default="mean_field")
+    p.add_argument("--in-memory", action="store_true", help="load the counts into memory")
+    p.add_argument("--chunk-rows", type=int, default=None)
+    p.add_argument("--buffer-chunks", type=int, default=16)
+    p.add_argument("--eval-cells", type=int, default=10000)
+    p.add_argument("--eval-particles", type=int, default=100)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+
+    comm = init_from_env("cpu")
+    rank, world = (0, 1) if comm is None else (comm.rank, comm.world_size)
+    say = print if rank == 0 else (lambda *a, **k: None)
+    run = Path(args.run)
+    run.mkdir(parents=True, exist_ok=True)
+    record = {"data": args.data, "world_size": world, "mode": "memory" if args.in_memory
+              else "backed", "batch_size": args.batch_size, "particles": args.particles,
+              "latent": args.latent, "model": f"{args.model}/{args.guide}",
+              "load_before": os.getloadavg()}
+
+    def split_fn(screen):
+        return np.asarray(make_split(screen, "random", seed=args.seed)).astype(str)
+
+    t0 = time.perf_counter()
+    if args.in_memory:
+        screen = load_screen(args.data)
+        split = split_fn(screen)
+        train = split_indices(split, "train")
+        gene_stats = gene_log1p_stats(screen, train)
+        record["load_s"] = time.perf_counter() - t0
+    else:
+        screen, split, stats = load_backed_screen(args.data, split_fn,
+                                                  cache_path=run / "data_stats.npz", comm=comm,
+                                                  log=say)
+        train = split_indices(split, "train")
+        gene_stats = (stats.gene_log1p_mean, stats.gene_log1p_std)
+        record.update(load_s=time.perf_counter() - t0, stats_pass_s=stats.seconds,
+                      stats_bytes=stats.bytes_read, stats_from_cache=stats.from_cache,
+                      stats_mib_s=stats.bytes_read / 2**20 / max(stats.seconds, 1e-9))
+    say(f"{screen!r}: {train.size:,} training cells; loaded in {record['load_s']:.1f} s")
+    record.update(n_cells=screen.n_cells, n_genes=screen.n_genes,
+                  n_perturbations=screen.n_perturbations, n_train=int(train.size))
+
+    torch.manual_seed(args.seed)
+    model = build_model_for_screen(screen, train, model=args.model, guide=args.guide,
+                                   n_latent=args.latent, n_hidden=args.hidden,
+                                   gene_stats=gene_stats)
+    if args.in_memory and world == 1:
+        loader = MinibatchLoader(screen, train, args.batch_size, seed=args.seed)
+    else:
+        loader = StreamingLoader(screen, train, args.batch_size, seed=args.seed,
+                                 chunk_rows=args.chunk_rows, buffer_chunks=args.buffer_chunks,
+                                 rank=rank, world_size=world)
+    config = TrainConfig(max_steps=args.steps, batch_size=args.batch_size,
+                         particles=args.particles, seed=args.seed, progress=False)
+    if comm is None:
+        trainer = Trainer(model, loader, None, config, n_train_cells=train.size, log=None)
+    else:
+        trainer = DistributedTrainer(model, loader, None, config, comm=comm,
+                                     n_train_cells=train.size, log=None)
+    stamps = []
+    step = trainer._train_step
+
+    def timed_step(batch):
+        loss = step(batch)
+        stamps.append((time.perf_counter(), len(batch)))
+        return loss
+
+    trainer._train_step = timed_step
+    t_fit = time.perf_counter()
+    trainer.fit()
+    fit_s = time.perf_counter() - t_fit
+    w = min(args.warmup, len(stamps) - 2)
+    dt = stamps[-1][0] - stamps[w][0]
+    local_cells = sum(n for _, n in stamps[w + 1:])
+    cells_s = local_cells * world / dt  # every rank steps together on its share of the batch
+    loader_stats = getattr(loader, "stats", {})
+    record.update(steps=len(stamps), fit_s=fit_s, cells_per_s=cells_s,
+                  s_per_step=dt / (len(stamps) - 1 - w),
+                  epoch_s_extrapolated=train.size / cells_s,
+                  final_loss=trainer.history["train"]["loss"][-1],
+                  loader=dict(loader_stats),
+                  load_during=os.getloadavg())
+    if loader_stats.get("read_s"):
+        record["loader_read_mib_s"] = loader_stats["bytes_read"] / 2**20 / loader_stats["read_s"]
+    say(f"trained {len(stamps)} steps in {fit_s:.1f} s: {cells_s:,.0f} cells/s "
+        f"({record['s_per_step']:.2f} s/step); loader {loader_stats}")
+
+    if args.eval_cells > 0:
+        test = split_indices(split, "test")
+        rows = np.sort(np.random.default_rng(args.seed).choice(
+            test, min(args.eval_cells, test.size), replace=False))
+        t_eval = time.perf_counter()
+        iw = distributed_test_iwelbo(model, screen, rows, batch_size=args.batch_size,
+                                     particles=args.eval_particles, global_seed=args.seed,
+                                     comm=comm)
+        record.update(eval_cells=int(rows.size), eval_particles=args.eval_particles,
+                      test_iwelbo=float(iw.mean()), eval_s=time.perf_counter() - t_eval)
+        say(f"test IWELBO of {rows.size:,} cells ({args.eval_particles} particles): "
+            f"{iw.mean():.2f} nats/cell in {record['eval_s']:.1f} s")
+
+    rss = [_peak_rss_gib()] if comm is None else comm.all_gather_object(_peak_rss_gib())
+    record.update(peak_rss_gib_per_rank=rss, load_after=os.getloadavg())
+    if rank == 0:
+        text = json.dumps(record, indent=1, default=float)
+        (run / "bench.json").write_text(text + "\n")
+        print(text)
+    shutdown(comm)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

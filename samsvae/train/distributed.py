@@ -1,0 +1,380 @@
+"""Data parallelism with ``torch.distributed``: process group, DDP trainer, distributed evaluation.
+
+Launch with torchrun (one process per GPU, or several on a CPU machine)::
+
+    torchrun --nproc-per-node 2 -m samsvae train DATA.h5ad --out RUN_DIR [--backed]
+    torchrun --nnodes 2 --node-rank R --rdzv-backend c10d --rdzv-endpoint HOST:29400 \\
+             --nproc-per-node 4 -m samsvae train DATA.h5ad --out RUN_DIR   # multi-node
+
+What each piece does:
+
+* :func:`init_from_env` joins the group torchrun describes (``WORLD_SIZE``, ``RANK``,
+  ``LOCAL_RANK``): backend gloo on CPU, NCCL on CUDA (device ``cuda:LOCAL_RANK``), with a
+  timeout on every collective so a hung peer ends the job with a message instead of a hang.
+* The training cells are sharded by :class:`~samsvae.data.streaming.StreamingLoader`
+  (``rank``/``world_size``): disjoint pieces covering the epoch, ``--batch-size`` is the
+  global batch. The model's global terms use N_t over ALL training cells (every rank computes
+  the same counts from the full obs) and the loss is scaled so that DDP's gradient average is
+  the gradient of the mean ELBO over the global batch, whatever the local batch sizes.
+* :class:`DistributedTrainer` wraps the model in ``DistributedDataParallel``; only rank 0
+  writes checkpoints, logs and progress; checkpoints carry every rank's noise generator so a
+  resumed run (``--resume``, same number of processes) continues exactly.
+* :func:`distributed_test_iwelbo` / :func:`evaluate_model_distributed` deal batches of cells to
+  the ranks round robin and gather the results by batch number, so values and order equal the
+  single-process evaluation of the same cells.
+
+A rank that dies (exception, OOM kill) makes the others' next collective fail (gloo/NCCL
+report the closed connection, or the timeout expires); they stop with
+:class:`DistributedFailure` naming the step and how to resume, and torchrun tears the job down.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .trainer import Trainer
+
+DEFAULT_TIMEOUT_S = 900
+TIMEOUT_ENV = "SAMSVAE_DIST_TIMEOUT"
+
+
+class DistributedFailure(RuntimeError):
+    """A collective failed: another rank died or stopped answering."""
+
+
+@dataclass
+class TorchComm:
+    """The process group as the data layer sees it (rank, size, object gathers, barrier)."""
+    rank: int
+    world_size: int
+    device: torch.device
+    timeout_s: float = DEFAULT_TIMEOUT_S
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def all_gather_object(self, obj) -> list:
+        out = [None] * self.world_size
+        with collective_guard(self, "gathering results"):
+            dist.all_gather_object(out, obj)
+        return out
+
+    def barrier(self, what: str = "waiting for the other processes") -> None:
+        with collective_guard(self, what):
+            dist.barrier()
+
+    def broadcast_object(self, obj, src: int = 0):
+        box = [obj]
+        with collective_guard(self, "broadcasting from rank 0"):
+            dist.broadcast_object_list(box, src=src)
+        return box[0]
+
+    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        with collective_guard(self, "summing over processes"):
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor
+
+
+def _is_comm_error(exc: BaseException) -> bool:
+    if isinstance(exc, getattr(dist, "DistError", ())):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and any(s in text for s in (
+        "Connection closed", "Connection reset", "Timed out", "timed out", "Broken pipe",
+        "NCCL", "gloo", "Gloo", "ProcessGroup", "Socket"))
+
+
+@contextlib.contextmanager
+def collective_guard(comm, what: str, step: Optional[int] = None):
+    """Turn a failed collective into a :class:`DistributedFailure` saying what to do."""
+    try:
+        yield
+    except DistributedFailure:
+        raise
+    except Exception as exc:
+        if not _is_comm_error(exc):
+            raise
+        rank = getattr(comm, "rank", "?")
+        where = f" at step {step}" if step is not None else ""
+        timeout = getattr(comm, "timeout_s", DEFAULT_TIMEOUT_S)
+        raise DistributedFailure(
+            f"rank {rank}: lost contact with the other processes while {what}{where} "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}). Another "
+            f"rank probably died (see its error above) or stopped answering for {timeout:.0f} s "
+            f"(the collective timeout, {TIMEOUT_ENV}). Fix the cause and rerun the same "
+            "command with --resume: training continues from RUN_DIR/checkpoints/last.pt."
+        ) from exc
+
+
+# -- process group ------------------------------------------------------------------------------
+
+def world_size_from_env() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def init_from_env(device: str = "cpu", *, timeout_s: Optional[float] = None,
+                  init_method: Optional[str] = None, rank: Optional[int] = None,
+                  world_size: Optional[int] = None) -> Optional[TorchComm]:
+    """Join the process group described by torchrun's environment (or the arguments).
+
+    Returns None for a single process (``WORLD_SIZE`` unset or 1), else a :class:`TorchComm`
+    whose ``device`` is ``cuda:LOCAL_RANK`` for a CUDA ``device`` and the CPU otherwise.
+    ``timeout_s`` (default ``$SAMSVAE_DIST_TIMEOUT`` or 900 s) bounds every collective.
+    """
+    world = int(world_size if world_size is not None else world_size_from_env())
+    if world <= 1:
+        return None
+    rank = int(rank if rank is not None else os.environ.get("RANK", "0"))
+    timeout = float(timeout_s if timeout_s is not None
+                    else os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S))
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("device 'cuda' requested but CUDA is not available here; use "
+                               "--device cpu (the gloo backend)")
+        local = int(os.environ.get("LOCAL_RANK", rank % max(1, torch.cuda.device_count())))
+        dev = torch.device("cuda", local)
+        torch.cuda.set_device(dev)
+        backend = "nccl"
+    else:
+        backend = "gloo"
+    if not dist.is_initialized():
+        kwargs = {"timeout": datetime.timedelta(seconds=timeout)}
+        if init_method is not None:
+            kwargs.update(init_method=init_method, rank=rank, world_size=world)
+        dist.init_process_group(backend, **kwargs)
+    return TorchComm(rank=dist.get_rank(), world_size=dist.get_world_size(), device=dev,
+                     timeout_s=timeout)
+
+
+def shutdown(comm: Optional[TorchComm]) -> None:
+    """Leave the process group (no-op for a single process)."""
+    if comm is not None and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+# -- training -----------------------------------------------------------------------------------
+
+class _LossModule(nn.Module):
+    """What DDP wraps: forward = the model's loss, so gradients are reduced on backward."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch, particles: int, generator):
+        out = self.model.loss(batch, particles=particles, generator=generator)
+        return out["loss"], out["elbo"]
+
+
+class DistributedTrainer(Trainer):
+    """:class:`~samsvae.train.Trainer` under ``torch.distributed`` (one instance per rank).
+
+    Takes the Trainer's arguments plus ``comm`` (from :func:`init_from_env`); ``rank`` and
+    ``world_size`` come from it. ``train_loader``/``val_loader`` must be this rank's shards
+    (StreamingLoader with ``rank``/``world_size``), with the same number of training batches on
+    every rank. Pass ``n_train_cells`` = the GLOBAL number of training cells.
+    """
+
+    def __init__(self, model, train_loader, val_loader=None, config=None, *, comm: TorchComm,
+                 **kwargs):
+        kwargs.update(rank=comm.rank, world_size=comm.world_size)
+        super().__init__(model, train_loader, val_loader, config, **kwargs)
+        self.comm = comm
+        lengths = comm.all_gather_object(len(train_loader))
+        if len(set(lengths)) != 1:
+            raise ValueError(f"the ranks' training loaders give different numbers of batches "
+                             f"per epoch ({lengths}); shard with StreamingLoader(rank=, "
+                             "world_size=, even_batches=True)")
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        device_ids = [self.device.index] if self.device.type == "cuda" else None
+        with collective_guard(comm, "broadcasting the initial weights"):
+            # weights start as rank 0's; buffers (gene statistics, N_t) are identical by
+            # construction, so they are not broadcast at every step
+            self.model = DDP(_LossModule(self.raw_model), device_ids=device_ids,
+                             broadcast_buffers=False, find_unused_parameters=True)
+        self._rank_noise: Optional[list] = None
+
+    def fit(self, resume: bool = False) -> dict:
+        try:
+            return super().fit(resume)
+        except DistributedFailure:
+            raise
+        except Exception as exc:
+            if not _is_comm_error(exc):
+                raise
+            with collective_guard(self.comm, "training", step=self.step + 1):
+                raise exc
+
+    def _train_step(self, batch) -> torch.Tensor:
+        loss, elbo = self.model(batch, self.config.particles, self.noise)
+        n_local = int(elbo.shape[0])
+        tally = torch.stack([loss.detach().to(torch.float64) * n_local,
+                             torch.tensor(float(n_local), dtype=torch.float64,
+                                          device=loss.device)])
+        with collective_guard(self.comm, "summing the batch loss", self.step + 1):
+            dist.all_reduce(tally, op=dist.ReduceOp.SUM)
+        # DDP averages gradients over ranks: weight each rank by its share of the global batch
+        scale = (n_local * self.world_size / tally[1]).to(loss.dtype)
+        self.optimizer.zero_grad(set_to_none=True)
+        with collective_guard(self.comm, "reducing gradients", self.step + 1):
+            (loss * scale).backward()
+        if self.config.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), self.config.grad_clip)
+        self.optimizer.step()
+        return (tally[0] / tally[1]).to(torch.float32)  # the global batch's mean loss
+
+    def save_checkpoint(self, name: str = "last"):
+        if self.checkpoint_dir is None:
+            return None
+        # every rank reaches this point at the same step (the loop is the same on all ranks)
+        self._rank_noise = self.comm.all_gather_object(self.noise.get_state())
+        return super().save_checkpoint(name)
+
+    def _state(self, include_best: bool = True) -> dict:
+        state = super()._state(include_best)
+        state["world_size"] = self.world_size
+        state["rank_noise"] = self._rank_noise
+        return state
+
+    def _resume(self) -> None:
+        super()._resume()
+        path = None if self.checkpoint_dir is None else self.checkpoint_dir / "last.pt"
+        if path is None or not path.exists():
+            return
+        from .checkpoint import load_checkpoint
+        from .trainer import _mix
+        ckpt = load_checkpoint(path, map_location="cpu")
+        states = ckpt.get("rank_noise")
+        if states is not None and ckpt.get("world_size") == self.world_size:
+            self.noise.set_state(states[self.rank])
+        else:  # other world size: a fresh, distinct stream per rank (not bit-exact any more)
+            self.noise.manual_seed(_mix(self.config.seed + self.step, self.rank))
+            self._say(f"the checkpoint was written by {ckpt.get('world_size', 1)} process(es), "
+                      f"this run has {self.world_size}: the data order and noise differ from an "
+                      "uninterrupted run from here on")
+
+
+# -- evaluation ---------------------------------------------------------------------------------
+
+def _gather_in_order(comm, local: dict, n_items: int) -> list:
+    """``{item: value}`` held by each rank -> ``[value of item 0, 1, ...]`` on every rank."""
+    parts = [local] if comm is None else comm.all_gather_object(local)
+    merged = {}
+    for part in parts:
+        merged.update(part)
+    missing = [j for j in range(n_items) if j not in merged]
+    if missing:
+        raise RuntimeError(f"items {missing[:5]} were computed by no rank (internal error)")
+    return [merged[j] for j in range(n_items)]
+
+
+@torch.no_grad()
+def distributed_test_iwelbo(model, screen, rows, *, batch_size: int = 512, particles: int = 100,
+                            chunk: int = 10, global_seed: int = 0,
+                            comm: Optional[TorchComm] = None) -> np.ndarray:
+    """IWELBO (nats) of cells ``rows`` of ``screen``, in the order of ``rows``, on every rank.
+
+    The cells are cut into batches of ``batch_size`` in the order given (as
+    ``MinibatchLoader(screen, rows, batch_size, shuffle=False)``); batch ``j`` is computed by
+    rank ``j % world_size`` and the results are gathered by batch number, so the result equals
+    ``samsvae.infer.test_iwelbo`` over that loader in one process. Returns (n,) float64.
+    """
+    from ..data import make_batch
+    rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+    rank, world = (0, 1) if comm is None else (comm.rank, comm.world_size)
+    device = next(model.parameters()).device
+    n_batches = -(-rows.size // batch_size)
+    was_training = model.training
+    model.eval()
+    local = {}
+    try:
+        for j in range(rank, n_batches, world):
+            batch = make_batch(screen, rows[j * batch_size:(j + 1) * batch_size]).to(device)
+            iw = model.iwelbo(batch, particles=particles, chunk=chunk, global_seed=global_seed)
+            local[j] = iw.detach().to("cpu", torch.float64).numpy()
+    finally:
+        model.train(was_training)
+    parts = _gather_in_order(comm, local, n_batches)
+    return np.concatenate(parts) if parts else np.zeros(0)
+
+
+@torch.no_grad()
+def distributed_model_ate(model, screen, labels, *, n_samples: int = 2500, seed: int = 0,
+                          comm: Optional[TorchComm] = None) -> np.ndarray:
+    """``samsvae.infer.model_ate`` with its label groups dealt to the ranks round robin.
+
+    Each group keeps the generator seed it has in the single-process loop, so the result is the
+    same (n_labels, G) float64 array, on every rank.
+    """
+    import scipy.sparse as sp
+
+    from ..infer.ate import _MODEL_ATE_VALUES, NORMALIZED_LIBRARY, label_dosage
+    labels = list(labels)
+    G = screen.n_genes
+    if not labels:
+        return np.zeros((0, G))
+    rank, world = (0, 1) if comm is None else (comm.rank, comm.world_size)
+    dosage = label_dosage(screen, labels)
+    empty = sp.csr_matrix((1, screen.n_perturbations), dtype=np.float32)
+    group = max(1, _MODEL_ATE_VALUES // G - 1)
+    device = next(model.parameters()).device
+    starts = list(range(0, len(labels), group))
+    local = {}
+    for gi in range(rank, len(starts), world):
+        start = starts[gi]
+        rows = sp.vstack([dosage[start:start + group], empty]).tocsr()
+        gen = torch.Generator(device=device)
+        gen.manual_seed(int(seed) * 1_000_003 + gi)
+        pred = model.predict_normalized_expression(rows, n_samples=n_samples,
+                                                   library=NORMALIZED_LIBRARY, generator=gen)
+        pred = pred.detach().to("cpu", torch.float64).numpy()
+        local[gi] = pred[:-1] - pred[-1]
+    return np.concatenate(_gather_in_order(comm, local, len(starts)), axis=0)
+
+
+def evaluate_model_distributed(model, screen, indices, *, iwelbo_particles: int = 100,
+                               ate_particles: int = 2500, seed: int = 0, batch_size: int = 512,
+                               comm: Optional[TorchComm] = None) -> dict:
+    """``samsvae.infer.evaluate_model`` with the IWELBO batches and the model-ATE label groups
+    spread over the ranks (same keys and values, on every rank). The data ATE and mask
+    recovery are cheap and computed on every rank."""
+    from ..infer import ate_pearson, data_ate, mask_recovery
+    from ..infer.ate import _as_rows
+    from ..infer.evaluate import _true_masks
+
+    rows = _as_rows(screen, indices)
+    if rows.size == 0:
+        raise ValueError("no cells to evaluate: indices is empty (is the split empty?)")
+    iw = distributed_test_iwelbo(model, screen, rows, batch_size=batch_size,
+                                 particles=iwelbo_particles, global_seed=seed, comm=comm)
+    out = {"test_iwelbo": float(np.mean(iw)), "n_cells": int(rows.size)}
+    out.update(ate_pearson=None, ate_pearson_top20=None, n_ate_labels=0)
+    if np.asarray(screen.is_control).any():
+        labels, d_ate = data_ate(screen, rows)
+        if labels:
+            m_ate = distributed_model_ate(model, screen, labels, n_samples=ate_particles,
+                                          seed=seed, comm=comm)
+            r = ate_pearson(m_ate, d_ate, top_k=20)
+            out.update(ate_pearson=r["ate_pearson"], ate_pearson_top20=r["ate_pearson_top20"],
+                       n_ate_labels=len(labels), ate_labels=list(labels), data_ate=d_ate,
+                       model_ate=m_ate, ate_pearson_per_label=r["ate_pearson_per_label"])
+    truth = getattr(screen, "ground_truth", None)
+    if truth is not None and "masks" in truth:
+        learned = model.perturbation_masks()
+        if learned is None:
+            out.update(mask_f1=None, mask_precision=None, mask_recall=None)
+        else:
+            rec = mask_recovery(learned, _true_masks(screen, truth))
+            out.update(mask_f1=rec["f1"], mask_precision=rec["precision"],
+                       mask_recall=rec["recall"])
+    return out
