@@ -17,9 +17,9 @@ from samsvae.cli import main
 from samsvae.data import simulate_screen
 
 REPO = Path(__file__).resolve().parents[1]
-STEPS = 48
-ARGS = ["--backed", "--latent", "4", "--hidden", "32", "--batch-size", "64", "--lr", "3e-3",
-        "--no-progress", "--checkpoint-every", "8", "--val-every", "16", "--chunk-rows", "32",
+STEPS = 100
+ARGS = ["--backed", "--latent", "4", "--hidden", "32", "--batch-size", "64", "--lr", "1e-2",
+        "--no-progress", "--checkpoint-every", "20", "--val-every", "50", "--chunk-rows", "32",
         "--buffer-chunks", "4", "--backend", "reference"]
 
 
@@ -48,6 +48,21 @@ def two_process_run(data, tmp_path_factory):
     return out, proc
 
 
+def test_distributed_evaluate_equals_single_process(two_process_run, tmp_path):
+    out, _ = two_process_run
+    argv = ["evaluate", str(out), "--iwelbo-particles", "5", "--ate-particles", "30",
+            "--batch-size", "32"]
+    proc = _torchrun(argv, tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("wrote ") == 1  # rank 0 alone reports and writes
+    two = json.loads((out / "metrics.json").read_text())
+    assert main(argv) == 0
+    one = json.loads((out / "metrics.json").read_text())
+    assert one["n_cells"] == two["n_cells"] > 0
+    for key in ("test_iwelbo", "ate_pearson", "ate_pearson_top20", "mask_f1"):
+        assert two[key] == pytest.approx(one[key], rel=1e-6), key
+
+
 def _final_loss(out, last=16):
     loss = json.loads((out / "history.json").read_text())["train"]["loss"]
     assert len(loss) == STEPS
@@ -68,10 +83,11 @@ def test_two_processes_reach_the_loss_of_one_process(two_process_run, data, tmp_
     first2, last2 = _final_loss(out2)
     assert last1 < first1 - 0.1 * abs(first1)  # both actually learned ...
     assert last2 < first2 - 0.1 * abs(first2)
-    assert abs(last2 - last1) < 0.02 * abs(last1)  # ... to the same loss (different noise)
+    # ... to the same loss (other noise and order; across seeds it varies by ~0.2%)
+    assert abs(last2 - last1) < 0.01 * abs(last1)
     v1 = json.loads((out1 / "history.json").read_text())["val"]["elbo"][-1]
     v2 = json.loads((out2 / "history.json").read_text())["val"]["elbo"][-1]
-    assert abs(v2 - v1) < 0.02 * abs(v1)
+    assert abs(v2 - v1) < 0.01 * abs(v1)
 
 
 def _worker(rank, tmp, tag, argv, die_at_step):
@@ -119,7 +135,7 @@ def test_dead_rank_fails_clearly_and_resume_matches_uninterrupted(two_process_ru
     out_ref, _ = two_process_run
     out = tmp_path / "run"
     argv = ["train", str(data), "--out", str(out), "--max-steps", str(STEPS), *ARGS]
-    codes = _spawn(tmp_path, "crash", argv, die_at_step=20)
+    codes = _spawn(tmp_path, "crash", argv, die_at_step=50)
     assert codes[1] == 17
     rc, seconds = (tmp_path / "crash.rank0.rc").read_text().split()
     err = (tmp_path / "crash.rank0.err").read_text()
@@ -127,7 +143,7 @@ def test_dead_rank_fails_clearly_and_resume_matches_uninterrupted(two_process_ru
     assert "lost contact with the other processes" in err and "--resume" in err
     assert float(seconds) < 55  # noticed at once, not after the 60 s collective timeout
     ckpt = torch.load(out / "checkpoints" / "last.pt", weights_only=False)
-    assert ckpt["step"] == 16 and len(ckpt["rank_noise"]) == 2
+    assert ckpt["step"] == 40 and len(ckpt["rank_noise"]) == 2
 
     codes = _spawn(tmp_path, "resume", argv + ["--resume"])
     assert codes == [0, 0], (tmp_path / "resume.rank0.err").read_text()

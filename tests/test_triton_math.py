@@ -10,6 +10,10 @@ import triton.language as tl  # noqa: E402
 from samsvae.ops import _triton_math as tm  # noqa: E402
 
 EPS32 = torch.finfo(torch.float32).eps
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the interpreter runs CPU tensors
+# a few ulps: the interpreter's numpy math is correctly rounded, a GPU's division
+# (div.full.f32) and log (possibly lg2.approx) add up to ~2 ulp each
+ULPS = 8 * EPS32
 F = torch.nn.functional
 
 @triton.jit
@@ -56,11 +60,11 @@ _WHICH = {"lgamma_pos": 0, "digamma_pos": 1, "lgamma_stirling": 2, "exp_acc": 3,
 
 def _apply(name, x):
     """Evaluate device function ``name`` on x; returns float64 tensor(s)."""
-    x = x.contiguous()
+    x = x.to(DEVICE).contiguous()
     out, out2 = torch.empty_like(x), torch.empty_like(x)
     n = x.numel()
     _apply_kernel[(triton.cdiv(n, 1024),)](x, out, out2, n, WHICH=_WHICH[name], BLOCK=1024)
-    return out.double(), out2.double()
+    return out.double().cpu(), out2.double().cpu()
 
 
 def _f32_grid(lo, hi, n=4001):
@@ -107,7 +111,7 @@ def test_log1p_and_softplus_family():
                    torch.logspace(-10, 10, 4000, dtype=torch.float64)]).float()
     rd = r.double()
     out, _ = _apply("log1p", r)
-    assert ((out - torch.log1p(rd)) / torch.log1p(rd)).abs().max() < 4 * EPS32
+    assert ((out - torch.log1p(rd)) / torch.log1p(rd)).abs().max() < ULPS
     out, _ = _apply("log1p_minus_x", r)
     ref = torch.log1p(rd) - rd
     ok = ref.abs() > 1e-30
@@ -117,10 +121,10 @@ def test_log1p_and_softplus_family():
     yd = y.double()
     s, s_neg = _apply("softplus_pair", y)
     for got, ref in ((s, F.softplus(yd)), (s_neg, F.softplus(-yd))):
-        assert ((got - ref) / ref).abs().max() < 4 * EPS32
+        assert ((got - ref) / ref).abs().max() < ULPS
     q, qc = _apply("sigmoid_pair", y)
     for got, ref in ((q, torch.sigmoid(yd)), (qc, torch.sigmoid(-yd))):
-        assert ((got - ref) / ref).abs().max() < 4 * EPS32
+        assert ((got - ref) / ref).abs().max() < ULPS
     # sigma(y) - softplus(y) ~ -exp(2y)/2 for y << 0: the float32 direct form loses it all
     y = torch.linspace(-40.0, 40.0, 8001).float()
     out, _ = _apply("sigmoid_minus_softplus", y)

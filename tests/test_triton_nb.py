@@ -11,8 +11,10 @@ Errors are Euclidean norms over all outputs of a tensor, so that single float32 
 (which either implementation may win by chance) do not decide the comparison.
 """
 import math
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -24,6 +26,7 @@ from samsvae.ops import _triton_nb_kernels as K  # noqa: E402
 from samsvae.ops.nb_log_prob import nb_log_prob, nb_log_prob_reference  # noqa: E402
 
 EPS32 = torch.finfo(torch.float32).eps
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the interpreter runs CPU tensors
 # the interpreter evaluates both branches of tl.where: inf/nan in the discarded lanes are fine
 pytestmark = [pytest.mark.filterwarnings("ignore:divide by zero encountered"),
               pytest.mark.filterwarnings("ignore:invalid value encountered"),
@@ -53,14 +56,15 @@ def _inputs(seed, heavy=False):
     counts[1, :8] = torch.tensor([1e5, 3e4, 700.0, 65.0, 64.0, 63.0, 2.0, 1.0])
     counts[2, :4] = torch.tensor([2.5, 0.5, 70.25, 7.0])
     log_library = torch.log(counts.sum(1) + 1.0)
-    return counts, logits, log_library, lt
+    return [t.to(DEVICE) for t in (counts, logits, log_library, lt)]
 
 
 def _evaluate(fn, counts, logits, log_library, log_theta, dtype):
     """Forward and the gradients of a random projection of it: (out, dlogits, dll, dlt)."""
     leaves = [t.detach().to(dtype).requires_grad_() for t in (logits, log_library, log_theta)]
     out = fn(counts, *leaves)
-    weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(7)).to(dtype)
+    weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(7)).to(out.device,
+                                                                                   dtype)
     (out * weight).sum().backward()
     return [out.detach()] + [t.grad for t in leaves]
 
@@ -113,15 +117,16 @@ def test_every_count_branch_per_element():
     ll = torch.log(xs * n_genes)
     ll[-1] -= math.log(1000.0)
     lt = thetas.log()
+    counts, logits, ll, lt = [t.to(DEVICE) for t in (counts, logits, ll, lt)]
     with K.override_config(K.NBConfig(rows=4, block_g=8, block_nnz=8, num_warps=4)):
         kernel = _evaluate(K.nb_log_prob_triton, counts, logits, ll, lt, torch.float32)
     ref64 = _evaluate(nb_log_prob_reference, counts.double(), logits, ll, lt, torch.float64)
     ref32 = _evaluate(nb_log_prob_reference, counts, logits, ll, lt, torch.float32)
     _assert_float32_rule(kernel, ref32, ref64, NAMES)
     # per row: within 2x the float32 reference's own error plus a few ulps of the row's size
-    err_k = (kernel[0].double() - ref64[0]).abs()[0]
-    err_r = (ref32[0].double() - ref64[0]).abs()[0]
-    scale = (ref64[0].abs() + xs.double() * torch.log(xs.double() + 1))[0]
+    err_k = (kernel[0].double() - ref64[0]).abs()[0].cpu()
+    err_r = (ref32[0].double() - ref64[0]).abs()[0].cpu()
+    scale = (ref64[0].abs().cpu() + xs.double() * torch.log(xs.double() + 1))[0]
     bad = err_k > 2 * err_r + 4 * EPS32 * scale
     assert not bad.any(), (f"rows x={xs[bad].tolist()}: kernel errors {err_k[bad].tolist()}, "
                            f"float32 reference {err_r[bad].tolist()}")
@@ -130,7 +135,7 @@ def test_every_count_branch_per_element():
 def test_particles_share_counts():
     """(P, C, G) logits against (C, G) counts equal P separate single-particle calls."""
     counts, logits, ll, lt = _inputs(seed=3)
-    weight = torch.randn(P, C, generator=torch.Generator().manual_seed(7))
+    weight = torch.randn(P, C, generator=torch.Generator().manual_seed(7)).to(DEVICE)
     leaves = [t.clone().requires_grad_() for t in (logits, ll, lt)]
     singles = [[t.clone().requires_grad_() for t in (logits[p:p + 1], ll, lt)] for p in range(P)]
     with K.override_config(CFG):
@@ -162,8 +167,14 @@ def test_log_theta_without_grad_and_empty_batch():
         assert (t.grad is not None) == theta_grad
     assert torch.equal(grads[0], grads[1])
 
-    empty = K.nb_log_prob_triton(torch.zeros(0, G), torch.zeros(3, 0, G), torch.zeros(0), lt)
+    def zeros(*shape):
+        return torch.zeros(*shape, device=DEVICE)
+
+    empty = K.nb_log_prob_triton(zeros(0, G), zeros(3, 0, G), zeros(0), lt)
     assert empty.shape == (3, 0)
+    no_genes = zeros(2, 0)
+    assert torch.equal(K.nb_log_prob_triton(no_genes, no_genes, zeros(2), zeros(0)),
+                       nb_log_prob_reference(no_genes, no_genes, zeros(2), zeros(0)))
 
 
 def test_float64_goes_to_the_reference():
@@ -174,7 +185,7 @@ def test_float64_goes_to_the_reference():
 
 def test_tables_are_exact_sums():
     theta = torch.logspace(-4, 6, 50)
-    tab, dtab = K.nb_tables(theta)
+    tab, dtab = [t.cpu() for t in K.nb_tables(theta.to(DEVICE))]
     x = torch.arange(K.X_TAB, dtype=torch.float64)[:, None]
     t = theta.double()[None]
     j = torch.arange(K.X_TAB - 1, dtype=torch.float64)[:, None]
@@ -204,10 +215,9 @@ def test_import_samsvae_does_not_import_triton():
             "print('triton' in sys.modules, "
             "'triton' in backends._REGISTRY['nb_log_prob'], "
             "'triton' in backends._REGISTRY['masked_embedding_sum'])")
-    env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
-                         cwd=str(__import__("pathlib").Path(__file__).resolve().parents[1]),
-                         check=True).stdout.split()
+                         cwd=str(Path(__file__).resolve().parents[1]), check=True).stdout.split()
     imported, nb_registered, emb_registered = out
     assert nb_registered == "True" and emb_registered == "True"
     if not torch.cuda.is_available():

@@ -8,58 +8,66 @@
 // Backward (parallel over u, through the transposed dosage, so no two threads write the
 // same row of a gradient table and no atomics or per-thread copies are needed).
 
-// Copies n values into a scratch row of np >= n values, padding with `pad`.
+// Rows of L values read and written in vector steps; the last, partial step goes through a
+// padded copy.
 template <class T>
-SV_INLINE void emb_copy_padded(T* dst, const T* src, int64_t n, int64_t np, T pad) {
-  std::memcpy(dst, src, sizeof(T) * n);
-  for (int64_t i = n; i < np; ++i) dst[i] = pad;
-}
+struct EmbRowIO {
+  typedef Lanes<T> L;
+  typedef typename L::V V;
+  int64_t n, nfull;
+  SV_INLINE explicit EmbRowIO(int64_t len) : n(len), nfull(len - len % L::W) {}
+  SV_INLINE V load(const T* row, int64_t l, T pad) const {
+    if (l < nfull) return L::load(row + l);
+    alignas(64) T tmp[L::W];
+    for (int i = 0; i < L::W; ++i) tmp[i] = l + i < n ? row[l + i] : pad;
+    return L::load(tmp);
+  }
+  SV_INLINE void store(T* row, int64_t l, V v) const {
+    if (l < nfull) {
+      L::store(row + l, v);
+      return;
+    }
+    alignas(64) T tmp[L::W];
+    L::store(tmp, v);
+    for (int64_t i = 0; l + i < n; ++i) row[l + i] = tmp[i];
+  }
+};
 
-// Scratch: 7 rows of Lp = L rounded up to the vector width.
+// Scratch: one row of Lp = L rounded up to the vector width.
 template <class T>
 void emb_sample(const EmbFwdArgs<T>& a, T* tmp, int64_t u0, int64_t u1) {
   typedef Lanes<T> L;
   typedef typename L::V V;
-  const int64_t Ld = a.L, Lp = (Ld + L::W - 1) / L::W * L::W;
-  T* scale = tmp;
-  T* loc = tmp + Lp;
-  T* logit = tmp + 2 * Lp;
-  T* eps = tmp + 3 * Lp;
-  T* unif = tmp + 4 * Lp;
-  T* out_e = tmp + 5 * Lp;
-  T* out_s = tmp + 6 * Lp;
+  const int64_t Ld = a.L;
+  const EmbRowIO<T> io(Ld);
+  T* scale = tmp;  // exp(log_scale) of the current perturbation
   const V one = L::splat((T)1), half = L::splat((T)0.5), zero = L::splat((T)0);
   const T tau = (T)a.temperature;
   for (int64_t u = u0; u < u1; ++u) {
     const int64_t t = a.index[u];
-    emb_copy_padded(loc, a.loc + t * Ld, Ld, Lp, (T)0);
-    if (a.log_scale != nullptr) {
-      emb_copy_padded(scale, a.log_scale + t * Ld, Ld, Lp, (T)0);
-      for (int64_t l = 0; l < Lp; l += L::W) L::store(scale + l, L::exp(L::load(scale + l)));
-    }
-    if (a.mask_logits != nullptr) emb_copy_padded(logit, a.mask_logits + t * Ld, Ld, Lp, (T)0);
+    const T* loc = a.loc + t * Ld;
+    if (a.log_scale != nullptr)
+      for (int64_t l = 0; l < Ld; l += L::W)
+        L::store(scale + l, L::exp(io.load(a.log_scale + t * Ld, l, (T)0)));
     for (int64_t k = 0; k < a.P; ++k) {
       const int64_t base = (k * a.U + u) * Ld;
       if (a.log_scale != nullptr) {
-        emb_copy_padded(eps, a.eps + base, Ld, Lp, (T)0);
-        for (int64_t l = 0; l < Lp; l += L::W)
-          L::store(out_e + l, L::load(loc + l) + L::load(scale + l) * L::load(eps + l));
-        std::memcpy(a.emb + base, out_e, sizeof(T) * Ld);
+        for (int64_t l = 0; l < Ld; l += L::W)
+          io.store(a.emb + base, l,
+                   io.load(loc, l, (T)0) + L::load(scale + l) * io.load(a.eps + base, l, (T)0));
       } else {
         std::memcpy(a.emb + base, loc, sizeof(T) * Ld);
       }
       if (a.mask_logits != nullptr) {
-        emb_copy_padded(unif, a.unif + base, Ld, Lp, (T)0.5);
-        for (int64_t l = 0; l < Lp; l += L::W) {
-          const V uu = L::load(unif + l);
+        const T* logit = a.mask_logits + t * Ld;
+        for (int64_t l = 0; l < Ld; l += L::W) {
+          const V uu = io.load(a.unif + base, l, (T)0.5);
           const V logistic = L::log(uu) - L::log1p(zero - uu);
-          const V zz = (L::load(logit + l) + logistic) / tau;
+          const V zz = (io.load(logit, l, (T)0) + logistic) / tau;
           const V soft = one / (one + L::exp(zero - zz));
-          L::store(out_s + l, soft);
-          L::store(out_e + l, L::sel(L::gt(soft, half), one, zero));
+          io.store(a.soft + base, l, soft);
+          io.store(a.mask + base, l, L::sel(L::gt(soft, half), one, zero));
         }
-        std::memcpy(a.soft + base, out_s, sizeof(T) * Ld);
-        std::memcpy(a.mask + base, out_e, sizeof(T) * Ld);
       }
     }
   }
@@ -92,6 +100,7 @@ template <class T>
 void emb_backward(const EmbBwdArgs<T>& a, T* tmp, int64_t u0, int64_t u1) {
   typedef Lanes<T> L;
   const int64_t Ld = a.L, Lp = (Ld + L::W - 1) / L::W * L::W;
+  const EmbRowIO<T> io(Ld);
   T* __restrict__ scale = tmp;
   T* __restrict__ dval = tmp + Lp;
   T* __restrict__ g_loc = tmp + 2 * Lp;
@@ -100,10 +109,9 @@ void emb_backward(const EmbBwdArgs<T>& a, T* tmp, int64_t u0, int64_t u1) {
   const T tau = (T)a.temperature;
   for (int64_t u = u0; u < u1; ++u) {
     const int64_t t = a.index[u];
-    if (a.log_scale != nullptr) {
-      emb_copy_padded(scale, a.log_scale + t * Ld, Ld, Lp, (T)0);
-      for (int64_t l = 0; l < Lp; l += L::W) L::store(scale + l, L::exp(L::load(scale + l)));
-    }
+    if (a.log_scale != nullptr)
+      for (int64_t l = 0; l < Ld; l += L::W)
+        L::store(scale + l, L::exp(io.load(a.log_scale + t * Ld, l, (T)0)));
     for (int64_t l = 0; l < Ld; ++l) g_loc[l] = g_ls[l] = g_ml[l] = (T)0;
     for (int64_t k = 0; k < a.P; ++k) {
       for (int64_t l = 0; l < Ld; ++l) dval[l] = (T)0;

@@ -106,7 +106,7 @@ void fwd_impl(const EmbFwdArgs<T>& a, const EmbShapes& s) {
   const int64_t Lp = round_up(s.L, kern.vec_width);
   at::parallel_for(0, s.U, grain(s.P * s.L * 8), [&](int64_t u0, int64_t u1) {
     DenormalsAreZero ftz;
-    std::vector<T> tmp(7 * Lp);
+    std::vector<T> tmp(Lp);
     kern.emb_sample(a, tmp.data(), u0, u1);
   });
   at::parallel_for(0, s.C, grain(s.P * s.L * 2), [&](int64_t i0, int64_t i1) {

@@ -51,6 +51,8 @@ struct NbScratch {  // one per thread; rows of Gp elements unless noted
   T* xrow = nullptr;           // backward: counts of the current cell; all zero between cells
   T* aux = nullptr;            // exp(logit - max) of the current row; forward: then log1p(y)
   T* vrow = nullptr;           // backward: v = y / (1 + y) of the current row
+  T* theta_part = nullptr;     // backward: dL/dlog(theta) of the last few rows, in T (flushed
+                               // into the thread's float64 accumulator every 8 rows)
   int64_t* ent_col = nullptr;  // (G) dense counts: genes of the non-zero entries
   T* ent_x = nullptr;          // (G) their counts
   double* ent_t = nullptr;     // (max entries per cell) count-only term of each entry

@@ -14,7 +14,8 @@
 //   dL/dlogmu_g   = go * w_g (x_g - mu_g)          (counts scattered into a zeroed dense row)
 //   dL/dlogit_g   = dL/dlogmu_g - softmax_g * S,      S = sum_g dL/dlogmu_g = dL/dlog_library
 //   dL/dlogtheta_g += -go theta_g f(y_g)  (every gene)  + go (x v_g + dT(x, theta_g)) (entries)
-// accumulated in a per-thread float64 row, reduced over threads by the caller.
+// accumulated in a per-thread float64 row (the every-gene part through a T row flushed every 8
+// rows), reduced over threads by the caller.
 
 // f(y) = log1p(y) - y / (1 + y) = -log(w) - v, given w = 1 / (1 + y) and v = y w = 1 - w.
 // It is ~v^2/2 for small v, so the direct difference would cancel. Float lanes: for
@@ -68,33 +69,48 @@ SV_INLINE double nb_entry_term(T x, int64_t g, const NbGenes<T>& gn, T Kf, bool 
   return nb_entry_term_general(x, g, gn, derivative, bad);
 }
 
-// Sum of the count-only terms of n entries. Four partial sums (one float64 accumulator would
-// serialise on the add latency); when the table outgrows the caches, the table element of the
-// entry 16 ahead is prefetched so that the data-dependent loads overlap.
-#ifndef SAMSVAE_NB_PREFETCH
-#define SAMSVAE_NB_PREFETCH 32
-#endif
-constexpr int64_t kNbPrefetch = SAMSVAE_NB_PREFETCH;
+// Prefetches the table element of entry k when the table outgrows the caches: the lookups are
+// data-dependent loads, so without it each miss stalls on its own.
+template <class T>
+SV_INLINE void nb_prefetch_entry(const int64_t* ecol, const T* ex, int64_t k,
+                                 const NbGenes<T>& gn, T Kf) {
+  const T x = ex[k];
+  const int64_t xi = x >= (T)0 && x < Kf ? (int64_t)x : 0;
+  __builtin_prefetch(gn.table + xi * gn.Gp + ecol[k]);
+}
 
+SV_INLINE bool nb_table_is_large(int K, int64_t Gp) { return (int64_t)K * Gp * 8 > (256 << 10); }
+
+constexpr int64_t kNbPrefetch = 32;  // entries ahead: enough to cover a memory latency
+
+// Sum of the count-only terms of n entries, in four partial sums (one float64 accumulator
+// would serialise on the add latency), prefetching kNbPrefetch entries ahead.
 template <class T>
 SV_INLINE double nb_entries_term_sum(const int64_t* ecol, const T* ex, int64_t n,
                                      const NbGenes<T>& gn, int64_t& bad) {
   const T Kf = (T)gn.K;
-  const bool prefetch = (int64_t)gn.K * gn.Gp * 8 > (256 << 10);
+  const bool prefetch = nb_table_is_large(gn.K, gn.Gp);
   double a[4] = {0.0, 0.0, 0.0, 0.0};
   int64_t k = 0;
   for (; k + 4 <= n; k += 4) {
-    if (prefetch && k + kNbPrefetch + 4 <= n) {
-      for (int j = 0; j < 4; ++j) {
-        const T x = ex[k + kNbPrefetch + j];
-        const int64_t xi = x >= (T)0 && x < Kf ? (int64_t)x : 0;
-        __builtin_prefetch(gn.table + xi * gn.Gp + ecol[k + kNbPrefetch + j]);
-      }
-    }
+    if (prefetch && k + kNbPrefetch + 4 <= n)
+      for (int j = 0; j < 4; ++j) nb_prefetch_entry(ecol, ex, k + kNbPrefetch + j, gn, Kf);
     for (int j = 0; j < 4; ++j) a[j] += nb_entry_term(ex[k + j], ecol[k + j], gn, Kf, false, bad);
   }
   for (; k < n; ++k) a[0] += nb_entry_term(ex[k], ecol[k], gn, Kf, false, bad);
   return (a[0] + a[1]) + (a[2] + a[3]);
+}
+
+// out[k] = the count-only derivative term of entry k (same prefetching).
+template <class T>
+SV_INLINE void nb_entries_dterm(const int64_t* ecol, const T* ex, int64_t n,
+                                const NbGenes<T>& gn, double* out, int64_t& bad) {
+  const T Kf = (T)gn.K;
+  const bool prefetch = nb_table_is_large(gn.K, gn.Gp);
+  for (int64_t k = 0; k < n; ++k) {
+    if (prefetch && k + kNbPrefetch < n) nb_prefetch_entry(ecol, ex, k + kNbPrefetch, gn, Kf);
+    out[k] = nb_entry_term(ex[k], ecol[k], gn, Kf, true, bad);
+  }
 }
 
 // Builds the table (rows: counts 0..K-1) for genes [g0, g1); g0 is a multiple of the vector
@@ -245,16 +261,15 @@ NbStatus nb_forward_cells(const NbFwdArgs<T>& a, const NbScratch<T>& s, int64_t 
       const NbRow<T> row(lrow, G);
       const T m_s = row.max(Gp);
       const V m = L::splat(m_s);
-      typename L::Acc se;
-      L::acc_zero(se);
+      typename L::BlockSum se;
       const T* next = p + 1 < a.P ? lrow + C * G : (c + 1 < c1 ? a.logits + (c + 1) * G : lrow);
       for (int64_t g = 0; g < Gp; g += L::W) {
         __builtin_prefetch(next + g);  // the next row streams in while this one computes
         const V e = L::exp_nonpos(row.load(g) - m);
         L::store(s.aux + g, e);
-        L::acc_add(se, e);
+        se.add(e);
       }
-      const double sum = L::acc_sum(se);
+      const double sum = se.sum();
       const double lse = (double)m_s + std::log(sum);
       // library / sum as an unevaluated sum hi + lo: its rounding would otherwise bias every
       // gene of the row the same way (errors that add up instead of averaging out)
@@ -289,6 +304,16 @@ NbStatus nb_forward_cells(const NbFwdArgs<T>& a, const NbScratch<T>& s, int64_t 
   return st;
 }
 
+// acc[g] += part[g] in float64; part = 0
+template <class T>
+SV_INLINE void nb_flush_theta(T* part, double* acc, int64_t Gp) {
+  typedef Lanes<T> L;
+  for (int64_t g = 0; g < Gp; g += L::W) {
+    L::add_to(acc + g, L::load(part + g));
+    L::store(part + g, L::splat((T)0));
+  }
+}
+
 template <class T>
 NbStatus nb_backward_cells(const NbBwdArgs<T>& a, const NbScratch<T>& s, double* theta_acc,
                            int64_t c0, int64_t c1) {
@@ -300,16 +325,15 @@ NbStatus nb_backward_cells(const NbBwdArgs<T>& a, const NbScratch<T>& s, double*
   NbStatus st;
   int64_t& bad = st.bad_counts;
   alignas(64) T gtail[W];
+  int rows_in_part = 0;
   for (int64_t c = c0; c < c1; ++c) {
     const int64_t* ecol;
     const T* ex;
     double X;
     const int64_t n = nb_cell_entries(a.counts, c, G, s, &ecol, &ex, &X, st);
-    const T Kf = (T)gn.K;
-    for (int64_t k = 0; k < n; ++k) {
-      s.ent_t[k] = nb_entry_term(ex[k], ecol[k], gn, Kf, true, bad);
+    nb_entries_dterm(ecol, ex, n, gn, s.ent_t, bad);
+    for (int64_t k = 0; k < n; ++k)
       s.xrow[ecol[k]] += ex[k];  // duplicate columns add up, as in the reference
-    }
     const double lib = std::exp((double)a.log_library[c]);
     double grad_lib = 0.0;
     for (int64_t p = 0; p < a.P; ++p) {
@@ -329,8 +353,7 @@ NbStatus nb_backward_cells(const NbBwdArgs<T>& a, const NbScratch<T>& s, double*
       const V clh = L::splat(cl_hi), cll = L::splat((T)(lib / sum - (double)cl_hi));
       const V m = L::splat(m_s), go = L::splat(go_s);
       const V one = L::splat((T)1);
-      typename L::Acc S;
-      L::acc_zero(S);
+      typename L::BlockSum S;
       for (int64_t g = 0; g < Gp; g += W) {
         __builtin_prefetch(next + g);
         const V e = L::exp_nonpos(row.load(g) - m);
@@ -343,9 +366,9 @@ NbStatus nb_backward_cells(const NbBwdArgs<T>& a, const NbScratch<T>& s, double*
         L::store(s.vrow + g, v);
         if (g < row.Gfull) L::store(grow + g, dlm);
         else L::store(gtail, dlm);
-        L::acc_add(S, dlm);
+        S.add(dlm);
         const V f = nb_log1p_minus_v(y, w, v);
-        L::add_to(theta_acc + g, (T)0 - go * L::load(gn.theta + g) * f);
+        L::store(s.theta_part + g, L::load(s.theta_part + g) - go * L::load(gn.theta + g) * f);
       }
       // count-dependent part of dL/dlog(theta), per stored entry in float64
       const double god = (double)go_s;
@@ -353,16 +376,21 @@ NbStatus nb_backward_cells(const NbBwdArgs<T>& a, const NbScratch<T>& s, double*
         const int64_t g = ecol[k];
         theta_acc[g] += god * ((double)ex[k] * (double)s.vrow[g] + s.ent_t[k]);
       }
-      const double Sd = L::acc_sum(S);
+      const double Sd = S.sum();
       grad_lib += Sd;
       const T k = (T)(Sd / sum);  // softmax_g * S = e_g * (S / sum)
       const V kv = L::splat(k);
       for (int64_t g = 0; g < row.Gfull; g += W)
         L::store(grow + g, L::load(grow + g) - L::load(s.aux + g) * kv);
       for (int64_t g = row.Gfull; g < G; ++g) grow[g] = gtail[g - row.Gfull] - s.aux[g] * k;
+      if (++rows_in_part == 8) {
+        nb_flush_theta(s.theta_part, theta_acc, Gp);
+        rows_in_part = 0;
+      }
     }
     a.grad_log_library[c] = (T)grad_lib;
     for (int64_t k = 0; k < n; ++k) s.xrow[ecol[k]] = (T)0;
   }
+  nb_flush_theta(s.theta_part, theta_acc, Gp);
   return st;
 }

@@ -152,11 +152,12 @@ struct Scratch {
   std::vector<double> terms;
   NbScratch<T> s;
   Scratch(const NbInputs& in, int64_t Gp)
-      : rows(3 * Gp + in.G, (T)0), cols(in.G), terms(std::max<int64_t>(1, in.max_entries)) {
+      : rows(4 * Gp + in.G, (T)0), cols(in.G), terms(std::max<int64_t>(1, in.max_entries)) {
     s.xrow = rows.data();
     s.aux = rows.data() + Gp;
     s.vrow = rows.data() + 2 * Gp;
-    s.ent_x = rows.data() + 3 * Gp;
+    s.theta_part = rows.data() + 3 * Gp;
+    s.ent_x = rows.data() + 4 * Gp;
     s.ent_col = cols.data();
     s.ent_t = terms.data();
   }

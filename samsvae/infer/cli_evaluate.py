@@ -39,40 +39,57 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
+    from ..train.distributed import init_from_env, shutdown
     from ..train.run_dir import load_run
+    comm = init_from_env(args.device)  # under torchrun: cells spread over the processes
     try:
         for name in ("iwelbo_particles", "ate_particles", "batch_size"):
             if getattr(args, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, "
                                  f"got {getattr(args, name)}")
-        loaded = load_run(args.run_dir, data=args.data, map_location=args.device)
+        device = args.device if comm is None else comm.device
+        loaded = load_run(args.run_dir, data=args.data, map_location=device)
         metrics = evaluate_run(loaded, split=args.split, iwelbo_particles=args.iwelbo_particles,
                                ate_particles=args.ate_particles, batch_size=args.batch_size,
-                               seed=args.seed, plots=args.plots, data_path=args.data)
+                               seed=args.seed, plots=args.plots, data_path=args.data, comm=comm)
     except (ValueError, FileNotFoundError) as exc:
         if os.environ.get("SAMSVAE_DEBUG"):
             raise
         print(f"samsvae evaluate: error: {exc}", file=sys.stderr)
         return 2
-    print_metrics(metrics)
-    print(f"wrote {Path(args.run_dir) / 'metrics.json'}")
+    finally:
+        shutdown(comm)
+    if comm is None or comm.is_main:
+        print_metrics(metrics)
+        print(f"wrote {Path(args.run_dir) / 'metrics.json'}")
     return 0
 
 
 def evaluate_run(loaded, *, split: str = "test", iwelbo_particles: int = 100,
                  ate_particles: int = 2500, batch_size: int = 512, seed: int = 0,
-                 plots: bool = False, data_path=None) -> dict:
+                 plots: bool = False, data_path=None, comm=None) -> dict:
     """Evaluate a :class:`~samsvae.train.run_dir.LoadedRun` on one split; write metrics.json.
 
     Returns the metrics dict: ``test_iwelbo`` (mean nats per cell), ``ate_pearson``,
     ``ate_pearson_top20``, ``n_cells``, ``mask_f1``/``mask_precision``/``mask_recall`` when the
     data carry simulated ground truth, plus ``split``, the particle counts and ``seconds``.
+    ``comm`` (``samsvae.train.distributed.init_from_env``): every process of the group calls
+    this; the cells and ATE label groups are spread over them, rank 0 writes the files.
     """
     from . import evaluate_model
     t0 = time.perf_counter()
     idx = loaded.indices(split)
-    raw = evaluate_model(loaded.model, loaded.screen, idx, iwelbo_particles=iwelbo_particles,
-                         ate_particles=ate_particles, seed=seed, batch_size=batch_size)
+    if comm is None:
+        raw = evaluate_model(loaded.model, loaded.screen, idx, iwelbo_particles=iwelbo_particles,
+                             ate_particles=ate_particles, seed=seed, batch_size=batch_size)
+    else:
+        from ..train.distributed import evaluate_model_distributed
+        raw = evaluate_model_distributed(loaded.model, loaded.screen, idx,
+                                         iwelbo_particles=iwelbo_particles,
+                                         ate_particles=ate_particles, seed=seed,
+                                         batch_size=batch_size, comm=comm)
+        if not comm.is_main:
+            return {k: _plain(v) for k, v in raw.items() if _is_scalar(v)}
     metrics = {k: _plain(v) for k, v in raw.items() if _is_scalar(v)}
     metrics.update(split=split, iwelbo_particles=iwelbo_particles, ate_particles=ate_particles,
                    seed=seed, seconds=round(time.perf_counter() - t0, 2),

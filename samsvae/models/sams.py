@@ -70,6 +70,10 @@ class SAMSVAE(PerturbationModel):
         embedding_init_loc_std: standard deviation of the random initial guide means.
         embedding_code_dim, embedding_hidden: code size and hidden width of the correlated
             embedding guide.
+        global_param_scale: the per-perturbation guide parameters (mu_t, log sigma_t, mask
+            logits, codes) are stored divided by this factor. Adam moves every stored parameter
+            by about ``lr`` per step, so this lets them travel ``global_param_scale`` times
+            faster than the network weights (see the module docstring).
     """
 
     def __init__(self, *, model: str = "sams_vae", guide: str = "mean_field", n_genes: int,
@@ -79,7 +83,7 @@ class SAMSVAE(PerturbationModel):
                  embedding_prior_scale: float = 1.0, temperature: float = 1.0,
                  mask_init_logit: float = 0.0, embedding_init_scale: float = 0.1,
                  embedding_init_loc_std: float = 0.1, embedding_code_dim: int = 16,
-                 embedding_hidden: int = 64):
+                 embedding_hidden: int = 64, global_param_scale: float = 1.0):
         if model not in ("sams_vae", "cpa_vae"):
             raise ValueError(f"SAMSVAE implements 'sams_vae' and 'cpa_vae', not {model!r}")
         guides = SAMS_GUIDES if model == "sams_vae" else CPA_GUIDES
@@ -88,7 +92,7 @@ class SAMSVAE(PerturbationModel):
         if not 0.0 < mask_prior_prob < 1.0:
             raise ValueError(f"mask_prior_prob must be in (0, 1), got {mask_prior_prob}")
         for name, v in (("embedding_prior_scale", embedding_prior_scale),
-                        ("temperature", temperature),
+                        ("temperature", temperature), ("global_param_scale", global_param_scale),
                         ("embedding_init_scale", embedding_init_scale)):
             if not v > 0:
                 raise ValueError(f"{name} must be > 0, got {v}")
@@ -96,7 +100,8 @@ class SAMSVAE(PerturbationModel):
                      temperature=temperature, mask_init_logit=mask_init_logit,
                      embedding_init_scale=embedding_init_scale,
                      embedding_init_loc_std=embedding_init_loc_std,
-                     embedding_code_dim=embedding_code_dim, embedding_hidden=embedding_hidden)
+                     embedding_code_dim=embedding_code_dim, embedding_hidden=embedding_hidden,
+                     global_param_scale=global_param_scale)
         super().__init__(model=model, guide=guide, n_genes=n_genes,
                          n_perturbations=n_perturbations, n_latent=n_latent, n_hidden=n_hidden,
                          backend=backend, perturbation_counts=perturbation_counts,
@@ -109,18 +114,20 @@ class SAMSVAE(PerturbationModel):
         self.mask_prior_prob = float(mask_prior_prob)
         self.embedding_prior_scale = float(embedding_prior_scale)
         self.temperature = float(temperature)
+        self.global_param_scale = float(global_param_scale)
 
         self.encoder = GaussianEncoder(self.n_genes, self.n_hidden, L,
                                        gene_log1p_mean=gene_log1p_mean,
                                        gene_log1p_std=gene_log1p_std,
                                        n_conditioning=L if self.corr_basal else 0)
         self.decoder = DecoderBody(L, self.n_hidden, self.n_genes)
-        self.emb_loc = nn.Parameter(torch.randn(T, L) * float(embedding_init_loc_std))
-        self.emb_log_scale = nn.Parameter(torch.full((T, L), math.log(embedding_init_scale)))
-        self.mask_logits = (nn.Parameter(torch.full((T, L), float(mask_init_logit)))
-                            if self.masked else None)
+        k = self.global_param_scale
+        self.emb_loc_raw = nn.Parameter(torch.randn(T, L) * (float(embedding_init_loc_std) / k))
+        self.emb_log_scale_raw = nn.Parameter(torch.full((T, L), math.log(embedding_init_scale) / k))
+        self.mask_logits_raw = (nn.Parameter(torch.full((T, L), float(mask_init_logit) / k))
+                                if self.masked else None)
         if self.corr_embedding:
-            self.emb_code = nn.Parameter(torch.randn(T, int(embedding_code_dim)))
+            self.emb_code_raw = nn.Parameter(torch.randn(T, int(embedding_code_dim)) / k)
             self.embedding_net = nn.Sequential(
                 nn.Linear(L + int(embedding_code_dim), int(embedding_hidden)),
                 nn.LeakyReLU(LEAKY_SLOPE),
@@ -130,12 +137,36 @@ class SAMSVAE(PerturbationModel):
 
     # -- global variables ----------------------------------------------------------------
 
+    def _scaled(self, raw):
+        return raw if raw is None or self.global_param_scale == 1.0 else raw * self.global_param_scale
+
+    @property
+    def emb_loc(self) -> torch.Tensor:
+        """(T, L) guide means mu_t (for corr_embedding: the per-perturbation base)."""
+        return self._scaled(self.emb_loc_raw)
+
+    @property
+    def emb_log_scale(self) -> torch.Tensor:
+        """(T, L) guide log standard deviations log sigma_t."""
+        return self._scaled(self.emb_log_scale_raw)
+
+    @property
+    def mask_logits(self):
+        """(T, L) guide mask logits l_t, or None (CPA-VAE)."""
+        return self._scaled(self.mask_logits_raw)
+
+    @property
+    def emb_code(self) -> torch.Tensor:
+        """(T, code) per-perturbation codes c_t of the correlated embedding guide."""
+        return self._scaled(self.emb_code_raw)
+
     def _embedding_guide(self, index: torch.Tensor, mask):
         """Guide mean and log std of e_t for the perturbations ``index`` (U,):
         (U, L) each for mean-field, (P, U, L) given a (P, U, L) mask for corr_embedding."""
-        loc, log_scale = self.emb_loc[index], self.emb_log_scale[index]
+        loc = self._scaled(self.emb_loc_raw[index])
+        log_scale = self._scaled(self.emb_log_scale_raw[index])
         if self.corr_embedding:
-            code = self.emb_code[index].expand(mask.shape[0], -1, -1)
+            code = self._scaled(self.emb_code_raw[index]).expand(mask.shape[0], -1, -1)
             delta = self.embedding_net(torch.cat([mask, code], dim=-1))
             dloc, dlog = delta.split(self.n_latent, dim=-1)
             loc, log_scale = loc + dloc, log_scale + dlog
@@ -145,7 +176,8 @@ class SAMSVAE(PerturbationModel):
         """Sample e (P, U, L) and the straight-through mask (P, U, L) or None from noise."""
         mask = None
         if self.masked:
-            mask = relaxed_bernoulli_st(self.mask_logits[index], u, self.temperature)
+            mask = relaxed_bernoulli_st(self._scaled(self.mask_logits_raw[index]), u,
+                                        self.temperature)
         loc, log_scale = self._embedding_guide(index, mask)
         emb = loc + log_scale.exp() * eps
         return emb, mask, loc, log_scale
@@ -158,22 +190,24 @@ class SAMSVAE(PerturbationModel):
         ratio = (log_p_e - log_q_e).sum(-1)
         if mask is not None:
             ratio = ratio + (bernoulli_log_prob_const(mask, self.mask_prior_prob)
-                             - bernoulli_log_prob(mask, self.mask_logits[index])).sum(-1)
+                             - bernoulli_log_prob(mask, self._scaled(self.mask_logits_raw[index]))
+                             ).sum(-1)
         return ratio
 
     def _sample_globals(self, dosage, particles, generator):
         """Training-time sample: z_p (P, B, L), index (U,), global log-ratio (P, U)."""
         if not self.corr_embedding:
-            s = ops.masked_embedding_sum(dosage, self.emb_loc, self.emb_log_scale,
-                                         self.mask_logits, particles=particles,
-                                         temperature=self.temperature, generator=generator,
-                                         backend=self.backend)
-            ratio = self._global_log_ratio(s.index, s.embedding, s.mask, self.emb_loc[s.index],
-                                           self.emb_log_scale[s.index])
+            loc, log_scale = self.emb_loc, self.emb_log_scale
+            s = ops.masked_embedding_sum(dosage, loc, log_scale, self.mask_logits,
+                                         particles=particles, temperature=self.temperature,
+                                         generator=generator, backend=self.backend)
+            ratio = self._global_log_ratio(s.index, s.embedding, s.mask, loc[s.index],
+                                           log_scale[s.index])
             return s.z_p, s.index, ratio
         index = batch_perturbations(dosage)[0]
-        eps, u = draw_noise(particles, index.numel(), self.n_latent, dtype=self.emb_loc.dtype,
-                            device=self.emb_loc.device, generator=generator, masked=True)
+        eps, u = draw_noise(particles, index.numel(), self.n_latent,
+                            dtype=self.emb_loc_raw.dtype, device=self.emb_loc_raw.device,
+                            generator=generator, masked=True)
         emb, mask, loc, log_scale = self._globals_from_noise(index, eps, u)
         ratio = self._global_log_ratio(index, emb, mask, loc, log_scale)
         return perturbation_sum(dosage, index, emb * mask), index, ratio
@@ -232,7 +266,7 @@ class SAMSVAE(PerturbationModel):
 
     def _predictive_hidden(self, dosage, n_samples):
         index = batch_perturbations(dosage)[0]
-        dtype, device = self.emb_loc.dtype, self.emb_loc.device
+        dtype, device = self.emb_loc_raw.dtype, self.emb_loc_raw.device
         eps, u = draw_noise(n_samples, index.numel(), self.n_latent, dtype=dtype, device=device,
                             masked=self.masked)
         emb, mask, _, _ = self._globals_from_noise(index, eps, u)
@@ -262,7 +296,7 @@ class SAMSVAE(PerturbationModel):
         """(T, L) guide means of e_t (corr_embedding: given the most probable mask)."""
         if not self.corr_embedding:
             return self.emb_loc.detach().clone()
-        index = torch.arange(self.n_perturbations, device=self.emb_loc.device)
-        mode = (self.mask_logits > 0).to(self.emb_loc.dtype).unsqueeze(0)
+        index = torch.arange(self.n_perturbations, device=self.emb_loc_raw.device)
+        mode = (self.mask_logits > 0).to(self.emb_loc_raw.dtype).unsqueeze(0)
         return self._embedding_guide(index, mode)[0][0]
 

@@ -85,7 +85,6 @@ def masked_embedding_sum_cpp(dosage, emb_loc, emb_log_scale, mask_logits, *, par
         raise ValueError(f"temperature must be > 0, got {temperature}")
     out_dtype = emb_loc.dtype
     dtype = out_dtype if out_dtype in _COMPUTE_DTYPES else torch.float32
-    dosage = dosage.detach()
     col = dosage.col_indices()
     index, local_col = torch.unique(col, sorted=True, return_inverse=True)
     masked = mask_logits is not None
@@ -97,7 +96,9 @@ def masked_embedding_sum_cpp(dosage, emb_loc, emb_log_scale, mask_logits, *, par
 
     z, emb, mask, _soft = torch.ops.samsvae.masked_embedding_fwd(
         dosage.crow_indices().to(torch.int64).contiguous(),
-        local_col.to(torch.int64).contiguous(), dosage.values().to(dtype).contiguous(),
+        # values() is a view of the sparse tensor; detach() drops that link (no copy), which
+        # torch.compile cannot trace through
+        local_col.to(torch.int64).contiguous(), dosage.values().detach().to(dtype).contiguous(),
         index.to(torch.int64).contiguous(), prep(emb_loc), prep(emb_log_scale),
         prep(mask_logits), prep(eps), prep(unif), float(temperature))
     if dtype != out_dtype:

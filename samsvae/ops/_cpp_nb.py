@@ -95,15 +95,16 @@ def nb_log_prob_cpp(counts, logits, log_library, log_theta):
     logits = logits.to(dtype).contiguous()
     log_library = log_library.to(dtype).contiguous()
     log_theta = log_theta.to(dtype).contiguous()
-    counts = counts.detach()
     if counts.layout == torch.sparse_csr:
+        # values() is a view of the sparse tensor; detach() drops that link (no copy), which
+        # torch.compile cannot trace through
         out, _ = torch.ops.samsvae.nb_log_prob_fwd(
             counts.crow_indices().to(torch.int64).contiguous(),
             counts.col_indices().to(torch.int64).contiguous(),
-            counts.values().to(dtype).contiguous(), logits, log_library, log_theta)
+            counts.values().detach().to(dtype).contiguous(), logits, log_library, log_theta)
     else:
-        out, _ = torch.ops.samsvae.nb_log_prob_dense_fwd(counts.to(dtype).contiguous(), logits,
-                                                         log_library, log_theta)
+        out, _ = torch.ops.samsvae.nb_log_prob_dense_fwd(counts.detach().to(dtype).contiguous(),
+                                                         logits, log_library, log_theta)
     return out.to(out_dtype)
 
 

@@ -207,15 +207,18 @@ def _backward_impl(grad_z: Optional[torch.Tensor], grad_emb: Optional[torch.Tens
                    noise_u: Optional[torch.Tensor], emb_loc: torch.Tensor,
                    emb_log_scale: Optional[torch.Tensor], mask_logits: Optional[torch.Tensor],
                    temperature: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns (d emb_loc, d emb_log_scale, d mask_logits), each (T, L) float32 (zeros for an
-    absent log_scale / mask_logits)."""
+    """Returns (d emb_loc, d emb_log_scale, d mask_logits), each (T, L) float32, or (0,) for
+    an absent log_scale / mask_logits."""
     n_particles, n_pert, latent = emb.shape
     n_cells = crow.shape[0] - 1
     device = emb_loc.device
     has_scale, has_mask = emb_log_scale is not None, mask_logits is not None
-    dloc = torch.zeros(emb_loc.shape, dtype=torch.float32, device=device)
-    dscale = torch.zeros_like(dloc)
-    dlogit = torch.zeros_like(dloc)
+
+    def zeros(present):
+        return torch.zeros(emb_loc.shape if present else (0,), dtype=torch.float32,
+                           device=device)
+
+    dloc, dscale, dlogit = zeros(True), zeros(has_scale), zeros(has_mask)
     if n_pert * latent == 0:
         return dloc, dscale, dlogit
     ccol, csc_rows, csc_dose = _csc(local_col, crow, dose, n_pert)
@@ -228,14 +231,13 @@ def _backward_impl(grad_z: Optional[torch.Tensor], grad_emb: Optional[torch.Tens
         index, ccol, csc_rows, csc_dose, emb, mask if has_mask else dummy, eps,
         noise_u if has_mask else dummy,
         emb_log_scale if has_scale else dummy, mask_logits if has_mask else dummy,
-        dloc, dscale, dlogit, n_particles, n_cells, n_pert, latent, temperature,
+        dloc, dscale if has_scale else dummy, dlogit if has_mask else dummy,
+        n_particles, n_cells, n_pert, latent, temperature,
         HAS_SCALE=has_scale, HAS_MASK=has_mask, HAS_GZ=grad_z is not None,
         HAS_GEMB=grad_emb is not None, HAS_GMASK=grad_mask is not None and has_mask,
         BLOCK_L=block)
     return dloc, dscale, dlogit
 
-
-_N_INPUTS = 10  # index, local_col, crow, dose, eps, noise_u, loc, log_scale, mask_logits, temp
 
 if _triton_op is not None:
     _fwd_op = _triton_op("samsvae::triton_masked_embedding_sum", mutates_args=())(_forward_impl)

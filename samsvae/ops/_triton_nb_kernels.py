@@ -29,9 +29,13 @@ Counts are dense (cells, genes) or CSR (crow, col, values); with CSR the dense p
 compute the x = 0 part and a per-row loop over the row's nonzeros adds the rest. Logits are
 (rows, genes) with rows = particles * cells; counts row = rows % cells, never copied.
 
-All math is float32 whatever the logits dtype (float32/bfloat16/float16).
+Math is float32 whatever the logits dtype (float32/bfloat16/float16), except per-row
+statistics (lse, log_library - lse) in float64; log mu and y are carried as float32 (hi, lo)
+pairs and exp is ``exp_acc``, not the approximate ``tl.exp``, so that the kernel's error stays
+below twice that of float32 PyTorch (tests/test_triton_nb.py).
 """
 import contextlib
+import math
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
@@ -70,8 +74,8 @@ def _large_count_term(x, theta, lg_theta, a, a_lo, s, s_neg):
                   - c(x + 1),  L = log1p(x/theta),  B = log((theta + x)/(theta + mu))
                   + log(mu/(x + 1)), each log taken as log1p of a small ratio when mu ~ x;
     theta <  10:  F - x softplus(-y) with lgamma(x + theta) - lgamma(x + 1) as one Stirling
-                  difference (a = x + 1, b = theta - 1).
-    a = log mu as a (hi, lo) pair; s = softplus(a - log theta)."""
+                  difference in x + 1 and theta - 1.
+    a + a_lo = log mu; s, s_neg = softplus(+-(log mu - log theta)); lg_theta = lgamma(theta)."""
     big = theta >= STIRLING_THETA
     th = tl.where(big, theta, STIRLING_THETA)
     x1 = x + 1.0
@@ -93,7 +97,8 @@ def _large_count_term(x, theta, lg_theta, a, a_lo, s, s_neg):
 
 @triton.jit
 def _count_dlogtheta(x, theta, q, qc, dg_theta, LARGE: tl.constexpr):
-    """dN/dlog(theta) at x > 0 (``dg_theta`` = digamma(theta), per gene).
+    """dN/dlog(theta) at x > 0 (``dg_theta`` = digamma(theta), per gene; LARGE: x >= 8 is
+    known, so digamma(x + theta) needs no shifting).
 
     theta (digamma(x + theta) - digamma(theta)) - x (1 - q) in both forms; for theta >= 10 the
     digamma difference is theta log1p(x/theta) + dc (Stirling), written as
@@ -470,24 +475,30 @@ def override_config(config: Optional[NBConfig]):
         _CONFIG_OVERRIDE = old
 
 
-TILE_ELEMENTS = 2048  # rows * block_g per program: ~8 float32 elements per thread at 8 warps
+# elements per program (rows * block_g) and warps: the dense-counts kernels keep more values
+# live (~126 registers/thread at 2048/16 warps when compiled for sm_90, ~77-80 for CSR at
+# 1024/8 warps); both give 16-24 resident warps per SM. Retune with
+# benchmarks/bench_triton_gpu.py --sweep.
+TILES = {False: (2048, 16), True: (1024, 8)}  # is_csr -> (elements, num_warps)
 
 
-def choose_config(n_rows: int, n_genes: int, device: torch.device) -> NBConfig:
-    """Tiles of TILE_ELEMENTS; as many rows per program (up to 8) as keeps >= 2 programs per
-    SM (more rows: fewer d log_theta partial rows to sum; fewer rows: more parallelism)."""
+def choose_config(n_rows: int, n_genes: int, device: torch.device,
+                  is_csr: bool = False) -> NBConfig:
+    """As many rows per program (up to 8) as keeps >= 2 programs per SM (more rows: fewer
+    d log_theta partial rows to sum; fewer rows: more parallelism), genes filling the tile."""
     if _CONFIG_OVERRIDE is not None:
         return _CONFIG_OVERRIDE
     if interpreting():  # the CPU interpreter pays per program and per loop iteration
         return NBConfig(rows=8, block_g=min(128, next_power_of_2(n_genes)), block_nnz=64,
                         num_warps=4)
+    elements, warps = TILES[is_csr]
     target = 2 * multiprocessor_count(device)
     rows = 1
     while rows < 8 and n_rows // (2 * rows) >= target:
         rows *= 2
-    block_g = max(64, min(TILE_ELEMENTS // rows, next_power_of_2(n_genes)))
+    block_g = max(64, min(elements // rows, next_power_of_2(n_genes)))
     return NBConfig(rows=rows, block_g=block_g, block_nnz=256,
-                    num_warps=8 if rows * block_g >= TILE_ELEMENTS else 4)
+                    num_warps=warps if rows * block_g >= elements else 4)
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -509,9 +520,10 @@ def nb_tables(theta: torch.Tensor):
     n_genes = theta.shape[0]
     tab = torch.empty(X_TAB + 1, n_genes, dtype=torch.float32, device=theta.device)
     dtab = torch.empty_like(tab)
-    block = 64 if interpreting() else 32  # (X_TAB, block) float64 tiles
-    grid = (triton.cdiv(n_genes, block),)
-    _wrap_triton(_nb_tables_kernel)[grid](theta, tab, dtab, n_genes, X_TAB=X_TAB, BLOCK_G=block)
+    if n_genes > 0:
+        block = 64 if interpreting() else 32  # (X_TAB, block) float64 tiles
+        _wrap_triton(_nb_tables_kernel)[(triton.cdiv(n_genes, block),)](
+            theta, tab, dtab, n_genes, X_TAB=X_TAB, BLOCK_G=block)
     return tab, dtab
 
 
@@ -534,17 +546,17 @@ def _forward_impl(logits: torch.Tensor, log_library: torch.Tensor, log_theta: to
     dtab (X_TAB + 1, G) float32); lse and dtab are saved for the backward."""
     n_genes = logits.shape[-1]
     n_cells = log_library.shape[0]
-    logits2 = logits.reshape(-1, n_genes)
+    logits2 = logits.reshape(math.prod(logits.shape[:-1]), n_genes)
     n_rows = logits2.shape[0]
     device = logits.device
     lt = log_theta.to(torch.float32).contiguous()
     theta = lt.exp()
     tab, dtab = nb_tables(theta)
-    out = torch.empty(n_rows, dtype=torch.float32, device=device)
-    lse = torch.empty(n_rows, dtype=torch.float64, device=device)
-    if n_rows > 0:
-        cfg = choose_config(n_rows, n_genes, device)
+    out = torch.zeros(n_rows, dtype=torch.float32, device=device)  # zeros if no genes
+    lse = torch.full((n_rows,), float("-inf"), dtype=torch.float64, device=device)
+    if n_rows > 0 and n_genes > 0:
         is_csr, xs, crow_, col_ = _count_args(counts, crow, col, values, device)
+        cfg = choose_config(n_rows, n_genes, device, is_csr)
         grid = (triton.cdiv(n_rows, cfg.rows),)
         _wrap_triton(_nb_fwd_kernel)[grid](
             logits2, log_library, lt, theta, tab, xs, crow_, col_, out, lse,
@@ -563,7 +575,7 @@ def _backward_impl(grad: torch.Tensor, logits: torch.Tensor, log_library: torch.
     (d log_theta is zeros when ``need_dlt`` is False)."""
     n_genes = logits.shape[-1]
     n_cells = log_library.shape[0]
-    logits2 = logits.reshape(-1, n_genes)
+    logits2 = logits.reshape(math.prod(logits.shape[:-1]), n_genes)
     n_rows = logits2.shape[0]
     device = logits.device
     lt = log_theta.to(torch.float32).contiguous()
@@ -571,12 +583,12 @@ def _backward_impl(grad: torch.Tensor, logits: torch.Tensor, log_library: torch.
     grad = grad.reshape(-1).to(torch.float32).contiguous()
     dlogits = torch.empty(n_rows, n_genes, dtype=torch.float32, device=device)
     dll_rows = torch.empty(n_rows, dtype=torch.float32, device=device)
-    if n_rows == 0:
+    if n_rows == 0 or n_genes == 0:
         return (dlogits.reshape(logits.shape).to(logits.dtype),
                 torch.zeros_like(log_library), torch.zeros_like(log_theta))
-    cfg = choose_config(n_rows, n_genes, device)
-    n_prog = triton.cdiv(n_rows, cfg.rows)
     is_csr, xs, crow_, col_ = _count_args(counts, crow, col, values, device)
+    cfg = choose_config(n_rows, n_genes, device, is_csr)
+    n_prog = triton.cdiv(n_rows, cfg.rows)
     dlt_part = (torch.empty(n_prog, n_genes, dtype=torch.float32, device=device) if need_dlt
                 else _dummy(device))
     _wrap_triton(_nb_bwd_kernel)[(n_prog,)](

@@ -197,11 +197,15 @@ class DistributedTrainer(Trainer):
                              "world_size=, even_batches=True)")
         from torch.nn.parallel import DistributedDataParallel as DDP
         device_ids = [self.device.index] if self.device.type == "cuda" else None
+        # weights start as rank 0's; buffers (gene statistics, N_t) are identical by
+        # construction, so they are not broadcast before every step
+        import inspect
+        sync = ({"forward_sync_buffers": False}
+                if "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters
+                else {"broadcast_buffers": False})
         with collective_guard(comm, "broadcasting the initial weights"):
-            # weights start as rank 0's; buffers (gene statistics, N_t) are identical by
-            # construction, so they are not broadcast at every step
             self.model = DDP(_LossModule(self.raw_model), device_ids=device_ids,
-                             broadcast_buffers=False, find_unused_parameters=True)
+                             find_unused_parameters=True, **sync)
         self._rank_noise: Optional[list] = None
 
     def fit(self, resume: bool = False) -> dict:

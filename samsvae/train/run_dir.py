@@ -209,15 +209,18 @@ def load_run(run_dir, data=None, map_location=None) -> LoadedRun:
     """
     run_dir = Path(run_dir)
     config = read_config(run_dir)
-    screen = screen_for_run(config, data)
+    screen = screen_for_run(config, data, run_dir=run_dir)
     split = read_split(run_dir, screen.cell_names)
     model = load_model(run_dir, config, map_location=map_location)
     return LoadedRun(model=model, screen=screen, split=split, config=config,
                      history=read_history(run_dir), run_dir=run_dir)
 
 
-def screen_for_run(config: dict, data=None):
-    """Load ``data`` with the run's data options and align it to the run (see :func:`align_screen`)."""
+def screen_for_run(config: dict, data=None, run_dir=None):
+    """Load ``data`` with the run's data options and align it to the run (see :func:`align_screen`).
+
+    A backed run's file is opened with the library sizes cached in ``run_dir/data_stats.npz``
+    when they belong to it (no pass over the counts)."""
     from ..data import ScreenData, load_screen
     if data is None:
         path = config["data"].get("path")
@@ -239,6 +242,11 @@ def screen_for_run(config: dict, data=None):
             options.pop("perturbation_key")
         if isinstance(data, (str, Path)):  # read the file as training did (backed or not)
             options["backed"] = bool(config["data"].get("backed", False))
+            if options["backed"] and run_dir is not None:
+                from ..data.stream_stats import CACHE_NAME, cached_library
+                layer = options.get("layer")
+                options["library"] = cached_library(Path(run_dir) / CACHE_NAME, data,
+                                                    f"layers/{layer}" if layer else "X")
         data = load_screen(data, **options)
     return align_screen(data, config["genes"], config["perturbations"])
 
