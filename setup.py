@@ -46,6 +46,18 @@ def _extension_config():
         _say("installing pure Python without the C++ extension: " + "; ".join(problems))
         return [], {}
 
+    def accepts_openmp():
+        # at::parallel_for is a header template: without -fopenmp in *our* compile it runs
+        # serially. The extension then shares the libgomp torch already loaded (same soname).
+        import subprocess
+        import tempfile
+        with tempfile.TemporaryDirectory() as tmp:
+            src = os.path.join(tmp, "probe.cpp")
+            with open(src, "w") as f:
+                f.write("#include <omp.h>\nint main() { return omp_get_max_threads() > 0 ? 0 : 1; }\n")
+            cmd = [cxx, "-fopenmp", src, "-o", os.path.join(tmp, "probe")]
+            return subprocess.run(cmd, capture_output=True).returncode == 0
+
     # Baseline code only: no -march=native and no -ffast-math, so the built module runs on any
     # machine of the architecture. csrc/isa/ compiles the kernels once per ISA (baseline, AVX2,
     # AVX-512) under a target pragma and picks one at runtime (csrc/common/cpu_dispatch.cpp).
@@ -53,11 +65,18 @@ def _extension_config():
     # of two); the C++ standard is left to torch's BuildExtension (C++20 for torch >= 2.10,
     # C++17 before; the sources are valid in both).
     cxx_flags = ["-O3", "-fno-math-errno", "-ffp-contract=fast", "-Wno-unused-parameter"]
+    link_flags = []
+    if accepts_openmp():
+        cxx_flags.append("-fopenmp")
+        link_flags.append("-fopenmp")
+    else:
+        _say(f"{cxx} does not accept -fopenmp: the C++ kernels will run on one thread")
     ext = CppExtension(
         "samsvae._C",
         sources,
         include_dirs=[os.path.abspath("csrc")],
         extra_compile_args={"cxx": cxx_flags},
+        extra_link_args=link_flags,
     )
 
     class GuardedBuildExt(BuildExtension):

@@ -11,7 +11,8 @@ with P: several (P, C, G) float32 tensors, 1.6 GB each at P = 100).
 Modes: ``fwd`` = forward with autograd recording (what the graph keeps alive is included) and
 ``fwd_bwd`` = forward + backward to hidden, weight, bias and log_theta. Peak memory is the extra
 resident memory of one call over what was resident before it (inputs excluded, gradients
-included), measured in a fresh worker per point (see ``_harness``).
+included), measured in a fresh worker per (impl, P) (see ``_harness``); times come from one
+worker per P timing fused and unfused round-robin.
 """
 from __future__ import annotations
 
@@ -69,26 +70,38 @@ def _call(fn, inputs, mode):
 
 
 def worker(cfg: Dict) -> List[Dict]:
+    """One particle count: time every impl in ``cfg['impls']`` round-robin, or measure the
+    peak memory of the single impl given (memory workers hold one implementation each)."""
     threads = H.set_threads(cfg.get("threads"))
     device = cfg["device"]
     inputs = make_inputs(cfg, device)
-    fn = _fn(cfg["impl"], cfg["backend"], cfg.get("chunk_rows"))
+    calls = {(impl, mode): _call(_fn(impl, cfg["backend"], cfg.get("chunk_rows")), inputs, mode)
+             for impl in cfg["impls"] for mode in MODES}
+    if cfg["measure"] == "time":
+        stats = H.time_interleaved(calls, repeats=cfg["repeats"], warmup=cfg["warmup"],
+                                   device=device)
     rows = []
-    for mode in MODES:
-        call = _call(fn, inputs, mode)
-        row = {"impl": cfg["impl"], "mode": mode, "particles": cfg["particles"],
+    for (impl, mode), call in calls.items():
+        row = {"impl": impl, "mode": mode, "particles": cfg["particles"],
                "cells": cfg["cells"], "genes": cfg["genes"], "hidden": cfg["hidden"],
                "nb_backend": ops.backends.resolve("nb_log_prob", cfg["backend"], device)[0],
                "chunk_rows": cfg.get("chunk_rows") or default_chunk_rows(cfg["genes"],
                                                                          torch.float32)}
         if cfg["measure"] == "time":
-            row.update(H.time_fn(call, repeats=cfg["repeats"], warmup=cfg["warmup"], device=device))
+            row.update(stats[(impl, mode)])
         else:
             call()  # first calls allocate one-time buffers that would inflate the peak
             row["peak_bytes"] = H.peak_memory_bytes(call, device)
         row.update(threads)
         rows.append(row)
     return rows
+
+
+def _vs_unfused(by, r, mode) -> str:
+    """Time of this row over the unfused time at the same P (timed in the same worker)."""
+    base = by.get(("unfused", r["P"], mode))
+    mine = by.get((r["impl"], r["P"], mode))
+    return "-" if base is None or mine is None else f"{mine['median_s'] / base['median_s']:.2f}"
 
 
 def parse_args(argv=None):
@@ -118,24 +131,24 @@ def main(argv=None) -> Dict:
         return {}
     threads_info = H.set_threads(args.threads)
     rows = []
-    for impl in ("fused", "unfused"):
-        for P in args.particles:
-            if impl == "unfused" and P > args.unfused_max_particles:
-                continue
-            cfg = {"impl": impl, "particles": P, "cells": args.cells, "genes": args.genes,
-                   "hidden": args.hidden, "zero_fraction": args.zero_fraction,
-                   "backend": args.backend, "chunk_rows": args.chunk_rows, "device": args.device,
-                   "threads": args.threads, "repeats": args.repeats, "warmup": args.warmup}
-            if args.in_process:
-                m_rows, t_rows = worker({**cfg, "measure": "memory"}), worker({**cfg, "measure": "time"})
-            else:
-                m_rows = H.run_worker(__file__, {**cfg, "measure": "memory"}, args.threads,
-                                      for_memory=True)
-                t_rows = H.run_worker(__file__, {**cfg, "measure": "time"}, args.threads,
-                                      for_memory=False)
-            mem = {r["mode"]: r["peak_bytes"] for r in m_rows}
-            rows.extend(dict(r, peak_bytes=mem[r["mode"]]) for r in t_rows)
-            print(f"done {impl} P={P}", file=sys.stderr, flush=True)
+    for P in args.particles:
+        impls = ["fused"] + (["unfused"] if P <= args.unfused_max_particles else [])
+        cfg = {"particles": P, "cells": args.cells, "genes": args.genes, "hidden": args.hidden,
+               "zero_fraction": args.zero_fraction, "backend": args.backend,
+               "chunk_rows": args.chunk_rows, "device": args.device, "threads": args.threads,
+               "repeats": args.repeats, "warmup": args.warmup}
+        mem = {}
+        for impl in impls:
+            m_cfg = {**cfg, "impls": [impl], "measure": "memory"}
+            m_rows = (worker(m_cfg) if args.in_process else
+                      H.run_worker(__file__, m_cfg, args.threads, for_memory=True))
+            mem.update({(r["impl"], r["mode"]): r["peak_bytes"] for r in m_rows})
+        t_cfg = {**cfg, "impls": impls, "measure": "time"}
+        t_rows = (worker(t_cfg) if args.in_process else
+                  H.run_worker(__file__, t_cfg, args.threads, for_memory=False))
+        rows.extend(dict(r, peak_bytes=mem[(r["impl"], r["mode"])]) for r in t_rows)
+        print(f"done P={P}", file=sys.stderr, flush=True)
+    rows.sort(key=lambda r: (r["impl"], r["particles"]))
     by = {(r["impl"], r["particles"], r["mode"]): r for r in rows}
     table_rows = [{"impl": i, "P": p} for i, p in dict.fromkeys((r["impl"], r["particles"])
                                                                for r in rows)]
@@ -153,6 +166,7 @@ def main(argv=None) -> Dict:
                                                     lambda x: H.fmt_bytes(x["peak_bytes"]))),
                 ("fwd s", lambda r: cell(r, "fwd", lambda x: f"{x['median_s']:.2f}")),
                 ("fwd+bwd s", lambda r: cell(r, "fwd_bwd", lambda x: f"{x['median_s']:.2f}")),
+                ("fwd+bwd time / unfused", lambda r: _vs_unfused(by, r, "fwd_bwd")),
             ]))
     print(text)
     meta = {"command": " ".join([os.path.basename(sys.executable)] + sys.argv)

@@ -3,17 +3,22 @@
     python -m samsvae simulate /tmp/sim_1m.h5ad --cells 1000000 --genes 8000 \\
         --perturbations 10000 --latent 100 --seed 0
     OMP_NUM_THREADS=1 /usr/bin/time -v python benchmarks/genome_scale.py /tmp/sim_1m.h5ad \\
-        --run /tmp/genome_run --steps 40
+        --bench-dir /tmp/genome_run --steps 40
     OMP_NUM_THREADS=1 /usr/bin/time -v torchrun --standalone --nproc-per-node 2 \\
-        benchmarks/genome_scale.py /tmp/sim_1m.h5ad --run /tmp/genome_run2 --steps 40
-    python benchmarks/genome_scale.py /tmp/sim_200k.h5ad --run /tmp/r200k --steps 20 --in-memory
+        benchmarks/genome_scale.py /tmp/sim_1m.h5ad --bench-dir /tmp/genome_run2 --steps 40
+    python benchmarks/genome_scale.py /tmp/sim_200k.h5ad --bench-dir /tmp/r200k --compare-memory 2
 
 What it runs is what ``samsvae train DATA --backed`` runs (the one-pass statistics cached in
-``RUN/data_stats.npz``, StreamingLoader shards, Trainer / DistributedTrainer), without the
+``BENCH_DIR/data_stats.npz``, StreamingLoader shards, Trainer / DistributedTrainer), without the
 validation pass, plus the test IWELBO of ``--eval-cells`` held-out cells. It prints one JSON
-record (also written to ``RUN/bench.json``): the statistics pass (seconds, bytes, MiB/s),
+record (also written to ``BENCH_DIR/bench.json``): the statistics pass (seconds, bytes, MiB/s),
 training cells/s after ``--warmup`` steps, the seconds an epoch would take at that rate, the
 loader's read time / wait time / bytes read, the IWELBO, and each rank's peak RSS.
+
+``--compare-memory R`` (one process, a file that fits in memory) loads the counts both ways and
+trains one model alternating blocks of ``--steps`` steps from the in-memory loader and from the
+backed StreamingLoader, R rounds, so that both see the same machine load; it reports the
+cells/s of each (time per step including the wait for the batch) and their ratio.
 """
 from __future__ import annotations
 
@@ -46,7 +51,7 @@ def _peak_rss_gib() -> float:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("data")
-    p.add_argument("--run", required=True, help="directory for data_stats.npz and bench.json")
+    p.add_argument("--bench-dir", required=True, help="directory for data_stats.npz and bench.json")
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--warmup", type=int, default=3, help="steps left out of the rate")
     p.add_argument("--batch-size", type=int, default=512)
@@ -61,12 +66,16 @@ def main(argv=None) -> int:
     p.add_argument("--eval-cells", type=int, default=10000)
     p.add_argument("--eval-particles", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--compare-memory", type=int, default=0, metavar="ROUNDS",
+                   help="alternate in-memory and backed training blocks (see the docstring)")
     args = p.parse_args(argv)
+    if args.compare_memory:
+        return compare_memory(args)
 
     comm = init_from_env("cpu")
     rank, world = (0, 1) if comm is None else (comm.rank, comm.world_size)
     say = print if rank == 0 else (lambda *a, **k: None)
-    run = Path(args.run)
+    run = Path(args.bench_dir)
     run.mkdir(parents=True, exist_ok=True)
     record = {"data": args.data, "world_size": world, "mode": "memory" if args.in_memory
               else "backed", "batch_size": args.batch_size, "particles": args.particles,
@@ -161,6 +170,61 @@ def main(argv=None) -> int:
         (run / "bench.json").write_text(text + "\n")
         print(text)
     shutdown(comm)
+    return 0
+
+
+def compare_memory(args) -> int:
+    """In-memory vs backed throughput, interleaved in one process (same load for both)."""
+    run = Path(args.bench_dir)
+    run.mkdir(parents=True, exist_ok=True)
+
+    def split_fn(screen):
+        return np.asarray(make_split(screen, "random", seed=args.seed)).astype(str)
+
+    t0 = time.perf_counter()
+    backed, split, stats = load_backed_screen(args.data, split_fn,
+                                              cache_path=run / "data_stats.npz", log=print)
+    t1 = time.perf_counter()
+    memory = load_screen(args.data)
+    t2 = time.perf_counter()
+    train = split_indices(split, "train")
+    np.testing.assert_array_equal(split, split_fn(memory))
+    torch.manual_seed(args.seed)
+    model = build_model_for_screen(backed, train, model=args.model, guide=args.guide,
+                                   n_latent=args.latent, n_hidden=args.hidden,
+                                   gene_stats=(stats.gene_log1p_mean, stats.gene_log1p_std))
+    loaders = {"memory": MinibatchLoader(memory, train, args.batch_size, seed=args.seed),
+               "backed": StreamingLoader(backed, train, args.batch_size, seed=args.seed,
+                                         chunk_rows=args.chunk_rows,
+                                         buffer_chunks=args.buffer_chunks)}
+    config = TrainConfig(max_steps=1, batch_size=args.batch_size, particles=args.particles,
+                         seed=args.seed, progress=False)
+    trainer = Trainer(model, loaders["memory"], None, config, n_train_cells=train.size, log=None)
+    iters = {k: iter(v) for k, v in loaders.items()}
+    times = {k: [] for k in loaders}
+    record = {"data": args.data, "mode": "compare", "load_before": os.getloadavg(),
+              "backed_load_s": t1 - t0, "memory_load_s": t2 - t1,
+              "stats_pass_s": stats.seconds, "stats_from_cache": stats.from_cache}
+    for _ in range(args.compare_memory):
+        for mode in ("memory", "backed"):
+            for k in range(args.steps):
+                t = time.perf_counter()
+                batch = next(iters[mode])
+                trainer._train_step(batch)
+                if k >= args.warmup:  # the first steps of a block pay for the switch
+                    times[mode].append(time.perf_counter() - t)
+            print(f"{mode}: {np.mean(times[mode][-(args.steps - args.warmup):]):.3f} s/step",
+                  flush=True)
+    rate = {k: args.batch_size / np.mean(v) for k, v in times.items()}
+    record.update(steps_timed={k: len(v) for k, v in times.items()},
+                  cells_per_s=rate, median_s_per_step={k: float(np.median(v))
+                                                       for k, v in times.items()},
+                  backed_over_memory=rate["backed"] / rate["memory"],
+                  loader=dict(loaders["backed"].stats), load_after=os.getloadavg(),
+                  peak_rss_gib=_peak_rss_gib())
+    text = json.dumps(record, indent=1, default=float)
+    (run / "compare.json").write_text(text + "\n")
+    print(text)
     return 0
 
 

@@ -98,6 +98,17 @@ def test_odd_latent_sizes_and_particles(latent, particles):
     assert_matches_reference(inputs, rtol=1e-12, particles=particles, temperature=1.3)
 
 
+def test_work_split_across_threads():
+    # big enough for the perturbation- and cell-parallel loops to use two threads
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert_matches_reference(make_inputs(cells=300, n_pert=60, latent=64, seed=3), rtol=1e-12,
+                                 particles=2)
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_cells_without_perturbations_get_zero():
     dosage, loc, log_scale, mask_logits = make_inputs()
     out = cpp(dosage, loc, log_scale, mask_logits, particles=2)

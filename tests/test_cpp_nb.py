@@ -40,7 +40,8 @@ def make_inputs(cells, genes, particles=None, *, seed=0, zero_fraction=0.9, thet
     x = 1.0 + torch.poisson(rate, generator=g)
     if max_count is not None:
         big = torch.rand(cells, genes, generator=g, dtype=f64) < 0.05
-        x = torch.where(big, torch.randint(0, max_count + 1, (cells, genes), generator=g).to(f64), x)
+        wide = torch.randint(0, max_count + 1, (cells, genes), generator=g).to(f64)
+        x = torch.where(big, wide, x)
     if not integer:
         x = x * torch.rand(cells, genes, generator=g, dtype=f64) * 1.7
     counts = x * keep
@@ -141,6 +142,28 @@ def test_empty_and_all_zero_rows(csr):
     assert_float32_within_twice_reference((counts, logits, log_library, log_theta), csr=csr)
 
 
+@pytest.mark.parametrize("csr", [True, False], ids=["csr", "dense"])
+def test_particles_of_one_cell_split_across_threads(csr):
+    # rows are parallelised as (cell, particle) pairs: one cell's particles may land on several
+    # threads, whose d_log_library and d_log_theta parts must add up
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        inputs = make_inputs(2, 5000, particles=9, zero_fraction=0.8)
+        assert_float64_matches(inputs, csr=csr)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_double_backward_raises_a_clear_error():
+    counts, logits, log_library, log_theta = make_inputs(3, 8)
+    logits.requires_grad_()
+    g, = torch.autograd.grad(cpp(counts, logits, log_library, log_theta).sum(), logits,
+                             create_graph=True)
+    with pytest.raises(RuntimeError, match="no second derivative"):
+        torch.autograd.grad(g.sum(), logits)
+
+
 def test_dense_and_csr_counts_give_identical_results():
     inputs = make_inputs(16, 90, particles=2, max_count=300)
     a = value_and_grads(cpp, *inputs, csr=True)
@@ -197,9 +220,9 @@ def test_out_of_range_column_raises_a_clear_error():
     col = torch.tensor([0, 7])
     values = torch.tensor([1.0, 2.0], dtype=torch.float64)
     logits = torch.randn(2, 5, dtype=torch.float64)
+    log_library, log_theta = torch.ones(2, dtype=torch.float64), torch.zeros(5, dtype=torch.float64)
     with pytest.raises(RuntimeError, match=r"col_indices must lie in \[0, 5\)"):
-        torch.ops.samsvae.nb_log_prob_fwd(crow, col, values, logits, torch.ones(2, dtype=torch.float64),
-                                          torch.zeros(5, dtype=torch.float64))
+        torch.ops.samsvae.nb_log_prob_fwd(crow, col, values, logits, log_library, log_theta)
 
 
 def test_op_rejects_mismatched_dtypes_with_the_fix():

@@ -164,3 +164,20 @@ def test_rebuild_from_config(name, guide, screen, batch):
     torch.testing.assert_close(model.iwelbo(batch, particles=4, chunk=2),
                                clone.iwelbo(batch, particles=4, chunk=2))
     torch.testing.assert_close(fixed_loss(model, batch)["loss"], fixed_loss(clone, batch)["loss"])
+
+
+@pytest.mark.parametrize("guide", ["mean_field", "corr_both"])
+def test_global_param_scale_changes_only_the_step_size(guide, screen, batch):
+    """Stored per-perturbation parameters are divided by global_param_scale: the model
+    computes the same function, and a plain SGD step moves the natural parameters k^2 times
+    as far (Adam: k times)."""
+    a = make_model("sams_vae", guide, screen, seed=4)
+    b = make_model("sams_vae", guide, screen, seed=4, global_param_scale=10.0)
+    torch.testing.assert_close(a.emb_loc, b.emb_loc)
+    torch.testing.assert_close(a.mask_logits, b.mask_logits)
+    la, lb = fixed_loss(a, batch)["loss"], fixed_loss(b, batch)["loss"]
+    torch.testing.assert_close(la, lb)
+    la.backward()
+    lb.backward()
+    torch.testing.assert_close(b.emb_loc_raw.grad, 10.0 * a.emb_loc_raw.grad)
+    torch.testing.assert_close(b.encoder.gene_weight.grad, a.encoder.gene_weight.grad)

@@ -16,9 +16,10 @@ struct TypedKernels {
   void (*nb_table)(const NbGenes<T>&, double* table, bool derivative, int64_t g0,
                    int64_t g1);
   void (*nb_scan)(const T* values, int64_t n, int* max_small, int64_t* n_small);
-  NbStatus (*nb_forward)(const NbFwdArgs<T>&, const NbScratch<T>&, int64_t c0, int64_t c1);
+  // over rows q = c * P + p in [q0, q1)
+  NbStatus (*nb_forward)(const NbFwdArgs<T>&, const NbScratch<T>&, int64_t q0, int64_t q1);
   NbStatus (*nb_backward)(const NbBwdArgs<T>&, const NbScratch<T>&, double* theta_acc,
-                          int64_t c0, int64_t c1);
+                          int64_t q0, int64_t q1);
   void (*emb_sample)(const EmbFwdArgs<T>&, T* scratch, int64_t u0, int64_t u1);
   void (*emb_compose)(const EmbFwdArgs<T>&, int64_t i0, int64_t i1);
   void (*emb_backward)(const EmbBwdArgs<T>&, T* scratch, int64_t u0, int64_t u1);

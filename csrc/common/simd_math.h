@@ -33,6 +33,9 @@ SV_INLINE vi as_vi(vf v) { return (vi)v; }
 
 #if defined(__x86_64__) && SAMSVAE_VEC_BYTES == 64
 #define SV_X86_512 1
+// All-lanes mask for the maskz_ forms of the AVX-512 intrinsics: the plain forms pass an
+// "undefined" operand through, on which GCC 12 warns (falsely) "may be used uninitialized".
+constexpr __mmask16 kAll16 = 0xFFFF;
 #elif defined(__x86_64__) && SAMSVAE_VEC_BYTES == 32
 #define SV_X86_256 1
 #elif defined(__x86_64__) && SAMSVAE_VEC_BYTES == 16
@@ -44,7 +47,7 @@ SV_INLINE vi as_vi(vf v) { return (vi)v; }
 // before) refined by Newton steps r <- r + r (1 - u r), each doubling the correct bits.
 SV_INLINE vf vf_recip(vf u) {
 #if defined(SV_X86_512)
-  vf r = (vf)_mm512_rcp14_ps((__m512)u);
+  vf r = (vf)_mm512_maskz_rcp14_ps(kAll16, (__m512)u);
   return r + r * (1.0f - u * r);
 #else
 #if defined(SV_X86_256)
@@ -66,8 +69,13 @@ SV_INLINE vf vf_exp_nonpos(vf x) {
   const float lo = -87.3365478515625f;
   const vi under = x < lo;
   const vf xc = under ? vf_splat(lo) : x;
+#if defined(SV_X86_512)
+  const vf n = (vf)_mm512_maskz_roundscale_ps(kAll16, (__m512)(xc * 1.44269504088896341f),
+                                              _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+#else
   const float magic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
   const vf n = (xc * 1.44269504088896341f + magic) - magic;
+#endif
   vf r = xc - n * 0.693359375f;     // ln 2 split in two: n * 0.693359375 is exact
   r = r - n * -2.12194440e-4f;
   const vf z = r * r;
@@ -77,8 +85,12 @@ SV_INLINE vf vf_exp_nonpos(vf x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * z + r + 1.0f;
+#if defined(SV_X86_512)
+  const vf res = (vf)_mm512_maskz_scalef_ps(kAll16, (__m512)p, (__m512)n);  // p 2^n, n >= -126
+#else
   const vi ni = __builtin_convertvector(n, vi);
   const vf res = p * as_vf((ni + 127) << 23);   // n >= -126: 2^n is normal
+#endif
   return under ? vf{} : res;
 }
 
@@ -138,8 +150,17 @@ SV_INLINE void vf_log_reduce(vf x, vf* f, vf* ef) {
     e = ((bits >> 23) & 0xff) - 127;
     e = den ? e - 23 : e;
   } else {
+#if defined(SV_X86_512)
+    vf m = (vf)_mm512_maskz_getmant_ps(kAll16, (__m512)x, _MM_MANT_NORM_1_2, _MM_MANT_SIGN_src);
+    vf ex = (vf)_mm512_maskz_getexp_ps(kAll16, (__m512)x);
+    const vi big = m > 1.41421356237f;
+    *f = (big ? m * 0.5f : m) - 1.0f;
+    *ef = big ? ex + 1.0f : ex;
+    return;
+#else
     bits = as_vi(x);
     e = ((bits >> 23) & 0xff) - 127;
+#endif
   }
   vf m = as_vf((bits & 0x007fffff) | 0x3f800000);    // mantissa in [1, 2)
   const vi big = m > 1.41421356237f;
@@ -186,7 +207,8 @@ SV_INLINE vf vf_log1p(vf y) {
 // The low / high W/2 lanes of a float vector, widened to double, in registers.
 SV_INLINE vdh vf_lo_to_double(vf v) {
 #if defined(SV_X86_512)
-  return (vdh)_mm512_cvtps_pd(_mm512_castps512_ps256((__m512)v));
+  const vfh h = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7);
+  return (vdh)_mm512_maskz_cvtps_pd((__mmask8)0xFF, (__m256)h);
 #elif defined(SV_X86_256)
   return (vdh)_mm256_cvtps_pd(_mm256_castps256_ps128((__m256)v));
 #elif defined(SV_X86_128)
@@ -199,7 +221,8 @@ SV_INLINE vdh vf_lo_to_double(vf v) {
 }
 SV_INLINE vdh vf_hi_to_double(vf v) {
 #if defined(SV_X86_512)
-  return (vdh)_mm512_cvtps_pd((__m256)_mm512_extractf64x4_pd((__m512d)v, 1));
+  const vfh h = __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  return (vdh)_mm512_maskz_cvtps_pd((__mmask8)0xFF, (__m256)h);
 #elif defined(SV_X86_256)
   return (vdh)_mm256_cvtps_pd(_mm256_extractf128_ps((__m256)v, 1));
 #elif defined(SV_X86_128)

@@ -98,7 +98,9 @@ EmbShapes check_inputs(const at::Tensor& crow, const at::Tensor& local_col,
   return s;
 }
 
-int64_t grain(int64_t per_item) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, per_item)); }
+int64_t grain(int64_t per_item) {
+  return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, per_item));
+}
 
 template <class T>
 void fwd_impl(const EmbFwdArgs<T>& a, const EmbShapes& s) {

@@ -1,10 +1,13 @@
 // Kernels for x86-64 with AVX-512 (F, DQ, BW, VL) + FMA: 64-byte vectors. Only the code below
-// the target switch uses these instructions; cpu_dispatch.cpp calls it only where the CPU supports them.
+// the target switch uses these instructions; cpu_dispatch.cpp calls it only where the CPU
+// supports them.
 #include "isa/isa_prelude.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx512f,avx512dq,avx512bw,avx512vl,avx2,fma"))), apply_to = function)
+#pragma clang attribute push(                                                 \
+    __attribute__((target("avx512f,avx512dq,avx512bw,avx512vl,avx2,fma"))), \
+    apply_to = function)
 #else
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512dq,avx512bw,avx512vl,avx2,fma")

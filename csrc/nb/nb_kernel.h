@@ -79,7 +79,8 @@ struct NbBwdArgs {
   const double* lse = nullptr;     // (P, C)
   const T* grad_out = nullptr;     // (P, C)
   T* grad_logits = nullptr;        // (P, C, G)
-  T* grad_log_library = nullptr;   // (C)
+  double* row_dlog_library = nullptr;  // (P, C) dL/dlog_library of each row (summed over P by
+                                       // the caller: rows of one cell may run on several threads)
 };
 
 }  // namespace cpu

@@ -239,15 +239,26 @@ struct NbRow {
   }
 };
 
+// Rows are numbered q = c * P + p (cell-major): a thread's range holds runs of particles of the
+// same cell, whose counts it loads once per run. Returns the logits row that follows q in the
+// range [q, q1) (q itself at the end), for prefetching.
 template <class T>
-NbStatus nb_forward_cells(const NbFwdArgs<T>& a, const NbScratch<T>& s, int64_t c0, int64_t c1) {
+SV_INLINE const T* nb_next_row(const T* logits, int64_t q, int64_t q1, int64_t P, int64_t C,
+                               int64_t G) {
+  const int64_t qn = q + 1 < q1 ? q + 1 : q;
+  return logits + ((qn % P) * C + qn / P) * G;
+}
+
+template <class T>
+NbStatus nb_forward_rows(const NbFwdArgs<T>& a, const NbScratch<T>& s, int64_t q0, int64_t q1) {
   typedef Lanes<T> L;
   typedef typename L::V V;
   const NbGenes<T>& gn = a.genes;
-  const int64_t G = gn.G, Gp = gn.Gp, C = a.C;
+  const int64_t G = gn.G, Gp = gn.Gp, C = a.C, P = a.P;
   NbStatus st;
   int64_t& bad = st.bad_counts;
-  for (int64_t c = c0; c < c1; ++c) {
+  for (int64_t q = q0; q < q1;) {
+    const int64_t c = q / P, p0 = q % P, p1 = p0 + (q1 - q) < P ? p0 + (q1 - q) : P;
     const int64_t* ecol;
     const T* ex;
     double X;
@@ -255,14 +266,14 @@ NbStatus nb_forward_cells(const NbFwdArgs<T>& a, const NbScratch<T>& s, int64_t 
     const double tsum = nb_entries_term_sum(ecol, ex, n, gn, bad);
     const double log_lib = (double)a.log_library[c];
     const double lib = std::exp(log_lib);
-    for (int64_t p = 0; p < a.P; ++p) {
+    for (int64_t p = p0; p < p1; ++p, ++q) {
       const int64_t r = p * C + c;
       const T* lrow = a.logits + r * G;
       const NbRow<T> row(lrow, G);
       const T m_s = row.max(Gp);
       const V m = L::splat(m_s);
       typename L::BlockSum se;
-      const T* next = p + 1 < a.P ? lrow + C * G : (c + 1 < c1 ? a.logits + (c + 1) * G : lrow);
+      const T* next = nb_next_row(a.logits, q, q1, P, C, G);
       for (int64_t g = 0; g < Gp; g += L::W) {
         __builtin_prefetch(next + g);  // the next row streams in while this one computes
         const V e = L::exp_nonpos(row.load(g) - m);
@@ -315,18 +326,19 @@ SV_INLINE void nb_flush_theta(T* part, double* acc, int64_t Gp) {
 }
 
 template <class T>
-NbStatus nb_backward_cells(const NbBwdArgs<T>& a, const NbScratch<T>& s, double* theta_acc,
-                           int64_t c0, int64_t c1) {
+NbStatus nb_backward_rows(const NbBwdArgs<T>& a, const NbScratch<T>& s, double* theta_acc,
+                          int64_t q0, int64_t q1) {
   typedef Lanes<T> L;
   typedef typename L::V V;
   constexpr int W = L::W;
   const NbGenes<T>& gn = a.genes;
-  const int64_t G = gn.G, Gp = gn.Gp, C = a.C;
+  const int64_t G = gn.G, Gp = gn.Gp, C = a.C, P = a.P;
   NbStatus st;
   int64_t& bad = st.bad_counts;
   alignas(64) T gtail[W];
   int rows_in_part = 0;
-  for (int64_t c = c0; c < c1; ++c) {
+  for (int64_t q = q0; q < q1;) {
+    const int64_t c = q / P, p0 = q % P, p1 = p0 + (q1 - q) < P ? p0 + (q1 - q) : P;
     const int64_t* ecol;
     const T* ex;
     double X;
@@ -335,11 +347,11 @@ NbStatus nb_backward_cells(const NbBwdArgs<T>& a, const NbScratch<T>& s, double*
     for (int64_t k = 0; k < n; ++k)
       s.xrow[ecol[k]] += ex[k];  // duplicate columns add up, as in the reference
     const double lib = std::exp((double)a.log_library[c]);
-    double grad_lib = 0.0;
-    for (int64_t p = 0; p < a.P; ++p) {
+    for (int64_t p = p0; p < p1; ++p, ++q) {
       const int64_t r = p * C + c;
       T* grow = a.grad_logits + r * G;
       const T go_s = a.grad_out[r];
+      a.row_dlog_library[r] = 0.0;
       if (go_s == (T)0) {
         std::memset(grow, 0, sizeof(T) * G);
         continue;
@@ -348,7 +360,7 @@ NbStatus nb_backward_cells(const NbBwdArgs<T>& a, const NbScratch<T>& s, double*
       const NbRow<T> row(lrow, G);
       const T m_s = row.max(Gp);
       const double sum = std::exp(a.lse[r] - (double)m_s);
-      const T* next = p + 1 < a.P ? lrow + C * G : (c + 1 < c1 ? a.logits + (c + 1) * G : lrow);
+      const T* next = nb_next_row(a.logits, q, q1, P, C, G);
       const T cl_hi = (T)(lib / sum);
       const V clh = L::splat(cl_hi), cll = L::splat((T)(lib / sum - (double)cl_hi));
       const V m = L::splat(m_s), go = L::splat(go_s);
@@ -377,7 +389,7 @@ NbStatus nb_backward_cells(const NbBwdArgs<T>& a, const NbScratch<T>& s, double*
         theta_acc[g] += god * ((double)ex[k] * (double)s.vrow[g] + s.ent_t[k]);
       }
       const double Sd = S.sum();
-      grad_lib += Sd;
+      a.row_dlog_library[r] = Sd;
       const T k = (T)(Sd / sum);  // softmax_g * S = e_g * (S / sum)
       const V kv = L::splat(k);
       for (int64_t g = 0; g < row.Gfull; g += W)
@@ -388,7 +400,6 @@ NbStatus nb_backward_cells(const NbBwdArgs<T>& a, const NbScratch<T>& s, double*
         rows_in_part = 0;
       }
     }
-    a.grad_log_library[c] = (T)grad_lib;
     for (int64_t k = 0; k < n; ++k) s.xrow[ecol[k]] = (T)0;
   }
   nb_flush_theta(s.theta_part, theta_acc, Gp);

@@ -144,15 +144,18 @@ GeneData<T> prepare_genes(const TypedKernels<T>& kern, const at::Tensor& log_the
   return d;
 }
 
-// Per-thread scratch rows (see NbScratch).
+// Per-thread scratch rows (see NbScratch), kept in thread-local buffers across calls so that a
+// call costs a memset rather than fresh pages. The kernels leave xrow and theta_part zeroed.
 template <class T>
 struct Scratch {
-  std::vector<T> rows;
-  std::vector<int64_t> cols;
-  std::vector<double> terms;
   NbScratch<T> s;
-  Scratch(const NbInputs& in, int64_t Gp)
-      : rows(4 * Gp + in.G, (T)0), cols(in.G), terms(std::max<int64_t>(1, in.max_entries)) {
+  Scratch(const NbInputs& in, int64_t Gp) {
+    thread_local std::vector<T> rows;
+    thread_local std::vector<int64_t> cols;
+    thread_local std::vector<double> terms;
+    rows.assign(4 * Gp + in.G, (T)0);
+    cols.resize(std::max<int64_t>(1, in.G));
+    terms.resize(std::max<int64_t>(1, in.max_entries));
     s.xrow = rows.data();
     s.aux = rows.data() + Gp;
     s.vrow = rows.data() + 2 * Gp;
@@ -178,8 +181,8 @@ struct StatusSum {
   }
 };
 
-int64_t cell_grain(const NbInputs& in) {
-  return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, in.P * in.G));
+int64_t row_grain(const NbInputs& in) {
+  return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, in.G));
 }
 
 template <class T>
@@ -208,10 +211,10 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const NbCounts<T>& counts, const
   a.out = out.data_ptr<T>();
   a.lse = lse.data_ptr<double>();
   StatusSum status;
-  at::parallel_for(0, in.C, cell_grain(in), [&](int64_t c0, int64_t c1) {
+  at::parallel_for(0, in.C * in.P, row_grain(in), [&](int64_t q0, int64_t q1) {
     DenormalsAreZero ftz;
     Scratch<T> sc(in, gd.genes.Gp);
-    status.add(kern.nb_forward(a, sc.s, c0, c1));
+    status.add(kern.nb_forward(a, sc.s, q0, q1));
   });
   status.check(in.G);
   return {out, lse};
@@ -230,11 +233,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
   check_dtype(lse, at::kDouble, kOp, "lse");
   check_shape(lse, lead, kOp, "lse");
   at::Tensor grad_logits = at::empty_like(logits);
-  at::Tensor grad_lib = at::zeros({in.C}, logits.options());
   if (in.P * in.C == 0 || in.G == 0) {
     grad_logits.zero_();
-    return {grad_logits, grad_lib, at::zeros({in.G}, logits.options())};
+    return {grad_logits, at::zeros({in.C}, logits.options()), at::zeros({in.G}, logits.options())};
   }
+  at::Tensor row_dlib = at::empty({in.P, in.C}, logits.options().dtype(at::kDouble));
   const TypedKernels<T>& kern = typed<T>(active_kernels());
   GeneData<T> gd = prepare_genes<T>(kern, log_theta, count_values, n_counts, true);
   const int64_t Gp = gd.genes.Gp;
@@ -251,16 +254,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
   a.lse = lse.data_ptr<double>();
   a.grad_out = grad_out.data_ptr<T>();
   a.grad_logits = grad_logits.data_ptr<T>();
-  a.grad_log_library = grad_lib.data_ptr<T>();
+  a.row_dlog_library = row_dlib.data_ptr<double>();
   StatusSum status;
-  at::parallel_for(0, in.C, cell_grain(in), [&](int64_t c0, int64_t c1) {
+  at::parallel_for(0, in.C * in.P, row_grain(in), [&](int64_t q0, int64_t q1) {
     const int tid = at::get_thread_num();
     TORCH_INTERNAL_ASSERT(tid >= 0 && tid < n_threads, "thread id out of range");
     DenormalsAreZero ftz;
     Scratch<T> sc(in, Gp);
-    status.add(kern.nb_backward(a, sc.s, acc + tid * Gp, c0, c1));
+    status.add(kern.nb_backward(a, sc.s, acc + tid * Gp, q0, q1));
   });
   status.check(in.G);
+  at::Tensor grad_lib = row_dlib.sum(0).to(logits.scalar_type());
   // reduce the per-thread accumulators (float64) and drop the padding
   at::Tensor grad_theta = theta_acc.sum(0).narrow(0, 0, in.G).to(logits.scalar_type());
   return {grad_logits, grad_lib, grad_theta};

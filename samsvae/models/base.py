@@ -14,6 +14,9 @@ from ..nn import NBLikelihood
 
 # Element budget of one (samples, conditions, genes) block in predict_normalized_expression.
 PREDICT_BLOCK_ELEMENTS = 2 ** 22
+# Training steps keep the (particles, cells, genes) logits for backward up to this size
+# (P=5, B=512, G=8000 float32: 82 MB); above it the fused, recomputing decoder head is used.
+STORED_LOGITS_BYTES = 512 * 2 ** 20
 
 
 def as_torch_csr(matrix, n_cols: int, *, device, dtype=torch.float32, name: str = "dosage"):
@@ -253,9 +256,17 @@ class PerturbationModel(nn.Module):
         return torch.log(batch.library.to(dtype).clamp_min(1.0))
 
     def _log_lik(self, counts, hidden, log_library) -> torch.Tensor:
-        """log p(x | z) from the decoder's hidden layer (..., B, H) -> (..., B); fuses the last
-        Linear with the NB likelihood when ``samsvae.ops.nb_log_prob_linear`` exists."""
+        """log p(x | z) from the decoder's hidden layer (..., B, H) -> (..., B).
+
+        With gradients and logits that fit in ``STORED_LOGITS_BYTES`` (a training step) the
+        logits are stored and the NB kernel's backward reads them: 3 products of the last
+        layer (forward, input and weight gradients). Otherwise (evaluation, or logits too big)
+        the last Linear is fused with the NB likelihood (``samsvae.ops.nb_log_prob_linear``),
+        which never stores the logits but recomputes them in backward (a 4th product)."""
         out = self.decoder.out
+        logits_bytes = hidden[..., :1].numel() * out.weight.shape[0] * hidden.element_size()
+        if torch.is_grad_enabled() and logits_bytes <= STORED_LOGITS_BYTES:
+            return self.likelihood(counts, out(hidden), log_library)
         if hasattr(ops, "nb_log_prob_linear"):
             return self.likelihood.forward_linear(counts, hidden, out.weight, out.bias,
                                                   log_library)

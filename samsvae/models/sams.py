@@ -14,7 +14,8 @@ Guides:
 * ``mean_field``: q(z_basal | x) q(e_t) q(m_t); q(z_basal | x) an amortised Gaussian encoder of
   the standardised log1p counts, q(e_t) = N(mu_t, sigma_t^2), q(m_t) = Bernoulli(sigmoid(l_t)).
 * ``corr_basal``: q(z_basal | x, z_p): the encoder also reads the particle's sampled
-  perturbation latent z_p = sum_t d_it e_t m_t.
+  perturbation latent z_p = sum_t d_it e_t m_t, and its mean is written as
+  ``encoder([x, z_p]) - z_p`` (see ``_basal_guide``).
 * ``corr_embedding``: q(e_t | m_t). The widely used implementation feeds [m_t, one-hot(t)] to an
   MLP, i.e. a (particles, T, T) input: O(T^2) memory (~40 GB at T = 10,000). Here each
   perturbation has a learned code c_t (``embedding_code_dim``, default 16) and
@@ -223,6 +224,20 @@ class SAMSVAE(PerturbationModel):
             return loc[0] * prob
         return self.emb_loc[index] * prob
 
+    def _basal_guide(self, pre: torch.Tensor, z_p: torch.Tensor):
+        """q(z_basal | x[, z_p]): loc, scale from the encoder's gene pre-activation (B, H).
+
+        Correlated guide: the encoder reads [x, z_p] and estimates the cell's full latent
+        state; the basal mean is that estimate minus z_p (a skip connection). A perturbation
+        latent that disagrees with the cells' latent state then moves the basal means away
+        from 0, so the basal KL pulls z_p (e_t and m_t) toward the shift of the cells that
+        received t, instead of the encoder absorbing perturbation effects into z_basal.
+        """
+        if not self.corr_basal:
+            return self.encoder.head(pre)
+        loc, scale = self.encoder.head(pre + self.encoder.conditioning_part(z_p))
+        return loc - z_p, scale
+
     # -- hooks -------------------------------------------------------------------------------
 
     def _elbo_parts(self, batch, particles, generator):
@@ -230,9 +245,7 @@ class SAMSVAE(PerturbationModel):
         z_p, index, ratio = self._sample_globals(batch.dosage, particles, generator)
         glob = per_cell_global_term(batch.dosage, index, ratio, counts_n)
         pre = self.encoder.gene_part(batch.counts)                      # (B, H), once per cell
-        if self.corr_basal:
-            pre = pre + self.encoder.conditioning_part(z_p)            # (P, B, H)
-        loc, scale = self.encoder.head(pre)
+        loc, scale = self._basal_guide(pre, z_p)                        # (B, L) or (P, B, L)
         eps = torch.randn((particles,) + tuple(loc.shape[-2:]), dtype=loc.dtype,
                           device=loc.device, generator=generator)
         z_basal = loc + scale * eps
@@ -253,9 +266,7 @@ class SAMSVAE(PerturbationModel):
                               masked=self.masked)
         emb, mask, _, _ = self._globals_from_noise(index, eps, u)
         z_p = perturbation_sum(batch.dosage, index, emb if mask is None else emb * mask)
-        if self.corr_basal:
-            pre = pre + self.encoder.conditioning_part(z_p)
-        loc, scale = self.encoder.head(pre)
+        loc, scale = self._basal_guide(pre, z_p)
         eps_b = local_noise(seed, start, n, state["cell_key"], pre.shape[-2], self.n_latent,
                             dtype=pre.dtype, device=pre.device)
         z_basal = loc + scale * eps_b
@@ -277,10 +288,7 @@ class SAMSVAE(PerturbationModel):
     def _latent(self, batch, kind):
         index = batch_perturbations(batch.dosage)[0]
         z_p = perturbation_sum(batch.dosage, index, self._shift_mean(index).unsqueeze(0))[0]
-        pre = self.encoder.gene_part(batch.counts)
-        if self.corr_basal:
-            pre = pre + self.encoder.conditioning_part(z_p)
-        loc, _ = self.encoder.head(pre)
+        loc, _ = self._basal_guide(self.encoder.gene_part(batch.counts), z_p)
         return loc if kind == "basal" else loc + z_p
 
     # -- exports -----------------------------------------------------------------------------

@@ -74,6 +74,19 @@ def _backward(ctx, grad_z, grad_emb, grad_mask, _grad_soft):
 torch.library.register_autograd("samsvae::masked_embedding_fwd", _backward, setup_context=_setup)
 
 
+def _no_setup(ctx, inputs, output):
+    return None
+
+
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError("masked_embedding_sum with backend='cpp' has no second derivative; use "
+                       "backend='reference' for double backward")
+
+
+torch.library.register_autograd("samsvae::masked_embedding_bwd", _no_double_backward,
+                                setup_context=_no_setup)
+
+
 def masked_embedding_sum_cpp(dosage, emb_loc, emb_log_scale, mask_logits, *, particles,
                              temperature=1.0, generator=None):
     """C++ CPU implementation of :func:`samsvae.ops.masked_embedding_sum` (same signature,

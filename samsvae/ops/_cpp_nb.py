@@ -82,6 +82,19 @@ torch.library.register_autograd("samsvae::nb_log_prob_dense_fwd", _dense_backwar
                                 setup_context=_setup)
 
 
+def _no_setup(ctx, inputs, output):
+    return None
+
+
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError("nb_log_prob with backend='cpp' has no second derivative; use "
+                       "backend='reference' for double backward (e.g. gradient penalties)")
+
+
+for _op in ("samsvae::nb_log_prob_bwd", "samsvae::nb_log_prob_dense_bwd"):
+    torch.library.register_autograd(_op, _no_double_backward, setup_context=_no_setup)
+
+
 def nb_log_prob_cpp(counts, logits, log_library, log_theta):
     """C++ CPU implementation of :func:`samsvae.ops.nb_log_prob` (same signature and result).
 

@@ -1,0 +1,430 @@
+"""``samsvae bench``: time a model's training step and IWELBO per backend, against the floor of
+its own dense matrix products.
+
+    OMP_NUM_THREADS=1 samsvae bench --genes 8000 --perturbations 10000 --guide corr_both \\
+        --backends reference,auto --json bench.json
+
+What is timed, per backend (``--backends``; each backend gets its own model built from the same
+seed, so the weights are identical), interleaved round by round so that machine load hits all
+measurements alike (the median over ``--steps`` rounds is reported, after ``--warmup`` rounds):
+
+* ``step``: one training step, ``loss`` (forward) + ``backward`` + ``Adam.step``;
+* ``head``: the decoder's last layer fused with the NB likelihood (``nb_log_prob_linear``),
+  forward + backward, on the step's (particles, cells, hidden) shape;
+* ``nb``: the NB likelihood alone (``nb_log_prob`` on precomputed (P, B, G) logits), fwd + bwd;
+* ``composition``: ``masked_embedding_sum`` (sampling + sparse composition), fwd + bwd;
+* ``encoder``: the cell encoder (gene part + head), fwd + bwd;
+* ``optimizer``: ``Adam.step`` over all parameters;
+
+and once, shared by all backends, ``matmul_floor``: the dense matrix products of the encoder's and
+decoder's Linear layers alone (forward, input gradient where the step needs it, weight gradient),
+as plain ``torch.mm`` calls on the same shapes. ``step / matmul_floor`` says how much the step
+spends outside its unavoidable matrix products; ``reference step / backend step`` the speed-up.
+
+IWELBO (``--iwelbo-particles K`` on ``--iwelbo-cells`` cells, chunk ``--iwelbo-chunk``) runs in a
+fresh subprocess per (backend, K): time per cell, and memory as the child's peak RSS during the
+call (the kernel's ``VmHWM`` mark, reset just before the call through ``/proc/self/clear_refs``;
+``resource.getrusage`` ``ru_maxrss`` where that reset is refused) minus its RSS just before the
+call (``VmRSS``), i.e. what the evaluation itself adds. ``--iwelbo-memory-particles``
+repeats the measurement at other K (e.g. 1000) for the auto backend to show memory is flat in K.
+
+The batches are synthesised (the cost of a step does not depend on the number of cells of the
+screen): NB counts around gene-specific proportions and log-normal library sizes, one random
+perturbation per non-control cell drawn from all T.
+"""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from typing import Callable, Dict, List
+
+import numpy as np
+
+JSON_KEYS = ("config", "machine", "matmul_floor_s", "backends", "ratios", "iwelbo")
+
+
+def add_arguments(parser) -> None:
+    a = parser.add_argument
+    a("--genes", type=int, required=True, help="G, genes modelled")
+    a("--perturbations", type=int, required=True, help="T, perturbations (dosage columns)")
+    a("--cells-per-batch", type=int, default=512, help="B, cells per training batch")
+    a("--particles", type=int, default=5, help="P, guide samples per training step")
+    a("--latent", type=int, default=100, help="L, latent dimension")
+    a("--hidden", type=int, default=400, help="H, encoder/decoder hidden width")
+    a("--model", default="sams_vae", help="model name (see samsvae.models.MODEL_GUIDES)")
+    a("--guide", default="mean_field", help="guide name (mean_field, corr_both, ...)")
+    a("--steps", type=int, default=5, help="timed rounds (median reported)")
+    a("--warmup", type=int, default=1, help="untimed rounds first")
+    a("--iwelbo-particles", type=int, default=100, help="K for IWELBO; 0 skips IWELBO")
+    a("--iwelbo-cells", type=int, default=64, help="cells in the IWELBO batch")
+    a("--iwelbo-chunk", type=int, default=10, help="particles per IWELBO chunk")
+    a("--iwelbo-memory-particles", default="",
+      help="comma-separated extra K (e.g. 1000) measured with the last backend, for memory vs K")
+    a("--backends", default="reference,auto",
+      help="comma-separated backends to compare (reference, auto, cpp, triton)")
+    a("--threads", type=int, default=1, help="torch intra-op threads")
+    a("--components", default="step,head,nb,composition,encoder,optimizer",
+      help="comma-separated parts to time (step is always timed)")
+    a("--profile", action="store_true",
+      help="also print a torch.profiler table of the last backend's training step")
+    a("--seed", type=int, default=0)
+    a("--json", dest="json_out", default=None, help="write the results as JSON here")
+
+
+# -- data ---------------------------------------------------------------------------------------
+
+def synth_batch(n_cells: int, n_genes: int, n_perturbations: int, *, seed: int = 0,
+                control_fraction: float = 0.1, mean_count: float = 0.5):
+    """A synthetic :class:`samsvae.data.Batch`.
+
+    counts (n_cells, G) CSR float32 NB(theta=5) counts with log-normal gene proportions and a
+    mean of ``mean_count`` UMIs per gene and cell (about 20-30% non-zeros); dosage (n_cells, T)
+    CSR with one random perturbation of dosage 1 per non-control cell; library = row sums.
+    """
+    import scipy.sparse as sp
+    import torch
+
+    from .data.loader import Batch, csr_to_torch
+
+    rng = np.random.default_rng(seed)
+    prop = np.exp(rng.normal(0.0, 1.0, n_genes))
+    prop /= prop.sum()
+    library = mean_count * n_genes * np.exp(rng.normal(0.0, 0.3, n_cells))
+    mu = library[:, None] * prop[None, :]
+    theta = 5.0
+    counts = rng.poisson(rng.gamma(theta, mu / theta)).astype(np.float32)
+    counts[:, 0] += (counts.sum(1) == 0)          # no empty cell (library >= 1)
+    control = rng.random(n_cells) < control_fraction
+    cols = rng.integers(0, n_perturbations, n_cells)
+    rows = np.nonzero(~control)[0]
+    dosage = sp.csr_matrix((np.ones(rows.size, np.float32), (rows, cols[rows])),
+                           shape=(n_cells, n_perturbations))
+    csr = sp.csr_matrix(counts)
+    return Batch(counts=csr_to_torch(csr), dosage=csr_to_torch(dosage),
+                 library=torch.from_numpy(counts.sum(1).astype(np.float32)),
+                 index=torch.arange(n_cells, dtype=torch.int64))
+
+
+def build_bench_model(args, backend: str, batch):
+    """The model under test, with weights fixed by ``args.seed`` (identical across backends)."""
+    import torch
+
+    from .models import build_model
+
+    torch.manual_seed(args.seed)
+    counts = batch.counts.to_dense()
+    lg = torch.log1p(counts)
+    model = build_model(args.model, args.guide, n_genes=args.genes,
+                        n_perturbations=args.perturbations, n_latent=args.latent,
+                        n_hidden=args.hidden, gene_log1p_mean=lg.mean(0).numpy(),
+                        gene_log1p_std=lg.std(0).clamp_min(1e-3).numpy(),
+                        perturbation_counts=np.full(args.perturbations, 100.0), backend=backend)
+    return model
+
+
+# -- timing -------------------------------------------------------------------------------------
+
+def _matmul_shapes(model, args) -> List[tuple]:
+    """(rows, in, out, input_grad) of the dense Linear products of one training step."""
+    P, B, L, H, G = args.particles, args.cells_per_batch, args.latent, args.hidden, args.genes
+    corr_basal = bool(getattr(model, "corr_basal", False))
+    shapes = [(B, G, H, False),                          # encoder: genes -> hidden
+              ((P * B) if corr_basal else B, H, 2 * L, True),   # encoder: hidden -> loc, scale
+              (P * B, L, H, True),                       # decoder: latent -> hidden
+              (P * B, H, G, True)]                       # decoder: hidden -> gene logits
+    if corr_basal:
+        shapes.append((P * B, L, H, True))               # encoder: z_p conditioning
+    return shapes
+
+
+def make_matmul_floor(shapes) -> Callable[[], None]:
+    """A function running the forward, input-gradient and weight-gradient products of
+    ``shapes`` with preallocated float32 operands (what any implementation must compute)."""
+    import torch
+
+    ops = []
+    for rows, n_in, n_out, input_grad in shapes:
+        x, w = torch.randn(rows, n_in), torch.randn(n_out, n_in) * 0.01
+        dy = torch.randn(rows, n_out)
+        y, dx, dw = torch.empty(rows, n_out), torch.empty(rows, n_in), torch.empty(n_out, n_in)
+        ops.append((x, w, dy, y, dx, dw, input_grad))
+
+    def run():
+        for x, w, dy, y, dx, dw, input_grad in ops:
+            torch.mm(x, w.T, out=y)
+            if input_grad:
+                torch.mm(dy, w, out=dx)
+            torch.mm(dy.T, x, out=dw)
+    return run
+
+
+def _component_fns(model, batch, args, backend: str) -> Dict[str, Callable[[], None]]:
+    """name -> a zero-argument function running that part of the step once (fwd + bwd)."""
+    import torch
+
+    from . import ops
+
+    P, B, H, L = args.particles, args.cells_per_batch, args.hidden, args.latent
+    wanted = set(args.components.split(","))
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=1e-3)
+    gen = torch.Generator().manual_seed(args.seed)
+    fns = {}
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        model.loss(batch, particles=P, generator=gen)["loss"].backward()
+        opt.step()
+    fns["step"] = step
+
+    log_library = torch.log(batch.library.clamp_min(1.0))
+    log_theta = model.likelihood.log_theta
+    if "head" in wanted:
+        hidden = torch.rand(P, B, H, requires_grad=True)
+        out = model.decoder.out
+
+        def head():
+            value = ops.nb_log_prob_linear(batch.counts, hidden, out.weight, out.bias,
+                                           log_library, log_theta, backend=backend)
+            value.sum().backward()
+        fns["head"] = head
+    if "nb" in wanted:
+        logits = (torch.randn(P, B, args.genes) * 0.5).requires_grad_(True)
+
+        def nb():
+            ops.nb_log_prob(batch.counts, logits, log_library, log_theta,
+                            backend=backend).sum().backward()
+        fns["nb"] = nb
+    if "composition" in wanted and hasattr(model, "emb_loc_raw"):
+        loc, log_scale = model.emb_loc_raw, model.emb_log_scale_raw
+        mask_logits = getattr(model, "mask_logits_raw", None)
+        weight = torch.randn(P, B, L)
+        cgen = torch.Generator().manual_seed(args.seed + 1)
+
+        def composition():
+            s = ops.masked_embedding_sum(batch.dosage, loc, log_scale, mask_logits, particles=P,
+                                         generator=cgen, backend=backend)
+            (s.z_p * weight).sum().backward()
+        fns["composition"] = composition
+    if "encoder" in wanted and hasattr(model, "encoder"):
+        enc = model.encoder
+
+        def encoder():
+            loc, scale = enc.head(enc.gene_part(batch.counts))
+            (loc.sum() + scale.sum()).backward()
+        fns["encoder"] = encoder
+    if "optimizer" in wanted:
+        def optimizer():
+            for p in params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            opt.step()
+        fns["optimizer"] = optimizer
+    return fns
+
+
+def time_interleaved(fns: Dict[str, Callable[[], None]], steps: int, warmup: int) -> Dict[str, dict]:
+    """Run every function once per round (``warmup`` untimed rounds, then ``steps`` timed ones);
+    returns ``{name: {"median_s", "min_s", "samples_s"}}``."""
+    samples = {k: [] for k in fns}
+    for r in range(warmup + steps):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            dt = time.perf_counter() - t0
+            if r >= warmup:
+                samples[name].append(dt)
+    return {k: {"median_s": statistics.median(v), "min_s": min(v), "samples_s": v}
+            for k, v in samples.items()}
+
+
+# -- IWELBO in a subprocess ---------------------------------------------------------------------
+
+def _status_bytes(field: str) -> int:
+    """A ``/proc/self/status`` memory field (``VmRSS``, ``VmHWM``) in bytes; 0 if absent."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark (VmHWM) of this process (Linux >= 4.0); False if the
+    kernel refuses, in which case the peak includes the set-up before the measurement."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def iwelbo_child(spec_json: str) -> None:
+    """Entry point of the IWELBO subprocess: prints one JSON line with the measurement."""
+    import argparse
+
+    import torch
+
+    spec = json.loads(spec_json)
+    torch.set_num_threads(int(spec["threads"]))
+    args = argparse.Namespace(**spec["args"])
+    args.cells_per_batch = spec["cells"]
+    batch = synth_batch(spec["cells"], args.genes, args.perturbations, seed=args.seed + 7)
+    model = build_bench_model(args, spec["backend"], batch)
+    model.eval()
+    K, chunk = int(spec["particles"]), int(spec["chunk"])
+    model.iwelbo(batch, particles=min(K, chunk), chunk=chunk)       # warm-up (allocator, caches)
+    rss0 = _status_bytes("VmRSS")
+    reset = _reset_peak_rss()
+    t0 = time.perf_counter()
+    value = model.iwelbo(batch, particles=K, chunk=chunk)
+    dt = time.perf_counter() - t0
+    if reset:
+        peak, method = _status_bytes("VmHWM"), "VmHWM after clear_refs"
+    else:
+        peak, method = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "ru_maxrss"
+    print(json.dumps({"backend": spec["backend"], "particles": K, "chunk": chunk,
+                      "cells": spec["cells"], "seconds": dt, "ms_per_cell": 1e3 * dt / spec["cells"],
+                      "rss_before_bytes": rss0, "peak_rss_bytes": peak, "peak_method": method,
+                      "added_peak_bytes": max(0, peak - rss0),
+                      "iwelbo_mean_nats": float(value.mean())}))
+
+
+def run_iwelbo(args, backend: str, particles: int) -> dict:
+    """One IWELBO measurement in a fresh interpreter (so peak RSS is this measurement's)."""
+    spec = {"args": {k: v for k, v in vars(args).items() if k not in ("func",)},
+            "backend": backend, "particles": particles, "chunk": args.iwelbo_chunk,
+            "cells": args.iwelbo_cells, "threads": args.threads}
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    code = "import sys; from samsvae.bench import iwelbo_child; iwelbo_child(sys.argv[1])"
+    proc = subprocess.run([sys.executable, "-c", code, json.dumps(spec)], env=env,
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"IWELBO subprocess ({backend}, K={particles}) failed:\n"
+                           f"{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# -- report -------------------------------------------------------------------------------------
+
+def _check_args(args) -> None:
+    for name in ("genes", "perturbations", "cells_per_batch", "particles", "latent", "hidden",
+                 "steps", "threads", "iwelbo_cells", "iwelbo_chunk"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"samsvae bench: --{name.replace('_', '-')} must be >= 1, "
+                             f"got {getattr(args, name)}")
+    if args.warmup < 0 or args.iwelbo_particles < 0:
+        raise SystemExit("samsvae bench: --warmup and --iwelbo-particles must be >= 0")
+    from .models import MODEL_GUIDES
+    if args.model not in MODEL_GUIDES or args.guide not in MODEL_GUIDES[args.model]:
+        pairs = ", ".join(f"{m}/{g}" for m, gs in MODEL_GUIDES.items() for g in gs)
+        raise SystemExit(f"samsvae bench: unknown --model/--guide {args.model}/{args.guide}; "
+                         f"valid pairs: {pairs}")
+
+
+def _fmt_ms(s: float) -> str:
+    return f"{1e3 * s:.1f}"
+
+
+def markdown_report(result: dict) -> str:
+    cfg = result["config"]
+    floor = result["matmul_floor_s"]
+    names = list(result["backends"])
+    comps = [c for c in ("step", "head", "nb", "composition", "encoder", "optimizer")
+             if any(c in result["backends"][b]["times"] for b in names)]
+    lines = [f"{cfg['model']}/{cfg['guide']}, {cfg['genes']} genes x {cfg['perturbations']} "
+             f"perturbations, B={cfg['cells_per_batch']}, P={cfg['particles']}, "
+             f"L={cfg['latent']}, H={cfg['hidden']}, threads={cfg['threads']}; median of "
+             f"{cfg['steps']} rounds (ms)", "",
+             "| backend (resolved) | " + " | ".join(comps) + " | step / matmul floor |",
+             "|---" * (len(comps) + 2) + "|"]
+    for b in names:
+        r = result["backends"][b]
+        cells = [_fmt_ms(r["times"][c]["median_s"]) if c in r["times"] else "-" for c in comps]
+        lines.append(f"| {b} ({r['resolved']}) | " + " | ".join(cells)
+                     + f" | {result['ratios'][b]['step_over_matmul_floor']:.2f} |")
+    lines.append(f"| matmul floor | {_fmt_ms(floor)} |" + " |" * (len(comps) + 0))
+    for key, v in result["ratios"].items():
+        if "speedup_over_reference" in v:
+            lines.append(f"\nstep speed-up of {key} over reference: "
+                         f"{v['speedup_over_reference']:.2f}x")
+    if result["iwelbo"]:
+        lines += ["", "| IWELBO backend | K | cells | ms / cell | added peak RSS (MiB) | "
+                  "peak RSS (MiB) | mean IWELBO (nats) |", "|---|---|---|---|---|---|---|"]
+        for m in result["iwelbo"]:
+            lines.append(f"| {m['backend']} | {m['particles']} | {m['cells']} | "
+                         f"{m['ms_per_cell']:.2f} | {m['added_peak_bytes'] / 2**20:.0f} | "
+                         f"{m['peak_rss_bytes'] / 2**20:.0f} | {m['iwelbo_mean_nats']:.2f} |")
+    return "\n".join(lines)
+
+
+def run(args) -> int:
+    _check_args(args)
+    import torch
+
+    from . import ops
+
+    torch.set_num_threads(args.threads)
+    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    for b in backends:
+        ops.backends.resolve("masked_embedding_sum", b, "cpu")   # raises early on a bad name
+    batch = synth_batch(args.cells_per_batch, args.genes, args.perturbations, seed=args.seed)
+    models = {b: build_bench_model(args, b, batch) for b in backends}
+    first = models[backends[0]]
+    floor_fn = make_matmul_floor(_matmul_shapes(first, args))
+
+    fns = {"matmul_floor": floor_fn}
+    for b in backends:
+        for name, fn in _component_fns(models[b], batch, args, b).items():
+            fns[f"{b}/{name}"] = fn
+    times = time_interleaved(fns, args.steps, args.warmup)
+    floor = times["matmul_floor"]["median_s"]
+
+    result = {"config": {k: v for k, v in vars(args).items() if k not in ("func", "json_out")},
+              "machine": {"torch": torch.__version__, "threads": torch.get_num_threads(),
+                          "loadavg": list(os.getloadavg()), "cpu_count": os.cpu_count(),
+                          "matmul_shapes": _matmul_shapes(first, args)},
+              "matmul_floor_s": floor, "backends": {}, "ratios": {}, "iwelbo": []}
+    for b in backends:
+        resolved = {op: ops.backends.resolve(op, b, "cpu")[0]
+                    for op in ("nb_log_prob", "masked_embedding_sum")}
+        t = {name.split("/", 1)[1]: v for name, v in times.items() if name.startswith(b + "/")}
+        result["backends"][b] = {"resolved": ",".join(f"{k}={v}" for k, v in resolved.items()),
+                                 "times": t}
+        ratios = {"step_over_matmul_floor": t["step"]["median_s"] / floor}
+        if "reference" in backends and b != "reference":
+            ratios["speedup_over_reference"] = (times["reference/step"]["median_s"]
+                                                / t["step"]["median_s"])
+        result["ratios"][b] = ratios
+
+    if args.iwelbo_particles:
+        for b in backends:
+            result["iwelbo"].append(run_iwelbo(args, b, args.iwelbo_particles))
+        extra = [int(k) for k in args.iwelbo_memory_particles.split(",") if k.strip()]
+        for k in extra:
+            result["iwelbo"].append(run_iwelbo(args, backends[-1], k))
+
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+        step = _component_fns(models[backends[-1]], batch, args, backends[-1])["step"]
+        step()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(max(1, args.steps)):
+                step()
+        table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)
+        print(table)
+        result["profile_table"] = table
+
+    print(markdown_report(result))
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            json.dump(result, f, indent=1)
+    return 0
