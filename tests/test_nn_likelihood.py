@@ -4,7 +4,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from samsvae.nn import NBLikelihood
 from samsvae.ops import nb_log_prob_reference
