@@ -112,8 +112,8 @@ GeneData<T> prepare_genes(const TypedKernels<T>& kern, const at::Tensor& log_the
   gn.theta_eff = th_eff.data_ptr<double>();
 
   // Table rows for counts 0..K-1 (rows 0 and 1 are zeros). Rows 2.. are built when at least
-  // one entry per 128 table elements uses them: a table element costs about one vectorised
-  // log1p (~1 ns), an entry on the general path (float64 lgamma) 100-150 ns.
+  // one entry per 64 table elements uses them: a table element costs about one vectorised
+  // log1p (~1 ns), an entry on the general path (float64 lgamma/digamma) 40-60 ns.
   const int64_t n_chunks = at::divup(n_counts, 1 << 16);
   std::vector<int> mx(n_chunks > 0 ? n_chunks : 1, 1);
   std::vector<int64_t> cnt(n_chunks > 0 ? n_chunks : 1, 0);
@@ -130,7 +130,7 @@ GeneData<T> prepare_genes(const TypedKernels<T>& kern, const at::Tensor& log_the
     n_small += cnt[i];
   }
   int K = max_small + 1;
-  if (K > 2 && n_small * 128 < G * (K - 2)) K = 2;
+  if (K > 2 && n_small * 64 < G * (K - 2)) K = 2;
   gn.K = K;
   at::Tensor table = at::empty({K * Gp}, log_theta.options().dtype(at::kDouble));
   d.table = table;

@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .distributions import GaussianPosterior
+
 STD_FLOOR = 1e-6      # genes whose training log1p std is below this are not rescaled
 # Above this fraction of non-zeros a dense matmul beats CSR @ dense (forward + backward, CPU).
 DENSE_INPUT_ABOVE = 0.15
@@ -75,6 +77,9 @@ class GaussianEncoder(nn.Module):
     pre = W_x standardise(log1p x) + b [+ W_d^T dosage] [+ W_c conditioning]    (n_hidden,)
     loc = W_loc LeakyReLU(pre) + b_loc;  scale = softplus(W_s LeakyReLU(pre) + b_s) + 1e-4
 
+    With ``covariance="full"`` the encoder also outputs the L(L-1)/2 strictly-lower entries of
+    a Cholesky factor (diagonal as above), so q is a full-covariance Gaussian.
+
     Args:
         n_genes: G. n_hidden: width H of the hidden layer. n_latent: L.
         gene_log1p_mean, gene_log1p_std: (G,) training-split mean / std of ``log1p(x)``
@@ -83,11 +88,16 @@ class GaussianEncoder(nn.Module):
         n_dosage: T > 0 adds a CSR dosage input (the CVAE encoder).
         n_conditioning: width of an extra dense input with optional particle dimension
             (the correlated z_basal guide reads the perturbation latent z_p).
+        covariance: ``"diagonal"`` or ``"full"``.
     """
 
     def __init__(self, n_genes: int, n_hidden: int, n_latent: int, *, gene_log1p_mean=None,
-                 gene_log1p_std=None, n_dosage: int = 0, n_conditioning: int = 0):
+                 gene_log1p_std=None, n_dosage: int = 0, n_conditioning: int = 0,
+                 covariance: str = "diagonal"):
         super().__init__()
+        if covariance not in ("diagonal", "full"):
+            raise ValueError(f"covariance must be 'diagonal' or 'full', got {covariance!r}")
+        self.covariance = covariance
         self.n_genes, self.n_hidden, self.n_latent = n_genes, n_hidden, n_latent
         self.register_buffer("gene_log1p_mean", torch.zeros(n_genes))
         self.register_buffer("gene_log1p_std", torch.ones(n_genes))
@@ -99,7 +109,14 @@ class GaussianEncoder(nn.Module):
                               if n_dosage else None)
         self.conditioning = (nn.Linear(n_conditioning, n_hidden, bias=False)
                              if n_conditioning else None)
-        self.out = nn.Linear(n_hidden, 2 * n_latent)
+        n_offdiag = n_latent * (n_latent - 1) // 2 if covariance == "full" else 0
+        self.out = nn.Linear(n_hidden, 2 * n_latent + n_offdiag)
+        if n_offdiag:
+            self.register_buffer("_tril_index", torch.tril_indices(n_latent, n_latent, -1),
+                                 persistent=False)
+            with torch.no_grad():  # start near a diagonal covariance
+                self.out.weight[2 * n_latent:].mul_(0.1)
+                self.out.bias[2 * n_latent:].zero_()
 
     def set_gene_stats(self, mean, std) -> None:
         """Set the (G,) log1p mean / std buffers (None leaves the current value)."""
@@ -136,10 +153,29 @@ class GaussianEncoder(nn.Module):
         return self.conditioning(cond)
 
     def head(self, pre: torch.Tensor):
-        """Pre-activation (..., H) -> ``loc, scale`` each (..., L)."""
+        """Pre-activation (..., H) -> ``loc, scale`` each (..., L) (diagonal covariance)."""
         out = self.out(F.leaky_relu(pre, LEAKY_SLOPE))
-        loc, raw = out.split(self.n_latent, dim=-1)
+        loc, raw = out[..., :2 * self.n_latent].split(self.n_latent, dim=-1)
         return loc, F.softplus(raw) + SCALE_FLOOR
+
+    def posterior(self, pre: torch.Tensor) -> GaussianPosterior:
+        """Pre-activation (..., H) -> the Gaussian guide (diagonal or full covariance)."""
+        out = self.out(F.leaky_relu(pre, LEAKY_SLOPE))
+        L = self.n_latent
+        loc = out[..., :L]
+        diag = F.softplus(out[..., L:2 * L]) + SCALE_FLOOR
+        if self.covariance == "diagonal":
+            return GaussianPosterior(loc, scale=diag)
+        rows, cols = self._tril_index
+        tril = torch.diag_embed(diag) + _scatter_offdiag(out[..., 2 * L:], rows, cols, L)
+        return GaussianPosterior(loc, scale_tril=tril)
+
+
+def _scatter_offdiag(values: torch.Tensor, rows, cols, n: int) -> torch.Tensor:
+    """(..., n(n-1)/2) strictly-lower entries -> (..., n, n) matrix (zeros elsewhere)."""
+    flat = values.new_zeros(values.shape[:-1] + (n * n,))
+    flat = flat.index_copy(-1, rows * n + cols, values)
+    return flat.view(values.shape[:-1] + (n, n))
 
 
 class DecoderBody(nn.Module):

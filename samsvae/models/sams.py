@@ -45,8 +45,8 @@ from torch import nn
 from .. import ops
 from ..ops import batch_perturbations, draw_noise, perturbation_sum, relaxed_bernoulli_st
 from .base import PerturbationModel
-from .distributions import (HALF_LOG_2PI, bernoulli_log_prob, bernoulli_log_prob_const,
-                            kl_normal, normal_log_prob, std_normal_log_prob)
+from .distributions import (HALF_LOG_2PI, GaussianPosterior, bernoulli_log_prob,
+                            bernoulli_log_prob_const, normal_log_prob, std_normal_log_prob)
 from .eval_noise import global_noise, local_noise
 from .global_terms import per_cell_global_term
 from .networks import LEAKY_SLOPE, DecoderBody, GaussianEncoder
@@ -75,6 +75,11 @@ class SAMSVAE(PerturbationModel):
             logits, codes) are stored divided by this factor. Adam moves every stored parameter
             by about ``lr`` per step, so this lets them travel ``global_param_scale`` times
             faster than the network weights (see the module docstring).
+        basal_covariance: ``"diagonal"`` (the paper's guide) or ``"full"``: q(z_basal | .)
+            with a full covariance (Cholesky factor from the encoder, L(L-1)/2 more outputs).
+            A diagonal guide favours the latent basis in which cells' posteriors are closest to
+            diagonal, which competes with the sparse masks for the orientation of the latent
+            axes; a full covariance leaves sparsity as the only thing that orients them.
     """
 
     def __init__(self, *, model: str = "sams_vae", guide: str = "mean_field", n_genes: int,
@@ -84,7 +89,8 @@ class SAMSVAE(PerturbationModel):
                  embedding_prior_scale: float = 1.0, temperature: float = 1.0,
                  mask_init_logit: float = 0.0, embedding_init_scale: float = 0.1,
                  embedding_init_loc_std: float = 0.1, embedding_code_dim: int = 16,
-                 embedding_hidden: int = 64, global_param_scale: float = 1.0):
+                 embedding_hidden: int = 64, global_param_scale: float = 1.0,
+                 basal_covariance: str = "diagonal"):
         if model not in ("sams_vae", "cpa_vae"):
             raise ValueError(f"SAMSVAE implements 'sams_vae' and 'cpa_vae', not {model!r}")
         guides = SAMS_GUIDES if model == "sams_vae" else CPA_GUIDES
@@ -102,7 +108,7 @@ class SAMSVAE(PerturbationModel):
                      embedding_init_scale=embedding_init_scale,
                      embedding_init_loc_std=embedding_init_loc_std,
                      embedding_code_dim=embedding_code_dim, embedding_hidden=embedding_hidden,
-                     global_param_scale=global_param_scale)
+                     global_param_scale=global_param_scale, basal_covariance=basal_covariance)
         super().__init__(model=model, guide=guide, n_genes=n_genes,
                          n_perturbations=n_perturbations, n_latent=n_latent, n_hidden=n_hidden,
                          backend=backend, perturbation_counts=perturbation_counts,
@@ -120,7 +126,8 @@ class SAMSVAE(PerturbationModel):
         self.encoder = GaussianEncoder(self.n_genes, self.n_hidden, L,
                                        gene_log1p_mean=gene_log1p_mean,
                                        gene_log1p_std=gene_log1p_std,
-                                       n_conditioning=L if self.corr_basal else 0)
+                                       n_conditioning=L if self.corr_basal else 0,
+                                       covariance=basal_covariance)
         self.decoder = DecoderBody(L, self.n_hidden, self.n_genes)
         k = self.global_param_scale
         self.emb_loc_raw = nn.Parameter(torch.randn(T, L) * (float(embedding_init_loc_std) / k))
@@ -224,8 +231,8 @@ class SAMSVAE(PerturbationModel):
             return loc[0] * prob
         return self.emb_loc[index] * prob
 
-    def _basal_guide(self, pre: torch.Tensor, z_p: torch.Tensor):
-        """q(z_basal | x[, z_p]): loc, scale from the encoder's gene pre-activation (B, H).
+    def _basal_guide(self, pre: torch.Tensor, z_p: torch.Tensor) -> GaussianPosterior:
+        """q(z_basal | x[, z_p]) from the encoder's gene pre-activation (B, H).
 
         Correlated guide: the encoder reads [x, z_p] and estimates the cell's full latent
         state; the basal mean is that estimate minus z_p (a skip connection). A perturbation
@@ -234,9 +241,8 @@ class SAMSVAE(PerturbationModel):
         received t, instead of the encoder absorbing perturbation effects into z_basal.
         """
         if not self.corr_basal:
-            return self.encoder.head(pre)
-        loc, scale = self.encoder.head(pre + self.encoder.conditioning_part(z_p))
-        return loc - z_p, scale
+            return self.encoder.posterior(pre)
+        return self.encoder.posterior(pre + self.encoder.conditioning_part(z_p)).shifted(-z_p)
 
     # -- hooks -------------------------------------------------------------------------------
 
@@ -245,13 +251,13 @@ class SAMSVAE(PerturbationModel):
         z_p, index, ratio = self._sample_globals(batch.dosage, particles, generator)
         glob = per_cell_global_term(batch.dosage, index, ratio, counts_n)
         pre = self.encoder.gene_part(batch.counts)                      # (B, H), once per cell
-        loc, scale = self._basal_guide(pre, z_p)                        # (B, L) or (P, B, L)
-        eps = torch.randn((particles,) + tuple(loc.shape[-2:]), dtype=loc.dtype,
-                          device=loc.device, generator=generator)
-        z_basal = loc + scale * eps
+        q = self._basal_guide(pre, z_p)                                 # (B, L) or (P, B, L)
+        eps = torch.randn((particles,) + tuple(q.loc.shape[-2:]), dtype=q.loc.dtype,
+                          device=q.loc.device, generator=generator)
+        z_basal = q.sample(eps)
         hidden = self.decoder.hidden(z_basal + z_p)
         log_lik = self._log_lik(batch.counts, hidden, self._log_library(batch))
-        return {"log_lik": log_lik, "kl_local": kl_normal(loc, scale).sum(-1), "global": glob}
+        return {"log_lik": log_lik, "kl_local": q.kl_normal(), "global": glob}
 
     def _iwelbo_setup(self, batch):
         return {"pre": self.encoder.gene_part(batch.counts),
@@ -266,14 +272,13 @@ class SAMSVAE(PerturbationModel):
                               masked=self.masked)
         emb, mask, _, _ = self._globals_from_noise(index, eps, u)
         z_p = perturbation_sum(batch.dosage, index, emb if mask is None else emb * mask)
-        loc, scale = self._basal_guide(pre, z_p)
+        q = self._basal_guide(pre, z_p)
         eps_b = local_noise(seed, start, n, state["cell_key"], pre.shape[-2], self.n_latent,
                             dtype=pre.dtype, device=pre.device)
-        z_basal = loc + scale * eps_b
+        z_basal = q.sample(eps_b)
         log_lik = self._log_lik(batch.counts, self.decoder.hidden(z_basal + z_p),
                                 state["log_library"])
-        return (log_lik + std_normal_log_prob(z_basal).sum(-1)
-                - normal_log_prob(z_basal, loc, scale).sum(-1))
+        return log_lik + std_normal_log_prob(z_basal).sum(-1) - q.log_prob_of_sample(eps_b)
 
     def _predictive_hidden(self, dosage, n_samples):
         index = batch_perturbations(dosage)[0]
@@ -288,7 +293,7 @@ class SAMSVAE(PerturbationModel):
     def _latent(self, batch, kind):
         index = batch_perturbations(batch.dosage)[0]
         z_p = perturbation_sum(batch.dosage, index, self._shift_mean(index).unsqueeze(0))[0]
-        loc, _ = self._basal_guide(self.encoder.gene_part(batch.counts), z_p)
+        loc = self._basal_guide(self.encoder.gene_part(batch.counts), z_p).loc
         return loc if kind == "basal" else loc + z_p
 
     # -- exports -----------------------------------------------------------------------------

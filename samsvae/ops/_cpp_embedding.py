@@ -107,12 +107,12 @@ def masked_embedding_sum_cpp(dosage, emb_loc, emb_log_scale, mask_logits, *, par
     def prep(t):
         return None if t is None else t.to(dtype).contiguous()
 
+    # values() is a view of the sparse tensor; detach() drops that link (no copy), which
+    # torch.compile cannot trace through
+    dose = dosage.values().detach().to(dtype).contiguous()
     z, emb, mask, _soft = torch.ops.samsvae.masked_embedding_fwd(
-        dosage.crow_indices().to(torch.int64).contiguous(),
-        # values() is a view of the sparse tensor; detach() drops that link (no copy), which
-        # torch.compile cannot trace through
-        local_col.to(torch.int64).contiguous(), dosage.values().detach().to(dtype).contiguous(),
-        index.to(torch.int64).contiguous(), prep(emb_loc), prep(emb_log_scale),
+        dosage.crow_indices().to(torch.int64).contiguous(), local_col.to(torch.int64).contiguous(),
+        dose, index.to(torch.int64).contiguous(), prep(emb_loc), prep(emb_log_scale),
         prep(mask_logits), prep(eps), prep(unif), float(temperature))
     if dtype != out_dtype:
         z, emb, mask = z.to(out_dtype), emb.to(out_dtype), mask.to(out_dtype)
