@@ -131,15 +131,19 @@ def main(argv=None) -> int:
         return loss
 
     trainer._train_step = timed_step
-    t_fit = time.perf_counter()
+    t_fit, cpu_fit = time.perf_counter(), time.process_time()
     trainer.fit()
     fit_s = time.perf_counter() - t_fit
+    cpu_s = time.process_time() - cpu_fit  # this process, all its threads
+    cpu_all = [cpu_s] if comm is None else comm.all_gather_object(cpu_s)
     w = min(args.warmup, len(stamps) - 2)
     dt = stamps[-1][0] - stamps[w][0]
     local_cells = sum(n for _, n in stamps[w + 1:])
     cells_s = local_cells * world / dt  # every rank steps together on its share of the batch
     loader_stats = getattr(loader, "stats", {})
     record.update(steps=len(stamps), fit_s=fit_s, cells_per_s=cells_s,
+                  cpu_s_per_rank=cpu_all, cells_per_cpu_s=len(stamps) * args.batch_size
+                  / sum(cpu_all), cpu_share=sum(cpu_all) / fit_s,
                   s_per_step=dt / (len(stamps) - 1 - w),
                   epoch_s_extrapolated=train.size / cells_s,
                   final_loss=trainer.history["train"]["loss"][-1],
@@ -202,17 +206,19 @@ def compare_memory(args) -> int:
     trainer = Trainer(model, loaders["memory"], None, config, n_train_cells=train.size, log=None)
     iters = {k: iter(v) for k, v in loaders.items()}
     times = {k: [] for k in loaders}
+    cpu = {k: [] for k in loaders}
     record = {"data": args.data, "mode": "compare", "load_before": os.getloadavg(),
               "backed_load_s": t1 - t0, "memory_load_s": t2 - t1,
               "stats_pass_s": stats.seconds, "stats_from_cache": stats.from_cache}
     for _ in range(args.compare_memory):
         for mode in ("memory", "backed"):
             for k in range(args.steps):
-                t = time.perf_counter()
+                t, c = time.perf_counter(), time.process_time()
                 batch = next(iters[mode])
                 trainer._train_step(batch)
                 if k >= args.warmup:  # the first steps of a block pay for the switch
                     times[mode].append(time.perf_counter() - t)
+                    cpu[mode].append(time.process_time() - c)
             print(f"{mode}: {np.mean(times[mode][-(args.steps - args.warmup):]):.3f} s/step",
                   flush=True)
     rate = {k: args.batch_size / np.mean(v) for k, v in times.items()}
@@ -220,6 +226,10 @@ def compare_memory(args) -> int:
                   cells_per_s=rate, median_s_per_step={k: float(np.median(v))
                                                        for k, v in times.items()},
                   backed_over_memory=rate["backed"] / rate["memory"],
+                  cpu_s_per_step={k: float(np.mean(v)) for k, v in cpu.items()},
+                  round_s_per_step={k: [float(np.mean(v[i:i + args.steps - args.warmup]))
+                                        for i in range(0, len(v), args.steps - args.warmup)]
+                                    for k, v in times.items()},
                   loader=dict(loaders["backed"].stats), load_after=os.getloadavg(),
                   peak_rss_gib=_peak_rss_gib())
     text = json.dumps(record, indent=1, default=float)

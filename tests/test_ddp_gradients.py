@@ -24,9 +24,11 @@ def _screen(path):
 
 
 def _model(screen, train):
+    # float64 (the reference ops support it): the comparisons then test the reduction and
+    # the scaling, not float32 rounding of sums with cancellation
     torch.manual_seed(0)
     return build_model_for_screen(screen, train, model="sams_vae", n_latent=4, n_hidden=16,
-                                  backend="reference")
+                                  backend="reference").double()
 
 
 def _shards(train):
@@ -103,16 +105,17 @@ def test_ddp_gradient_equals_single_process_gradient_over_the_union(results):
         cells += rows.size
     union_loss = total / cells  # mean negative ELBO over the 70 cells of the union
     union_loss.backward()
-    assert torch.allclose(ranks[0]["loss"].double(), union_loss.detach().double(), rtol=1e-6)
+    assert torch.allclose(ranks[0]["loss"].double(), union_loss.detach(), rtol=1e-6)
     for name, p in model.named_parameters():
         ref = torch.zeros_like(p) if p.grad is None else p.grad
         for r in range(WORLD):
-            torch.testing.assert_close(ranks[r]["grads"][name], ref, rtol=1e-5, atol=1e-7,
+            torch.testing.assert_close(ranks[r]["grads"][name], ref, rtol=1e-10, atol=1e-12,
                                        msg=lambda m: f"{name} on rank {r}: {m}")
-    # the global terms (weighted by the GLOBAL N_t, the same buffer on both ranks) reach the
-    # embeddings, and the ranks hold the same weights after the step
-    assert model.emb_loc.grad.abs().sum() > 0
-    torch.testing.assert_close(ranks[0]["state"]["emb_loc"], ranks[1]["state"]["emb_loc"])
+    # every parameter got a gradient (the global terms, weighted by the GLOBAL N_t, reach the
+    # perturbation parameters), and the ranks hold the same weights after the step
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+    for name, value in ranks[0]["state"].items():
+        torch.testing.assert_close(ranks[1]["state"][name], value, rtol=0, atol=0, msg=name)
 
 
 def test_distributed_iwelbo_equals_single_process_in_input_order(results):
@@ -124,7 +127,7 @@ def test_distributed_iwelbo_equals_single_process_in_input_order(results):
     ref = test_iwelbo(model, MinibatchLoader(screen, rows, 16, shuffle=False), particles=6,
                       chunk=4, global_seed=1)
     assert ranks[0]["iwelbo"].shape == (rows.size,)
-    np.testing.assert_allclose(ranks[0]["iwelbo"], ref, rtol=1e-6)
+    np.testing.assert_allclose(ranks[0]["iwelbo"], ref, rtol=1e-12)
     np.testing.assert_array_equal(ranks[0]["iwelbo"], ranks[1]["iwelbo"])
 
 
@@ -138,5 +141,5 @@ def test_distributed_model_ate_equals_single_process(results, monkeypatch):
     labels = ranks[0]["labels"]
     assert len(labels) > 2 * (ATE_VALUES // screen.n_genes - 1)  # several groups, both ranks
     ref = model_ate(model, screen, labels, n_samples=20, seed=2)
-    np.testing.assert_allclose(ranks[0]["ate"], ref, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(ranks[0]["ate"], ref, rtol=1e-12, atol=1e-12)
     np.testing.assert_array_equal(ranks[0]["ate"], ranks[1]["ate"])

@@ -68,3 +68,42 @@ def test_same_iwelbo_across_backends(guide):
               for b in ("reference", "auto")}
     torch.testing.assert_close(values["auto"], values["reference"], rtol=1e-5, atol=1e-3)
     assert values["auto"].shape == (B,) and torch.isfinite(values["auto"]).all()
+
+
+def test_stored_logits_and_fused_head_paths_agree(monkeypatch):
+    """A training step stores the logits when they fit (3 products), else uses the fused,
+    recomputing head: same loss and gradients."""
+    import samsvae.models.base as base
+    batch = synth_batch(B, G, T, seed=4)
+    stored = _loss_and_grads(_model("sams_vae", "corr_both", "auto", batch), batch, seed=9)
+    monkeypatch.setattr(base, "STORED_LOGITS_BYTES", 0)
+    fused = _loss_and_grads(_model("sams_vae", "corr_both", "auto", batch), batch, seed=9)
+    torch.testing.assert_close(fused[0], stored[0], rtol=1e-6, atol=1e-4)
+    for name, g in stored[2].items():
+        torch.testing.assert_close(fused[2][name], g, rtol=1e-4, atol=1e-6 * g.abs().max().item())
+
+
+def test_csr_to_dense_matches_torch():
+    from samsvae.models.networks import csr_to_dense
+    x = torch.poisson(torch.rand(9, 13) * 0.7)
+    x[[2, 5]] = 0.0                                    # empty rows
+    csr = x.to_sparse_csr()
+    assert torch.equal(csr_to_dense(csr), x)
+    empty = torch.zeros(3, 4).to_sparse_csr()
+    assert torch.equal(csr_to_dense(empty), torch.zeros(3, 4))
+
+
+def test_eval_noise_distribution():
+    """The hashed evaluation noise is standard normal / uniform and uncorrelated across
+    particles, perturbations and streams."""
+    from scipy import stats
+    from samsvae.models.eval_noise import global_noise
+    index = torch.arange(0, 5000, 3)
+    eps, u = global_noise(11, 0, 6, index, 50, dtype=torch.float64, masked=True)
+    assert stats.kstest(eps.flatten().numpy(), "norm").pvalue > 1e-3
+    assert stats.kstest(u.flatten().numpy(), "uniform").pvalue > 1e-3
+    # particle 0, particle 1, the mask stream, and particle 0 shifted by one perturbation
+    corr = torch.corrcoef(torch.stack([eps[0].flatten(), eps[1].flatten(), u[0].flatten(),
+                                       eps[0].roll(1, 0).flatten()]))
+    off = corr - torch.eye(4, dtype=corr.dtype)
+    assert off.abs().max() < 0.02

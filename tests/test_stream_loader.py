@@ -163,5 +163,7 @@ def test_bad_arguments_are_explained(screens, train_idx):
         StreamingLoader(backed, train_idx, 2, rank=0, world_size=4)
     with pytest.raises(ValueError, match="rank < world_size"):
         StreamingLoader(backed, train_idx, 64, rank=2, world_size=2)
+    with pytest.raises(ValueError, match="non-empty batches"):
+        StreamingLoader(backed, train_idx[:5], 2, rank=0, world_size=2)
     with pytest.raises(IndexError, match="rows of the ScreenData"):
         StreamingLoader(backed, [backed.n_cells], 64)

@@ -120,3 +120,27 @@ def test_partial_scans_merge_to_the_full_scan(h5ad):
     np.testing.assert_allclose(split[3], full[3], rtol=1e-12)
     with pytest.raises(RuntimeError, match="cover"):
         merge_scans(parts[:1], n)
+
+
+def test_backed_run_reloads_with_the_cached_library(h5ad, tmp_path, monkeypatch):
+    import samsvae.data.screen as screen_module
+    from samsvae.cli import main
+    from samsvae.train.run_dir import load_run
+    path, adata = h5ad
+    out = tmp_path / "run"
+    with pytest.warns(UserWarning, match="dropping"):
+        assert main(["train", str(path), "--out", str(out), "--backed", "--max-steps", "3",
+                     "--latent", "3", "--hidden", "8", "--batch-size", "64",
+                     "--no-progress"]) == 0
+    assert (out / "data_stats.npz").is_file()
+
+    def no_pass(*args, **kwargs):
+        raise AssertionError("the counts were scanned again")
+
+    monkeypatch.setattr(screen_module, "_backed_counts", no_pass)
+    with pytest.warns(UserWarning, match="dropping"):
+        run = load_run(out)  # what `samsvae evaluate` and --resume do
+    assert run.screen.is_backed
+    with pytest.warns(UserWarning, match="dropping"):
+        mem = load_screen(adata)
+    np.testing.assert_array_equal(run.screen.library, mem.library)

@@ -313,6 +313,8 @@ def load_backed_screen(path, split_fn: Callable, *, cache_path=None, comm: Optio
     rank = 0 if comm is None else comm.rank
 
     cached = read_cache(cache_path, fingerprint) if cache_path is not None else None
+    if comm is not None and not all(comm.all_gather_object(cached is not None)):
+        cached = None  # e.g. a node that does not see the run directory: all ranks scan
     if cached is not None:
         screen = load_screen(path, backed=True, library=cached.library, **load_options)
         split = np.asarray(split_fn(screen)).astype(str)

@@ -175,6 +175,10 @@ class StreamingLoader:
         n = idx.size
         if self.even_batches:
             self._n_batches = n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+            if n // self.world_size < self._n_batches:
+                raise ValueError(f"{n} cells cannot give each of {self.world_size} processes "
+                                 f"{self._n_batches} non-empty batches; use a larger batch size "
+                                 "or fewer processes")
         else:
             lo, hi = self._piece_bounds()
             m = hi - lo

@@ -18,7 +18,8 @@ from ..ops import batch_perturbations
 
 
 def per_cell_global_term(dosage: torch.Tensor, index: torch.Tensor, global_term: torch.Tensor,
-                         counts: torch.Tensor) -> torch.Tensor:
+                         counts: torch.Tensor, extra_term=None,
+                         extra_weight: float = 0.0) -> torch.Tensor:
     """Per-cell share of the global terms.
 
     Args:
@@ -28,14 +29,21 @@ def per_cell_global_term(dosage: torch.Tensor, index: torch.Tensor, global_term:
         global_term: (P, U) ``G_t`` per particle for those perturbations.
         counts: (T,) N_t, number of training cells with each perturbation (values below 1 are
             treated as 1, so a perturbation absent from training cannot divide by zero).
+        extra_term, extra_weight: optional (P, U) term A_t that every cell carrying t adds with
+            weight ``extra_weight`` on top of its 1/N_t share (the reference implementation's
+            "prior weight proportional to n": over the training split A_t counts
+            ``extra_weight * N_t`` extra times). Not part of the ELBO; default off.
 
     Returns:
-        (P, B): ``sum_{t in perts(i)} G_t / N_t``; zero for control cells.
+        (P, B): ``sum_{t in perts(i)} (G_t / N_t + extra_weight * A_t)``; zero for control cells.
     """
     _, _, rows, values = batch_perturbations(dosage)
     local_col = torch.searchsorted(index, dosage.col_indices())
     inv = 1.0 / counts.to(global_term.dtype)[index].clamp_min(1.0)          # (U,)
     present = (values != 0).to(global_term.dtype)                            # stored zeros: no
-    contrib = (global_term * inv)[:, local_col] * present                    # (P, nnz)
+    weighted = global_term * inv
+    if extra_term is not None and extra_weight:
+        weighted = weighted + float(extra_weight) * extra_term
+    contrib = weighted[:, local_col] * present                               # (P, nnz)
     out = global_term.new_zeros(global_term.shape[0], dosage.shape[0])
     return out.index_add(1, rows, contrib)

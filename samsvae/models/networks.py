@@ -134,14 +134,21 @@ class GaussianEncoder(nn.Module):
 
     def gene_part(self, counts: torch.Tensor) -> torch.Tensor:
         """(B, G) CSR or dense counts -> (B, H) pre-activation from the genes (+ bias)."""
+        dtype = self.gene_weight.dtype
         std = self.gene_log1p_std
-        std = torch.where(std > STD_FLOOR, std, torch.ones_like(std)).to(self.gene_weight.dtype)
+        std = torch.where(std > STD_FLOOR, std, torch.ones_like(std)).to(dtype)
+        mean = self.gene_log1p_mean.to(dtype)
+        features = csr_log1p(counts, dtype)
+        if (features.layout != torch.sparse_csr
+                or features.values().numel() > DENSE_INPUT_ABOVE * features.numel()):
+            # dense input: standardise the (B, G) features, which need no gradient, rather
+            # than the (H, G) weight, whose rescaling would be differentiated every step
+            if features.layout == torch.sparse_csr:
+                features = csr_to_dense(features)
+            features = (features - mean) * (1.0 / std)
+            return F.linear(features, self.gene_weight, self.bias)
         w = self.gene_weight / std                                    # (H, G)
-        shift = w @ self.gene_log1p_mean.to(w.dtype)                  # (H,)
-        features = csr_log1p(counts, w.dtype)
-        if (features.layout == torch.sparse_csr
-                and features.values().numel() > DENSE_INPUT_ABOVE * features.numel()):
-            features = csr_to_dense(features)
+        shift = w @ mean                                              # (H,)
         return sparse_rows_matmul(features, w.T) + (self.bias - shift)
 
     def dosage_part(self, dosage: torch.Tensor) -> torch.Tensor:

@@ -75,6 +75,11 @@ class SAMSVAE(PerturbationModel):
             logits, codes) are stored divided by this factor. Adam moves every stored parameter
             by about ``lr`` per step, so this lets them travel ``global_param_scale`` times
             faster than the network weights (see the module docstring).
+        mask_prior_weight: w >= 0, extra weight of log p(m_t) carried by every cell that
+            received t, so that over the training split the mask prior counts 1 + w N_t times
+            instead of once (the reference implementation's reweighted loss, "prior weight
+            proportional to n"). 0 (default) trains the exact ELBO; w > 0 trades the ELBO for
+            sparser masks, whose pull otherwise does not grow with the number of cells.
         basal_covariance: ``"diagonal"`` (the paper's guide) or ``"full"``: q(z_basal | .)
             with a full covariance (Cholesky factor from the encoder, L(L-1)/2 more outputs).
             A diagonal guide favours the latent basis in which cells' posteriors are closest to
@@ -90,12 +95,15 @@ class SAMSVAE(PerturbationModel):
                  mask_init_logit: float = 0.0, embedding_init_scale: float = 0.1,
                  embedding_init_loc_std: float = 0.1, embedding_code_dim: int = 16,
                  embedding_hidden: int = 64, global_param_scale: float = 1.0,
-                 basal_covariance: str = "diagonal"):
+                 basal_covariance: str = "diagonal", mask_prior_weight: float = 0.0):
         if model not in ("sams_vae", "cpa_vae"):
             raise ValueError(f"SAMSVAE implements 'sams_vae' and 'cpa_vae', not {model!r}")
         guides = SAMS_GUIDES if model == "sams_vae" else CPA_GUIDES
         if guide not in guides:
             raise ValueError(f"{model} supports the guides {guides}, got {guide!r}")
+        if mask_prior_weight < 0 or (mask_prior_weight and model != "sams_vae"):
+            raise ValueError(f"mask_prior_weight must be >= 0 and needs masks (sams_vae), "
+                             f"got {mask_prior_weight} for {model}")
         if not 0.0 < mask_prior_prob < 1.0:
             raise ValueError(f"mask_prior_prob must be in (0, 1), got {mask_prior_prob}")
         for name, v in (("embedding_prior_scale", embedding_prior_scale),
@@ -108,7 +116,8 @@ class SAMSVAE(PerturbationModel):
                      embedding_init_scale=embedding_init_scale,
                      embedding_init_loc_std=embedding_init_loc_std,
                      embedding_code_dim=embedding_code_dim, embedding_hidden=embedding_hidden,
-                     global_param_scale=global_param_scale, basal_covariance=basal_covariance)
+                     global_param_scale=global_param_scale, basal_covariance=basal_covariance,
+                     mask_prior_weight=mask_prior_weight)
         super().__init__(model=model, guide=guide, n_genes=n_genes,
                          n_perturbations=n_perturbations, n_latent=n_latent, n_hidden=n_hidden,
                          backend=backend, perturbation_counts=perturbation_counts,
@@ -122,6 +131,7 @@ class SAMSVAE(PerturbationModel):
         self.embedding_prior_scale = float(embedding_prior_scale)
         self.temperature = float(temperature)
         self.global_param_scale = float(global_param_scale)
+        self.mask_prior_weight = float(mask_prior_weight)
 
         self.encoder = GaussianEncoder(self.n_genes, self.n_hidden, L,
                                        gene_log1p_mean=gene_log1p_mean,
@@ -190,6 +200,10 @@ class SAMSVAE(PerturbationModel):
         emb = loc + log_scale.exp() * eps
         return emb, mask, loc, log_scale
 
+    def _mask_log_prior(self, mask) -> torch.Tensor:
+        """(P, U) log p(m_t), summed over latent."""
+        return bernoulli_log_prob_const(mask, self.mask_prior_prob).sum(-1)
+
     def _global_log_ratio(self, index, emb, mask, loc, log_scale) -> torch.Tensor:
         """(P, U): log p(e_t) + log p(m_t) - log q(e_t | .) - log q(m_t), summed over latent."""
         z = (emb - loc) * torch.exp(-log_scale)
@@ -197,13 +211,13 @@ class SAMSVAE(PerturbationModel):
         log_p_e = normal_log_prob(emb, 0.0, self.embedding_prior_scale)
         ratio = (log_p_e - log_q_e).sum(-1)
         if mask is not None:
-            ratio = ratio + (bernoulli_log_prob_const(mask, self.mask_prior_prob)
-                             - bernoulli_log_prob(mask, self._scaled(self.mask_logits_raw[index]))
-                             ).sum(-1)
+            ratio = ratio + self._mask_log_prior(mask) - bernoulli_log_prob(
+                mask, self._scaled(self.mask_logits_raw[index])).sum(-1)
         return ratio
 
-    def _sample_globals(self, dosage, particles, generator):
-        """Training-time sample: z_p (P, B, L), index (U,), global log-ratio (P, U)."""
+    def _sample_globals(self, dosage, particles, generator, with_mask=False):
+        """Training-time sample: z_p (P, B, L), index (U,), global log-ratio (P, U)
+        [, the sampled straight-through masks (P, U, L) or None when ``with_mask``]."""
         if not self.corr_embedding:
             loc, log_scale = self.emb_loc, self.emb_log_scale
             s = ops.masked_embedding_sum(dosage, loc, log_scale, self.mask_logits,
@@ -211,14 +225,16 @@ class SAMSVAE(PerturbationModel):
                                          generator=generator, backend=self.backend)
             ratio = self._global_log_ratio(s.index, s.embedding, s.mask, loc[s.index],
                                            log_scale[s.index])
-            return s.z_p, s.index, ratio
-        index = batch_perturbations(dosage)[0]
-        eps, u = draw_noise(particles, index.numel(), self.n_latent,
-                            dtype=self.emb_loc_raw.dtype, device=self.emb_loc_raw.device,
-                            generator=generator, masked=True)
-        emb, mask, loc, log_scale = self._globals_from_noise(index, eps, u)
-        ratio = self._global_log_ratio(index, emb, mask, loc, log_scale)
-        return perturbation_sum(dosage, index, emb * mask), index, ratio
+            out = (s.z_p, s.index, ratio, s.mask)
+        else:
+            index = batch_perturbations(dosage)[0]
+            eps, u = draw_noise(particles, index.numel(), self.n_latent,
+                                dtype=self.emb_loc_raw.dtype, device=self.emb_loc_raw.device,
+                                generator=generator, masked=True)
+            emb, mask, loc, log_scale = self._globals_from_noise(index, eps, u)
+            ratio = self._global_log_ratio(index, emb, mask, loc, log_scale)
+            out = (perturbation_sum(dosage, index, emb * mask), index, ratio, mask)
+        return out if with_mask else out[:3]
 
     def _shift_mean(self, index: torch.Tensor) -> torch.Tensor:
         """(U, L) guide mean of e_t * m_t. Exact for mean-field (mu_t * q(m=1)); for
@@ -248,8 +264,11 @@ class SAMSVAE(PerturbationModel):
 
     def _elbo_parts(self, batch, particles, generator):
         counts_n = self._require_counts()
-        z_p, index, ratio = self._sample_globals(batch.dosage, particles, generator)
-        glob = per_cell_global_term(batch.dosage, index, ratio, counts_n)
+        z_p, index, ratio, mask = self._sample_globals(batch.dosage, particles, generator,
+                                                       with_mask=True)
+        extra = self._mask_log_prior(mask) if self.mask_prior_weight and mask is not None else None
+        glob = per_cell_global_term(batch.dosage, index, ratio, counts_n, extra,
+                                    self.mask_prior_weight)
         pre = self.encoder.gene_part(batch.counts)                      # (B, H), once per cell
         q = self._basal_guide(pre, z_p)                                 # (B, L) or (P, B, L)
         eps = torch.randn((particles,) + tuple(q.loc.shape[-2:]), dtype=q.loc.dtype,
