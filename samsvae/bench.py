@@ -28,6 +28,11 @@ call (the kernel's ``VmHWM`` mark, reset just before the call through ``/proc/se
 call (``VmRSS``), i.e. what the evaluation itself adds. ``--iwelbo-memory-particles``
 repeats the measurement at other K (e.g. 1000) for the auto backend to show memory is flat in K.
 
+``--adam fused`` uses ``torch.optim.Adam(fused=True)`` instead of torch's default (foreach)
+implementation, which the Trainer uses; ``--keep-freed-memory`` calls :func:`keep_freed_memory`
+first; ``--profile`` adds a torch.profiler breakdown of the last backend's step (matrix products
+by layer, NB kernel, composition kernel, optimizer, the rest).
+
 The batches are synthesised (the cost of a step does not depend on the number of cells of the
 screen): NB counts around gene-specific proportions and log-normal library sizes, one random
 perturbation per non-control cell drawn from all T.

@@ -106,12 +106,12 @@ def _worker(rank, tmp, tag, argv, die_at_step):
 
         def dying_step(self, batch):
             if self.step == die_at_step:
+                Path(f"{tmp}/{tag}.died").write_text(repr(time.time()))
                 os._exit(17)  # as an OOM kill would: no cleanup, no message
             return step(self, batch)
         DistributedTrainer._train_step = dying_step
-    t0 = time.perf_counter()
     rc = main(argv)
-    Path(f"{tmp}/{tag}.rank{rank}.rc").write_text(f"{rc} {time.perf_counter() - t0:.1f}")
+    Path(f"{tmp}/{tag}.rank{rank}.rc").write_text(f"{rc} {time.time()!r}")
     sys.stderr.flush()
     os._exit(0)
 
@@ -137,11 +137,12 @@ def test_dead_rank_fails_clearly_and_resume_matches_uninterrupted(two_process_ru
     argv = ["train", str(data), "--out", str(out), "--max-steps", str(STEPS), *ARGS]
     codes = _spawn(tmp_path, "crash", argv, die_at_step=50)
     assert codes[1] == 17
-    rc, seconds = (tmp_path / "crash.rank0.rc").read_text().split()
+    rc, ended = (tmp_path / "crash.rank0.rc").read_text().split()
     err = (tmp_path / "crash.rank0.err").read_text()
     assert rc == "1", err
     assert "lost contact with the other processes" in err and "--resume" in err
-    assert float(seconds) < 55  # noticed at once, not after the 60 s collective timeout
+    # noticed at once (closed connection), not after the 60 s collective timeout
+    assert float(ended) - float((tmp_path / "crash.died").read_text()) < 40
     ckpt = torch.load(out / "checkpoints" / "last.pt", weights_only=False)
     assert ckpt["step"] == 40 and len(ckpt["rank_noise"]) == 2
 
