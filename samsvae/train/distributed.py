@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import inspect
 import os
 from dataclasses import dataclass
 from typing import Optional
@@ -199,7 +200,6 @@ class DistributedTrainer(Trainer):
         device_ids = [self.device.index] if self.device.type == "cuda" else None
         # weights start as rank 0's; buffers (gene statistics, N_t) are identical by
         # construction, so they are not broadcast before every step
-        import inspect
         sync = ({"forward_sync_buffers": False}
                 if "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters
                 else {"broadcast_buffers": False})
