@@ -65,6 +65,22 @@ def make_batch(screen, rows: np.ndarray) -> Batch:
     )
 
 
+def check_indices(screen, indices) -> np.ndarray:
+    """Validate row numbers (or a boolean mask) of ``screen``; returns them as int64 (n,)."""
+    idx = np.asarray(indices)
+    if idx.dtype == np.bool_:
+        if idx.shape != (screen.n_cells,):
+            raise ValueError(f"a boolean mask of indices needs shape ({screen.n_cells},), "
+                             f"got {idx.shape}")
+        idx = np.flatnonzero(idx)
+    if idx.ndim != 1 or (idx.size and not np.issubdtype(idx.dtype, np.integer)):
+        raise ValueError("indices must be a 1-D array of integer row numbers (or a bool mask)")
+    idx = idx.astype(np.int64)
+    if idx.size and (idx.min() < 0 or idx.max() >= screen.n_cells):
+        raise IndexError(f"indices must lie in [0, {screen.n_cells}) (rows of the ScreenData)")
+    return idx
+
+
 class MinibatchLoader:
     """Iterate over rows ``indices`` of a ScreenData in batches of ``batch_size``.
 
@@ -78,17 +94,7 @@ class MinibatchLoader:
 
     def __init__(self, screen, indices, batch_size: int = 512, *, shuffle: bool = True,
                  seed: int = 0, drop_last: bool = False, device="cpu"):
-        idx = np.asarray(indices)
-        if idx.dtype == np.bool_:
-            if idx.shape != (screen.n_cells,):
-                raise ValueError(f"a boolean mask of indices needs shape ({screen.n_cells},), "
-                                 f"got {idx.shape}")
-            idx = np.flatnonzero(idx)
-        if idx.ndim != 1 or (idx.size and not np.issubdtype(idx.dtype, np.integer)):
-            raise ValueError("indices must be a 1-D array of integer row numbers (or a bool mask)")
-        idx = idx.astype(np.int64)
-        if idx.size and (idx.min() < 0 or idx.max() >= screen.n_cells):
-            raise IndexError(f"indices must lie in [0, {screen.n_cells}) (rows of the ScreenData)")
+        idx = check_indices(screen, indices)
         if int(batch_size) < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.screen = screen

@@ -45,7 +45,7 @@ import scipy.sparse as sp
 import torch
 
 from .backed import BackedCSR
-from .loader import Batch, csr_to_torch
+from .loader import Batch, check_indices, csr_to_torch
 
 DEFAULT_CHUNK_ROWS = 1024      # backed: cells per contiguous read unit
 DEFAULT_BUFFER_CHUNKS = 16     # chunks shuffled together
@@ -63,19 +63,6 @@ class _Failure:
         self.exc = exc
 
 
-def _check_indices(screen, indices) -> np.ndarray:
-    idx = np.asarray(indices)
-    if idx.dtype == np.bool_:
-        if idx.shape != (screen.n_cells,):
-            raise ValueError(f"a boolean mask of indices needs shape ({screen.n_cells},), "
-                             f"got {idx.shape}")
-        idx = np.flatnonzero(idx)
-    if idx.ndim != 1 or (idx.size and not np.issubdtype(idx.dtype, np.integer)):
-        raise ValueError("indices must be a 1-D array of integer row numbers (or a bool mask)")
-    idx = idx.astype(np.int64)
-    if idx.size and (idx.min() < 0 or idx.max() >= screen.n_cells):
-        raise IndexError(f"indices must lie in [0, {screen.n_cells}) (rows of the ScreenData)")
-    return idx
 
 
 def local_batch_size(batch_size: int, rank: int, world_size: int) -> int:
@@ -136,7 +123,7 @@ class StreamingLoader:
                  chunk_rows: Optional[int] = None, buffer_chunks: int = DEFAULT_BUFFER_CHUNKS,
                  prefetch_batches: int = DEFAULT_PREFETCH_BATCHES, max_gap: int = DEFAULT_MAX_GAP,
                  rank: int = 0, world_size: int = 1, even_batches: bool = True):
-        idx = _check_indices(screen, indices)
+        idx = check_indices(screen, indices)
         if int(batch_size) < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if int(world_size) < 1 or not 0 <= int(rank) < int(world_size):

@@ -76,13 +76,18 @@ def evaluate_model(model, screen, indices, *, iwelbo_particles: int = 100,
                        n_ate_labels=len(labels), ate_labels=list(labels), data_ate=d_ate,
                        model_ate=m_ate, ate_pearson_per_label=r["ate_pearson_per_label"])
 
-    truth = getattr(screen, "ground_truth", None)
-    if truth is not None and "masks" in truth:
-        learned = model.perturbation_masks()
-        if learned is None:
-            out.update(mask_f1=None, mask_precision=None, mask_recall=None)
-        else:
-            rec = mask_recovery(learned, _true_masks(screen, truth))
-            out.update(mask_f1=rec["f1"], mask_precision=rec["precision"],
-                       mask_recall=rec["recall"])
+    out.update(mask_metrics(model, screen))
     return out
+
+
+def mask_metrics(model, screen) -> dict:
+    """``mask_f1/precision/recall`` against the simulator's true masks; {} without ground truth,
+    None values for models without masks (cvae, cpa_vae)."""
+    truth = getattr(screen, "ground_truth", None)
+    if truth is None or "masks" not in truth:
+        return {}
+    learned = model.perturbation_masks()
+    if learned is None:
+        return dict(mask_f1=None, mask_precision=None, mask_recall=None)
+    rec = mask_recovery(learned, _true_masks(screen, truth))
+    return dict(mask_f1=rec["f1"], mask_precision=rec["precision"], mask_recall=rec["recall"])

@@ -352,9 +352,9 @@ def evaluate_model_distributed(model, screen, indices, *, iwelbo_particles: int 
     """``samsvae.infer.evaluate_model`` with the IWELBO batches and the model-ATE label groups
     spread over the ranks (same keys and values, on every rank). The data ATE and mask
     recovery are cheap and computed on every rank."""
-    from ..infer import ate_pearson, data_ate, mask_recovery
+    from ..infer import ate_pearson, data_ate
     from ..infer.ate import _as_rows
-    from ..infer.evaluate import _true_masks
+    from ..infer.evaluate import mask_metrics
 
     rows = _as_rows(screen, indices)
     if rows.size == 0:
@@ -372,13 +372,5 @@ def evaluate_model_distributed(model, screen, indices, *, iwelbo_particles: int 
             out.update(ate_pearson=r["ate_pearson"], ate_pearson_top20=r["ate_pearson_top20"],
                        n_ate_labels=len(labels), ate_labels=list(labels), data_ate=d_ate,
                        model_ate=m_ate, ate_pearson_per_label=r["ate_pearson_per_label"])
-    truth = getattr(screen, "ground_truth", None)
-    if truth is not None and "masks" in truth:
-        learned = model.perturbation_masks()
-        if learned is None:
-            out.update(mask_f1=None, mask_precision=None, mask_recall=None)
-        else:
-            rec = mask_recovery(learned, _true_masks(screen, truth))
-            out.update(mask_f1=rec["f1"], mask_precision=rec["precision"],
-                       mask_recall=rec["recall"])
+    out.update(mask_metrics(model, screen))
     return out
