@@ -49,7 +49,6 @@ def test_minibatch_objective_is_unbiased_over_all_batches():
     rows = [{0: 1.0}, {0: 1.0, 2: 1.0}, {}, {1: 1.0}, {2: 1.0}, {0: 1.0}]
     N, b = len(rows), 3
     T = 3
-    dosage_all = _csr(rows, T)
     counts = torch.tensor([3.0, 1.0, 2.0])
     g_all = torch.tensor([[0.7, -1.3, 2.2]], dtype=torch.float64)      # G_t, one particle
     local = torch.tensor([-5.0, -3.0, -4.0, -6.5, -2.0, -1.0], dtype=torch.float64)

@@ -17,8 +17,9 @@ def screen():
 def _build(name, guide, screen, **kw):
     if name == "svae_plus":
         kw.update(svae_plus_labels(screen.dosage))
-    return build_model(name, guide, n_genes=screen.n_genes, n_perturbations=screen.n_perturbations,
-                       n_latent=3, n_hidden=8, perturbation_counts=screen.perturbation_counts, **kw)
+    return build_model(name, guide, n_genes=screen.n_genes,
+                       n_perturbations=screen.n_perturbations, n_latent=3, n_hidden=8,
+                       perturbation_counts=screen.perturbation_counts, **kw)
 
 
 @pytest.mark.parametrize("name,guide", [(m, g) for m, gs in MODEL_GUIDES.items() for g in gs])

@@ -28,7 +28,8 @@ def evaluate_model(model, screen, indices, *, iwelbo_particles: int = 100,
     Args:
         model: a trained ``samsvae.models.PerturbationModel`` (any device).
         screen: the ``samsvae.data.ScreenData`` it was trained on (same genes and perturbations).
-        indices: (n,) rows (or an (n_cells,) bool mask) of the evaluated cells, e.g. the test split.
+        indices: (n,) rows (or an (n_cells,) bool mask) of the evaluated cells (e.g. the test
+            split).
         iwelbo_particles: importance samples per cell. ate_particles: simulated cells per
             condition for the model ATE. seed: seed of every Monte Carlo estimate.
         batch_size: cells per IWELBO batch.
@@ -40,7 +41,8 @@ def evaluate_model(model, screen, indices, *, iwelbo_particles: int = 100,
         ``ate_pearson_top20``, ``n_ate_labels`` (None when no perturbed cell is evaluated or the
         screen has no control), the arrays ``ate_labels``, ``data_ate``, ``model_ate``,
         ``ate_pearson_per_label``, and ``ate_labels_unpredictable`` (labels the model cannot
-        predict, left out of the ATE: SVAE+ and combinations it never saw); with ``screen.ground_truth`` holding masks:
+        predict, left out of the ATE: SVAE+ and combinations it never saw); with
+        ``screen.ground_truth`` holding masks:
         ``mask_f1``, ``mask_precision``, ``mask_recall`` (None for models without masks:
         cvae, cpa_vae).
     """

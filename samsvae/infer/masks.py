@@ -1,7 +1,8 @@
 """Mask recovery on simulated screens: how well learned masks match the true sparse structure.
 
 Latent dimensions are identifiable only up to a permutation, so learned dimensions are first
-matched one-to-one to true dimensions (Hungarian matching, ``scipy.optimize.linear_sum_assignment``)
+matched one-to-one to true dimensions (Hungarian matching,
+``scipy.optimize.linear_sum_assignment``)
 maximising the number of perturbations on which the binary masks agree (both 1 or both 0);
 precision, recall and F1 are then computed on the matched pairs. True dimensions left unmatched
 (when the model has fewer latent dimensions) count as missed; learned dimensions left unmatched

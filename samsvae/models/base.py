@@ -125,7 +125,8 @@ class PerturbationModel(nn.Module):
         self.perturbation_counts.copy_(t.to(self.perturbation_counts.dtype))
         self.perturbation_counts_set.fill_(True)
 
-    def loss(self, batch, *, particles: int = 5, generator: Optional[torch.Generator] = None) -> dict:
+    def loss(self, batch, *, particles: int = 5,
+             generator: Optional[torch.Generator] = None) -> dict:
         """Negative ELBO of a minibatch.
 
         Args:

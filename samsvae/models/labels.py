@@ -66,7 +66,8 @@ class LabelIndex:
                 raise ValueError("an SVAE+ label must hold at least one perturbation "
                                  "(control cells have no label)")
             if any(c < 0 or c >= n_perturbations for c in key):
-                raise ValueError(f"label {list(key)} refers to columns outside 0..{n_perturbations - 1}")
+                raise ValueError(f"label {list(key)} refers to columns outside "
+                                 f"0..{n_perturbations - 1}")
             if key in self.lookup:
                 raise ValueError(f"label {list(key)} is listed twice")
             self.lookup[key] = i

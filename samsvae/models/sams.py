@@ -155,7 +155,8 @@ class SAMSVAE(PerturbationModel):
         self.decoder = DecoderBody(L, self.n_hidden, self.n_genes)
         k = self.global_param_scale
         self.emb_loc_raw = nn.Parameter(torch.randn(T, L) * (float(embedding_init_loc_std) / k))
-        self.emb_log_scale_raw = nn.Parameter(torch.full((T, L), math.log(embedding_init_scale) / k))
+        self.emb_log_scale_raw = nn.Parameter(
+            torch.full((T, L), math.log(embedding_init_scale) / k))
         self.mask_logits_raw = (nn.Parameter(torch.full((T, L), float(mask_init_logit) / k))
                                 if self.masked else None)
         if self.corr_embedding:
@@ -170,7 +171,9 @@ class SAMSVAE(PerturbationModel):
     # -- global variables ----------------------------------------------------------------
 
     def _scaled(self, raw):
-        return raw if raw is None or self.global_param_scale == 1.0 else raw * self.global_param_scale
+        if raw is None or self.global_param_scale == 1.0:
+            return raw
+        return raw * self.global_param_scale
 
     @property
     def emb_loc(self) -> torch.Tensor:
