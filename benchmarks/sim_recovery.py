@@ -5,12 +5,46 @@ mask probability 0.1 and latent dimension 10, ``sams_vae``/``corr_both`` recover
 with F1 >= 0.8 and its test IWELBO is at least that of ``cpa_vae`` and ``cvae`` trained with the
 same number of steps.
 
-    OMP_NUM_THREADS=2 python benchmarks/sim_recovery.py                  # the acceptance run
-    python benchmarks/sim_recovery.py --cells 4000 --genes 200 --steps 300   # a quick look
+    OMP_NUM_THREADS=1 python benchmarks/sim_recovery.py                       # brief's lr 3e-4
+    OMP_NUM_THREADS=1 python benchmarks/sim_recovery.py --lr 3e-3 --steps 3000
+    python benchmarks/sim_recovery.py --genes 300 --steps 800 --models sams_vae:corr_both
 
 Each model is trained with a plain loop (Adam, lr 3e-4 unless --lr, weight decay 1e-6, batch
 512, 5 particles) on a random 80/10/10 split, then evaluated on the test split with
-``samsvae.infer.evaluate_model`` (IWELBO with 100 particles, ATE Pearson, mask F1).
+``samsvae.infer.evaluate_model`` (IWELBO with 100 particles, ATE Pearson, mask F1). The default
+options of the SAMS models are the ones the iterations below settled on (``DEFAULT_KWARGS``).
+
+What the iterations found (1 CPU thread, shared machine):
+
+* Paper defaults (diagonal basal guide, exact ELBO): after 1,500 steps the perturbation effects
+  sit in z_basal (the encoder absorbs them), embeddings stay ~0.1 and masks ~0.5: F1 ~0.3-0.4.
+  A residual correlated basal guide (mean = encoder([x, z_p]) - z_p) moves the effects into
+  z_p, and ``global_param_scale=10`` lets the per-perturbation parameters move fast enough.
+* Masks then come out dense in a rotated latent basis. Even an initialisation at the true masks
+  drifts there. With a diagonal q(z_basal) the ELBO itself prefers the rotation: on this
+  simulator the mean-field gap is 0.78 nats/cell in the true axes and 0.29 after the best
+  rotation (~7,800 nats over the training split), against roughly 3,600 nats that the true
+  sparse masks save. ``basal_covariance="full"`` removes that preference, and the reference
+  implementation's mask-prior reweighting (``mask_prior_weight=0.03``) makes sparsity pay in
+  proportion to the cells. Every true entry with |effect| > 0.9 is then found; the misses are
+  small effects and leftover rotation, which shrink only slowly with training.
+* Results on the acceptance screen (seed 0, test split of 2,000 cells):
+
+  =====================  ======  =====  ===========  ====================  ========
+  model/guide            lr      steps  test IWELBO  mask F1 (P / R)       ATE r
+  =====================  ======  =====  ===========  ====================  ========
+  sams_vae/corr_both     3e-4    1500   -1741.91     0.385 (0.26 / 0.71)   0.460
+  cpa_vae/mean_field     3e-4    1500   -1741.42     -                     0.194
+  cvae/mean_field        3e-4    1500   -1741.22     -                     0.192
+  sams_vae/corr_both     3e-3    3000   -1690.14     0.514 (0.48 / 0.55)   0.472
+  cpa_vae/mean_field     3e-3    3000   -1691.36     -                     0.337
+  cvae/mean_field        3e-3    3000   -1696.07     -                     0.520
+  sams_vae/corr_both     3e-3    6000   -1691.85     0.563 (0.57 / 0.55)   0.455
+  =====================  ======  =====  ===========  ====================  ========
+
+  The IWELBO part holds at 3,000 steps (at 1,500 steps with lr 3e-4 none of the models has
+  trained far enough for the differences to exceed the noise). The F1 >= 0.8 bar is not met
+  within a few CPU minutes; F1 still rises with the number of steps.
 """
 from __future__ import annotations
 
