@@ -167,3 +167,39 @@ def run_worker(script: str, config: Dict, threads: Optional[int], *, for_memory:
     if proc.returncode != 0:
         raise RuntimeError(f"benchmark worker failed for {config}:\n{proc.stderr[-4000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def measure_both(script: str, worker: Callable[[Dict], List[Dict]], cfg: Dict, args) -> tuple:
+    """Run one grid point's timing and memory measurements (fresh workers unless
+    ``args.in_process``); returns ``(time_rows, memory_rows)``."""
+    if args.in_process:
+        return worker({**cfg, "measure": "time"}), worker({**cfg, "measure": "memory"})
+    return (run_worker(script, {**cfg, "measure": "time"}, args.threads, for_memory=False),
+            run_worker(script, {**cfg, "measure": "memory"}, args.threads, for_memory=True))
+
+
+def run_meta(name: str, argv, args, threads_info: Dict) -> Dict[str, object]:
+    """The metadata block every benchmark JSON carries (command, machine, threads, methods)."""
+    import os
+    import sys
+
+    from samsvae import ops
+    return {"command": " ".join([os.path.basename(sys.executable)] + sys.argv)
+            if argv is None else f"{name}.main({argv!r})",
+            **device_info(args.device), **threads_info, "worker_threads": args.threads,
+            "memory_method": ("torch.cuda.max_memory_allocated delta" if args.device == "cuda" else
+                              "VmHWM - VmRSS around one call (clear_refs reset) in a fresh "
+                              "worker with MALLOC_MMAP_THRESHOLD_=65536"
+                              + (" (in-process: less exact)" if args.in_process else "")),
+            "compile_backend": None if args.no_compile else args.compile_backend,
+            "timing": f"median of {args.repeats} after {args.warmup} warmup calls; forward "
+                      "under no_grad", "backends": ops.available_backends()}
+
+
+def publish(rows: List[Dict], meta: Dict, text: str, out: Optional[str]) -> Dict:
+    """Print the markdown tables and write ``{"meta", "rows", "markdown"}`` JSON to ``out``."""
+    print(text)
+    payload = {"meta": meta, "rows": rows, "markdown": text}
+    if out:
+        write_json(out, payload)
+    return payload

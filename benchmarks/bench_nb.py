@@ -241,33 +241,11 @@ def main(argv=None) -> Dict:
                "threads": args.threads, "compile": not args.no_compile,
                "compile_backend": args.compile_backend, "impls": args.impls,
                "repeats": args.repeats, "warmup": args.warmup, "check": not args.no_check}
-        if args.in_process:
-            t_rows = worker({**cfg, "measure": "time"})
-            m_rows = worker({**cfg, "measure": "memory"})
-        else:
-            t_rows = H.run_worker(__file__, {**cfg, "measure": "time"}, args.threads,
-                                  for_memory=False)
-            m_rows = H.run_worker(__file__, {**cfg, "measure": "memory"}, args.threads,
-                                  for_memory=True)
+        t_rows, m_rows = H.measure_both(__file__, worker, cfg, args)
         rows.extend(merge(t_rows, m_rows))
         print(f"done B={b} G={g} zeros={z}", file=sys.stderr, flush=True)
-    meta = {"command": " ".join([os.path.basename(sys.executable)] + sys.argv)
-            if argv is None else "bench_nb.main(" + repr(argv) + ")",
-            **H.device_info(args.device), **threads_info,
-            "worker_threads": args.threads, "memory_method": (
-                "torch.cuda.max_memory_allocated delta" if args.device == "cuda" else
-                "VmHWM - VmRSS around one call (clear_refs reset) in a fresh worker with "
-                "MALLOC_MMAP_THRESHOLD_=65536" + (" (in-process: less exact)" if args.in_process
-                                                  else "")),
-            "compile_backend": None if args.no_compile else args.compile_backend,
-            "timing": f"median of {args.repeats} after {args.warmup} warmup calls; forward "
-                      "under no_grad", "backends": ops.available_backends()}
-    text = tables(rows)
-    print(text)
-    payload = {"meta": meta, "rows": rows, "markdown": text}
-    if args.out:
-        H.write_json(args.out, payload)
-    return payload
+    meta = H.run_meta("bench_nb", argv, args, threads_info)
+    return H.publish(rows, meta, tables(rows), args.out)
 
 
 if __name__ == "__main__":
