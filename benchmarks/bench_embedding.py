@@ -145,6 +145,7 @@ def worker(cfg: Dict) -> List[Dict]:
              for mode in MODES}
     if cfg["measure"] == "time":
         stats = H.time_interleaved(calls, repeats=cfg["repeats"], warmup=cfg["warmup"],
+                                   block=cfg.get("block", 1),
                                    device=device)
     index = R.coo_local(dosage)[0]
     rows = []
@@ -217,6 +218,9 @@ def parse_args(argv=None):
     ap.add_argument("--impls", nargs="*", help=f"only these implementations (+ {BASELINE})")
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--block", type=int, default=5,
+                    help="consecutive timed calls of one implementation per round (after one "
+                         "untimed call); 1 = strict alternation, every call cold")
     ap.add_argument("--compile-backend", default="inductor",
                     help="torch.compile backend of the compile_* baselines (aot_eager: no codegen)")
     ap.add_argument("--no-compile", action="store_true")
@@ -242,7 +246,7 @@ def main(argv=None) -> Dict:
            "cells": args.cells, "max_per_cell": args.max_per_cell, "device": args.device,
            "threads": args.threads, "compile": not args.no_compile,
            "compile_backend": args.compile_backend, "impls": args.impls,
-           "repeats": args.repeats, "warmup": args.warmup, "check": not args.no_check}
+           "repeats": args.repeats, "warmup": args.warmup, "block": args.block, "check": not args.no_check}
     t_rows, m_rows = H.measure_both(__file__, worker, cfg, args)
     rows = merge(t_rows, m_rows)
     meta = H.run_meta("bench_embedding", argv, args, threads_info)

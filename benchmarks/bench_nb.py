@@ -122,6 +122,7 @@ def worker(cfg: Dict) -> List[Dict]:
              for mode in MODES}
     if cfg["measure"] == "time":
         stats = H.time_interleaved(calls, repeats=cfg["repeats"], warmup=cfg["warmup"],
+                                   block=cfg.get("block", 1),
                                    device=device)
     rows = []
     for (name, mode), call in calls.items():
@@ -206,6 +207,9 @@ def parse_args(argv=None):
     ap.add_argument("--impls", nargs="*", help="only these implementations (+ eager)")
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--block", type=int, default=5,
+                    help="consecutive timed calls of one implementation per round (after one "
+                         "untimed call); 1 = strict alternation, every call cold")
     ap.add_argument("--compile-backend", default="inductor",
                     help="torch.compile backend of the compile_* baselines (aot_eager: no codegen)")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile baselines")
@@ -240,7 +244,8 @@ def main(argv=None) -> Dict:
         cfg = {"rows": b, "genes": g, "zero_fraction": z, "device": args.device,
                "threads": args.threads, "compile": not args.no_compile,
                "compile_backend": args.compile_backend, "impls": args.impls,
-               "repeats": args.repeats, "warmup": args.warmup, "check": not args.no_check}
+               "repeats": args.repeats, "warmup": args.warmup, "block": args.block,
+               "check": not args.no_check}
         t_rows, m_rows = H.measure_both(__file__, worker, cfg, args)
         rows.extend(merge(t_rows, m_rows))
         print(f"done B={b} G={g} zeros={z}", file=sys.stderr, flush=True)

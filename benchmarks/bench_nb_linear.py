@@ -79,6 +79,7 @@ def worker(cfg: Dict) -> List[Dict]:
              for impl in cfg["impls"] for mode in MODES}
     if cfg["measure"] == "time":
         stats = H.time_interleaved(calls, repeats=cfg["repeats"], warmup=cfg["warmup"],
+                                   block=cfg.get("block", 1),
                                    device=device)
     rows = []
     for (impl, mode), call in calls.items():
@@ -118,6 +119,9 @@ def parse_args(argv=None):
     ap.add_argument("--unfused-max-particles", type=int, default=20)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--block", type=int, default=5,
+                    help="consecutive timed calls of one implementation per round (after one "
+                         "untimed call); 1 = strict alternation, every call cold")
     ap.add_argument("--in-process", action="store_true")
     ap.add_argument("--out", default=None)
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -136,7 +140,7 @@ def main(argv=None) -> Dict:
         cfg = {"particles": P, "cells": args.cells, "genes": args.genes, "hidden": args.hidden,
                "zero_fraction": args.zero_fraction, "backend": args.backend,
                "chunk_rows": args.chunk_rows, "device": args.device, "threads": args.threads,
-               "repeats": args.repeats, "warmup": args.warmup}
+               "repeats": args.repeats, "warmup": args.warmup, "block": args.block}
         mem = {}
         for impl in impls:
             m_cfg = {**cfg, "impls": [impl], "measure": "memory"}
