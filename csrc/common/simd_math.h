@@ -293,6 +293,115 @@ struct BlockSumF {
   }
 };
 
+// sum_k x[k] * ((double)a[idx[k]] - (double)b[idx[k]]) over n entries, in float64 (the
+// products are exact there). The two float arrays are read through gathers where the ISA has
+// them; four partial sums elsewhere, since one float64 accumulator would serialise on the add
+// latency.
+SV_INLINE double gather_diff_dot(const int64_t* idx, const float* x, int64_t n, const float* a,
+                                 const float* b) {
+  int64_t k = 0;
+  double total = 0.0;
+#if defined(SV_X86_512)
+  __m512d acc0 = _mm512_setzero_pd(), acc1 = _mm512_setzero_pd();
+  for (; k + 16 <= n; k += 16) {
+    for (int h = 0; h < 2; ++h) {
+      const __m512i i = _mm512_loadu_si512((const void*)(idx + k + 8 * h));
+      const __m256 ga = _mm512_mask_i64gather_ps(_mm256_setzero_ps(), 0xFF, i, a, 4);
+      const __m256 gb = _mm512_mask_i64gather_ps(_mm256_setzero_ps(), 0xFF, i, b, 4);
+      const __m512d d = _mm512_sub_pd(_mm512_maskz_cvtps_pd(0xFF, ga),
+                                      _mm512_maskz_cvtps_pd(0xFF, gb));
+      const __m512d xv = _mm512_maskz_cvtps_pd(0xFF, _mm256_loadu_ps(x + k + 8 * h));
+      if (h == 0) acc0 = _mm512_fmadd_pd(xv, d, acc0);
+      else acc1 = _mm512_fmadd_pd(xv, d, acc1);
+    }
+  }
+  double lanes[8];
+  _mm512_storeu_pd(lanes, _mm512_add_pd(acc0, acc1));
+  total = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) +
+          ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
+#elif defined(SV_X86_256)
+  __m256d acc0 = _mm256_setzero_pd(), acc1 = _mm256_setzero_pd();
+  const __m128 all = _mm_castsi128_ps(_mm_set1_epi32(-1));
+  for (; k + 8 <= n; k += 8) {
+    for (int h = 0; h < 2; ++h) {
+      const __m256i i = _mm256_loadu_si256((const __m256i*)(idx + k + 4 * h));
+      const __m128 ga = _mm256_mask_i64gather_ps(_mm_setzero_ps(), a, i, all, 4);
+      const __m128 gb = _mm256_mask_i64gather_ps(_mm_setzero_ps(), b, i, all, 4);
+      const __m256d d = _mm256_sub_pd(_mm256_cvtps_pd(ga), _mm256_cvtps_pd(gb));
+      const __m256d xv = _mm256_cvtps_pd(_mm_loadu_ps(x + k + 4 * h));
+      if (h == 0) acc0 = _mm256_fmadd_pd(xv, d, acc0);
+      else acc1 = _mm256_fmadd_pd(xv, d, acc1);
+    }
+  }
+  double lanes[4];
+  _mm256_storeu_pd(lanes, _mm256_add_pd(acc0, acc1));
+  total = (lanes[0] + lanes[1]) + (lanes[2] + lanes[3]);
+#endif
+  double part[4] = {0.0, 0.0, 0.0, 0.0};
+  for (; k + 4 <= n; k += 4)
+    for (int j = 0; j < 4; ++j) {
+      const int64_t g = idx[k + j];
+      part[j] += (double)x[k + j] * ((double)a[g] - (double)b[g]);
+    }
+  for (; k < n; ++k) part[0] += (double)x[k] * ((double)a[idx[k]] - (double)b[idx[k]]);
+  return total + ((part[0] + part[1]) + (part[2] + part[3]));
+}
+
+// Writes the indices and values of the non-zero entries of d[0:G] to col and x (in order)
+// and returns how many there are: a branch-free scalar loop, or AVX-512 compress stores.
+SV_INLINE int64_t compact_nonzero(const float* d, int64_t G, int64_t* col, float* x) {
+  int64_t n = 0, g = 0;
+#if defined(SV_X86_512)
+  const __m512i step = _mm512_set1_epi64(8);
+  __m512i idx = _mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0);
+  for (; g + 16 <= G; g += 16) {
+    const __m512 v = _mm512_loadu_ps(d + g);
+    const __mmask16 m = _mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_NEQ_UQ);
+    if (m == 0) {
+      idx = _mm512_add_epi64(idx, _mm512_add_epi64(step, step));
+      continue;
+    }
+    _mm512_mask_compressstoreu_ps(x + n, m, v);
+    const __mmask8 lo = (__mmask8)(m & 0xFF), hi = (__mmask8)(m >> 8);
+    _mm512_mask_compressstoreu_epi64(col + n, lo, idx);
+    idx = _mm512_add_epi64(idx, step);
+    const int64_t nlo = __builtin_popcount((unsigned)lo);
+    _mm512_mask_compressstoreu_epi64(col + n + nlo, hi, idx);
+    idx = _mm512_add_epi64(idx, step);
+    n += nlo + __builtin_popcount((unsigned)hi);
+  }
+#endif
+  for (; g < G; ++g) {
+    const float v = d[g];
+    col[n] = g;
+    x[n] = v;
+    n += v != 0.0f;
+  }
+  return n;
+}
+
+SV_INLINE int64_t compact_nonzero(const double* d, int64_t G, int64_t* col, double* x) {
+  int64_t n = 0;
+  for (int64_t g = 0; g < G; ++g) {
+    const double v = d[g];
+    col[n] = g;
+    x[n] = v;
+    n += v != 0.0;
+  }
+  return n;
+}
+
+// float64 arrays: the plain loop with four partial sums
+SV_INLINE double gather_diff_dot(const int64_t* idx, const double* x, int64_t n, const double* a,
+                                 const double* b) {
+  double part[4] = {0.0, 0.0, 0.0, 0.0};
+  int64_t k = 0;
+  for (; k + 4 <= n; k += 4)
+    for (int j = 0; j < 4; ++j) part[j] += x[k + j] * (a[idx[k + j]] - b[idx[k + j]]);
+  for (; k < n; ++k) part[0] += x[k] * (a[idx[k]] - b[idx[k]]);
+  return (part[0] + part[1]) + (part[2] + part[3]);
+}
+
 // ---- the two lane policies the kernels are written against ----------------------------
 template <class T> struct Lanes;
 

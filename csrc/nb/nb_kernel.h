@@ -22,8 +22,9 @@ struct NbGenes {
   const T* log_theta = nullptr;  // (G) log inverse dispersion
   const T* theta = nullptr;      // (Gp) exp(log_theta); padding 1
   const T* inv_theta = nullptr;  // (Gp) 1 / theta; padding 1
-  const double* theta_eff = nullptr;  // (Gp) 1 / inv_theta in float64: multiplying log1p(mu *
-                                      // inv_theta) by it cancels the rounding of inv_theta
+  const T* theta_eff = nullptr;  // (Gp) 1 / inv_theta (computed in float64, rounded once):
+                                 // multiplying log1p(mu * inv_theta) by it cancels the
+                                 // rounding of inv_theta to within one rounding of T
   int K = 2;                     // table covers integer counts 0 .. K-1 (K >= 2)
   const double* table = nullptr; // (K, Gp): forward T(x) = D(x,theta) - lgamma(x+1),
                                  // backward dD(x,theta)/dlog(theta); row x is count x.
@@ -50,9 +51,9 @@ template <class T>
 struct NbScratch {  // one per thread; rows of Gp elements unless noted
   T* xrow = nullptr;           // backward: counts of the current cell; all zero between cells
   T* aux = nullptr;            // exp(logit - max) of the current row; forward: then log1p(y)
-  T* vrow = nullptr;           // backward: v = y / (1 + y) of the current row
-  T* theta_part = nullptr;     // backward: dL/dlog(theta) of the last few rows, in T (flushed
-                               // into the thread's float64 accumulator every 8 rows)
+  T* theta_part = nullptr;     // backward: dL/dlog(theta) of the last few rows except the
+                               // per-entry table term, in T (flushed into the thread's
+                               // float64 accumulator every 8 rows)
   int64_t* ent_col = nullptr;  // (G) dense counts: genes of the non-zero entries
   T* ent_x = nullptr;          // (G) their counts
   double* ent_t = nullptr;     // (max entries per cell) count-only term of each entry

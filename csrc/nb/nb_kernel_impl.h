@@ -13,7 +13,8 @@
 // Backward, with w = 1/(1+y), v = y w, f(y) = log1p(y) - v (nb_log1p_minus_v):
 //   dL/dlogmu_g   = go * w_g (x_g - mu_g)          (counts scattered into a zeroed dense row)
 //   dL/dlogit_g   = dL/dlogmu_g - softmax_g * S,      S = sum_g dL/dlogmu_g = dL/dlog_library
-//   dL/dlogtheta_g += -go theta_g f(y_g)  (every gene)  + go (x v_g + dT(x, theta_g)) (entries)
+//   dL/dlogtheta_g += go (x_g v_g - theta_g f(y_g))  (every gene, vectorised)
+//                     + (sum of go over the cell's rows) dT(x, theta_g)   (entries, once a cell)
 // accumulated in a per-thread float64 row (the every-gene part through a T row flushed every 8
 // rows), reduced over threads by the caller.
 
@@ -121,21 +122,22 @@ void nb_build_table(const NbGenes<T>& gn, double* table, bool derivative, int64_
   typedef Lanes<T> L;
   typedef typename L::V V;
   const int64_t Gp = gn.Gp;
+  double log_fact[kNbTableMaxCount + 1];  // lgamma(x + 1)
+  log_fact[0] = log_fact[1] = 0.0;
+  for (int x = 2; x < gn.K; ++x) log_fact[x] = log_fact[x - 1] + std::log((double)x);
   for (int64_t g = g0; g < g1; g += L::W) {
     const V it = L::load(gn.inv_theta + g), th = L::load(gn.theta + g);
     typename L::Acc acc;
     L::acc_zero(acc);
     L::acc_store(table + g, acc, 0.0);
     L::acc_store(table + Gp + g, acc, 0.0);
-    double log_fact = 0.0;  // lgamma(x + 1)
     for (int x = 2; x < gn.K; ++x) {
       const T j = (T)(x - 1);
-      log_fact += std::log((double)x);
       double* row = table + (int64_t)x * Gp + g;
       if (!derivative) {
         // D(x) = sum_{j<x} log1p(j / theta); T(x) = D(x) - lgamma(x + 1)
         L::acc_add(acc, L::log1p_nonneg(it * j));
-        L::acc_store(row, acc, -log_fact);
+        L::acc_store(row, acc, -log_fact[x]);
       } else {
         // dD(x)/dlog(theta) = -sum_{j<x} j / (theta + j): exact for integer x, no digamma
         L::acc_add(acc, (T)0 - j / (th + j));
@@ -185,14 +187,7 @@ SV_INLINE int64_t nb_cell_entries(const NbCounts<T>& cnt, int64_t c, int64_t G,
   const double sum = 0.0;
   int64_t n;
   if (cnt.dense != nullptr) {
-    const T* d = cnt.dense + c * G;
-    n = 0;
-    for (int64_t g = 0; g < G; ++g) {  // branch-free compaction
-      const T x = d[g];
-      s.ent_col[n] = g;
-      s.ent_x[n] = x;
-      n += x != (T)0;
-    }
+    n = compact_nonzero(cnt.dense + c * G, G, s.ent_col, s.ent_x);
     *ecol = s.ent_col;
     *ex = s.ent_x;
   } else {
@@ -286,29 +281,19 @@ NbStatus nb_forward_rows(const NbFwdArgs<T>& a, const NbScratch<T>& s, int64_t q
       // gene of the row the same way (errors that add up instead of averaging out)
       const T cl_hi = (T)(lib / sum);
       const V clh = L::splat(cl_hi), cll = L::splat((T)(lib / sum - (double)cl_hi));
-      typename L::Acc zero_part;
-      L::acc_zero(zero_part);
+      // theta_g s_g summed in T over blocks of vectors, each block then in float64: theta_eff
+      // makes each product mu_g (1 + one rounding), so the block errors are random, not biased
+      typename L::BlockSum zero_part;
       for (int64_t g = 0; g < Gp; g += L::W) {
         const V q = L::load(s.aux + g) * L::load(gn.inv_theta + g);
         const V sp = L::log1p_nonneg(q * clh + q * cll);
         L::store(s.aux + g, sp);
-        L::acc_fma(zero_part, gn.theta_eff + g, sp);
+        zero_part.add(L::load(gn.theta_eff + g) * sp);
       }
       // x (logit - s) per stored entry in float64: the products are exact there, and the
       // terms are large (hundreds of nats) where they cancel against X (log_library - lse)
-      double lpart[4] = {0.0, 0.0, 0.0, 0.0};
-      int64_t k = 0;
-      for (; k + 4 <= n; k += 4)
-        for (int j = 0; j < 4; ++j) {
-          const int64_t g = ecol[k + j];
-          lpart[j] += (double)ex[k + j] * ((double)lrow[g] - (double)s.aux[g]);
-        }
-      for (; k < n; ++k) {
-        const int64_t g = ecol[k];
-        lpart[0] += (double)ex[k] * ((double)lrow[g] - (double)s.aux[g]);
-      }
-      const double lin = (lpart[0] + lpart[1]) + (lpart[2] + lpart[3]);
-      a.out[r] = (T)(tsum + lin + X * (log_lib - lse) - L::acc_sum(zero_part));
+      const double lin = gather_diff_dot(ecol, ex, n, lrow, s.aux);
+      a.out[r] = (T)(tsum + lin + X * (log_lib - lse) - zero_part.sum());
       a.lse[r] = lse;
     }
   }
@@ -347,6 +332,7 @@ NbStatus nb_backward_rows(const NbBwdArgs<T>& a, const NbScratch<T>& s, double* 
     for (int64_t k = 0; k < n; ++k)
       s.xrow[ecol[k]] += ex[k];  // duplicate columns add up, as in the reference
     const double lib = std::exp((double)a.log_library[c]);
+    double go_cell = 0.0;  // sum of grad_out over this cell's rows here: weight of dT(x, theta)
     for (int64_t p = p0; p < p1; ++p, ++q) {
       const int64_t r = p * C + c;
       T* grow = a.grad_logits + r * G;
@@ -373,21 +359,17 @@ NbStatus nb_backward_rows(const NbBwdArgs<T>& a, const NbScratch<T>& s, double* 
         const V y = mu * L::load(gn.inv_theta + g);
         const V w = L::recip(one + y);
         const V v = y * w;
-        const V dlm = go * w * (L::load(s.xrow + g) - mu);
+        const V x = L::load(s.xrow + g);
+        const V dlm = go * w * (x - mu);
         L::store(s.aux + g, e);
-        L::store(s.vrow + g, v);
         if (g < row.Gfull) L::store(grow + g, dlm);
         else L::store(gtail, dlm);
         S.add(dlm);
         const V f = nb_log1p_minus_v(y, w, v);
-        L::store(s.theta_part + g, L::load(s.theta_part + g) - go * L::load(gn.theta + g) * f);
+        L::store(s.theta_part + g,
+                 L::load(s.theta_part + g) + go * (x * v - L::load(gn.theta + g) * f));
       }
-      // count-dependent part of dL/dlog(theta), per stored entry in float64
-      const double god = (double)go_s;
-      for (int64_t k = 0; k < n; ++k) {
-        const int64_t g = ecol[k];
-        theta_acc[g] += god * ((double)ex[k] * (double)s.vrow[g] + s.ent_t[k]);
-      }
+      go_cell += (double)go_s;
       const double Sd = S.sum();
       a.row_dlog_library[r] = Sd;
       const T k = (T)(Sd / sum);  // softmax_g * S = e_g * (S / sum)
@@ -400,6 +382,9 @@ NbStatus nb_backward_rows(const NbBwdArgs<T>& a, const NbScratch<T>& s, double* 
         rows_in_part = 0;
       }
     }
+    // count-only part of dL/dlog(theta): the same for every particle row of the cell
+    if (go_cell != 0.0)
+      for (int64_t k = 0; k < n; ++k) theta_acc[ecol[k]] += go_cell * s.ent_t[k];
     for (int64_t k = 0; k < n; ++k) s.xrow[ecol[k]] = (T)0;
   }
   nb_flush_theta(s.theta_part, theta_acc, Gp);

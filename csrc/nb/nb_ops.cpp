@@ -99,7 +99,7 @@ GeneData<T> prepare_genes(const TypedKernels<T>& kern, const at::Tensor& log_the
   d.inv_theta = at::ones({Gp}, log_theta.options());
   d.theta.narrow(0, 0, G).copy_(log_theta.exp());
   d.inv_theta.narrow(0, 0, G).copy_(d.theta.narrow(0, 0, G).reciprocal());
-  d.theta_eff = d.inv_theta.to(at::kDouble).reciprocal();
+  d.theta_eff = d.inv_theta.to(at::kDouble).reciprocal().to(log_theta.scalar_type());
   NbGenes<T>& gn = d.genes;
   gn.G = G;
   gn.Gp = Gp;
@@ -109,7 +109,7 @@ GeneData<T> prepare_genes(const TypedKernels<T>& kern, const at::Tensor& log_the
   gn.theta = th.data_ptr<T>();
   gn.inv_theta = inv.data_ptr<T>();
   const at::Tensor& th_eff = d.theta_eff;
-  gn.theta_eff = th_eff.data_ptr<double>();
+  gn.theta_eff = th_eff.data_ptr<T>();
 
   // Table rows for counts 0..K-1 (rows 0 and 1 are zeros). Rows 2.. are built when at least
   // one entry per 64 table elements uses them: a table element costs about one vectorised
@@ -153,14 +153,13 @@ struct Scratch {
     thread_local std::vector<T> rows;
     thread_local std::vector<int64_t> cols;
     thread_local std::vector<double> terms;
-    rows.assign(4 * Gp + in.G, (T)0);
+    rows.assign(3 * Gp + in.G, (T)0);
     cols.resize(std::max<int64_t>(1, in.G));
     terms.resize(std::max<int64_t>(1, in.max_entries));
     s.xrow = rows.data();
     s.aux = rows.data() + Gp;
-    s.vrow = rows.data() + 2 * Gp;
-    s.theta_part = rows.data() + 3 * Gp;
-    s.ent_x = rows.data() + 4 * Gp;
+    s.theta_part = rows.data() + 2 * Gp;
+    s.ent_x = rows.data() + 3 * Gp;
     s.ent_col = cols.data();
     s.ent_t = terms.data();
   }

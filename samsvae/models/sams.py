@@ -109,7 +109,8 @@ class SAMSVAE(PerturbationModel):
                  mask_init_logit: float = 0.0, embedding_init_scale: float = 0.1,
                  embedding_init_loc_std: float = 0.1, embedding_code_dim: int = 16,
                  embedding_hidden: int = 64, global_param_scale: float = 1.0,
-                 basal_covariance: str = "diagonal", mask_prior_weight: float = 0.0):
+                 basal_covariance: str = "diagonal", mask_prior_weight: float = 0.0,
+                 sparse_rotation_every: int = 0):
         if model not in ("sams_vae", "cpa_vae"):
             raise ValueError(f"SAMSVAE implements 'sams_vae' and 'cpa_vae', not {model!r}")
         guides = SAMS_GUIDES if model == "sams_vae" else CPA_GUIDES
@@ -118,6 +119,12 @@ class SAMSVAE(PerturbationModel):
         if mask_prior_weight < 0 or (mask_prior_weight and model != "sams_vae"):
             raise ValueError(f"mask_prior_weight must be >= 0 and needs masks (sams_vae), "
                              f"got {mask_prior_weight} for {model}")
+        if int(sparse_rotation_every) != sparse_rotation_every or sparse_rotation_every < 0:
+            raise ValueError(f"sparse_rotation_every must be a non-negative integer (training "
+                             f"steps between rotations; 0 = never), got {sparse_rotation_every!r}")
+        if sparse_rotation_every and model != "sams_vae":
+            raise ValueError("sparse_rotation_every orients the latent axes by the masks' "
+                             f"sparsity and needs sams_vae (masks), not {model}")
         if not 0.0 < mask_prior_prob < 1.0:
             raise ValueError(f"mask_prior_prob must be in (0, 1), got {mask_prior_prob}")
         for name, v in (("embedding_prior_scale", embedding_prior_scale),
@@ -131,7 +138,8 @@ class SAMSVAE(PerturbationModel):
                      embedding_init_loc_std=embedding_init_loc_std,
                      embedding_code_dim=embedding_code_dim, embedding_hidden=embedding_hidden,
                      global_param_scale=global_param_scale, basal_covariance=basal_covariance,
-                     mask_prior_weight=mask_prior_weight)
+                     mask_prior_weight=mask_prior_weight,
+                     sparse_rotation_every=int(sparse_rotation_every))
         super().__init__(model=model, guide=guide, n_genes=n_genes,
                          n_perturbations=n_perturbations, n_latent=n_latent, n_hidden=n_hidden,
                          backend=backend, perturbation_counts=perturbation_counts,
@@ -146,6 +154,14 @@ class SAMSVAE(PerturbationModel):
         self.temperature = float(temperature)
         self.global_param_scale = float(global_param_scale)
         self.mask_prior_weight = float(mask_prior_weight)
+        self.sparse_rotation_every = int(sparse_rotation_every)
+        if self.sparse_rotation_every:
+            # latent_basis Q (L, L): the decoder and the basal guide work in "internal"
+            # coordinates, the embeddings and masks in the mask basis; z_p enters as z_p @ Q.
+            self.register_buffer("latent_basis", torch.eye(L))
+            self.register_buffer("train_steps", torch.zeros((), dtype=torch.int64))
+        else:
+            self.latent_basis = None
 
         self.encoder = GaussianEncoder(self.n_genes, self.n_hidden, L,
                                        gene_log1p_mean=gene_log1p_mean,
@@ -174,6 +190,10 @@ class SAMSVAE(PerturbationModel):
         if raw is None or self.global_param_scale == 1.0:
             return raw
         return raw * self.global_param_scale
+
+    def _internal(self, z_p: torch.Tensor) -> torch.Tensor:
+        """z_p (..., L) from the mask basis to the decoder's coordinates (``z_p @ Q``)."""
+        return z_p if self.latent_basis is None else z_p @ self.latent_basis.to(z_p.dtype)
 
     @property
     def emb_loc(self) -> torch.Tensor:
@@ -281,8 +301,10 @@ class SAMSVAE(PerturbationModel):
 
     def _elbo_parts(self, batch, particles, generator):
         counts_n = self._require_counts()
+        self._count_step_and_rotate()
         z_p, index, ratio, mask = self._sample_globals(batch.dosage, particles, generator,
                                                        with_mask=True)
+        z_p = self._internal(z_p)
         extra = self._mask_log_prior(mask) if self.mask_prior_weight and mask is not None else None
         glob = per_cell_global_term(batch.dosage, index, ratio, counts_n, extra,
                                     self.mask_prior_weight)
@@ -307,7 +329,8 @@ class SAMSVAE(PerturbationModel):
         eps, u = global_noise(seed, start, n, index, self.n_latent, dtype=pre.dtype,
                               masked=self.masked)
         emb, mask, _, _ = self._globals_from_noise(index, eps, u)
-        z_p = perturbation_sum(batch.dosage, index, emb if mask is None else emb * mask)
+        z_p = self._internal(perturbation_sum(batch.dosage, index,
+                                              emb if mask is None else emb * mask))
         q = self._basal_guide(pre, z_p)
         eps_b = local_noise(seed, start, n, state["cell_key"], pre.shape[-2], self.n_latent,
                             dtype=pre.dtype, device=pre.device)
@@ -322,15 +345,77 @@ class SAMSVAE(PerturbationModel):
         eps, u = draw_noise(n_samples, index.numel(), self.n_latent, dtype=dtype, device=device,
                             masked=self.masked)
         emb, mask, _, _ = self._globals_from_noise(index, eps, u)
-        z_p = perturbation_sum(dosage, index, emb if mask is None else emb * mask)
+        z_p = self._internal(perturbation_sum(dosage, index, emb if mask is None else emb * mask))
         z_basal = torch.randn(n_samples, 1, self.n_latent, dtype=dtype, device=device)
         return self.decoder.hidden(z_basal + z_p)
 
     def _latent(self, batch, kind):
         index = batch_perturbations(batch.dosage)[0]
         z_p = perturbation_sum(batch.dosage, index, self._shift_mean(index).unsqueeze(0))[0]
-        loc = self._basal_guide(self.encoder.gene_part(batch.counts), z_p).loc
+        loc = self._basal_guide(self.encoder.gene_part(batch.counts), self._internal(z_p)).loc
+        if self.latent_basis is not None:  # report in the mask basis (Q orthogonal)
+            loc = loc @ self.latent_basis.to(loc.dtype).T
         return loc if kind == "basal" else loc + z_p
+
+    # -- sparse orientation of the latent axes ----------------------------------------------
+
+    def _count_step_and_rotate(self) -> None:
+        """Training steps only (module in train mode, gradients on): count the step and, every
+        ``sparse_rotation_every`` steps, rotate the latent basis before the step's forward."""
+        if not (self.sparse_rotation_every and self.training and torch.is_grad_enabled()):
+            return
+        self.train_steps += 1
+        if int(self.train_steps) % self.sparse_rotation_every == 0:
+            self.rotate_to_sparse_basis()
+
+    @torch.no_grad()
+    def rotate_to_sparse_basis(self) -> torch.Tensor:
+        """Re-express the perturbation embeddings and masks in the sparsest latent basis.
+
+        With R = ``rotation.sparse_rotation(S)`` for the (T, L) guide means S of e_t * m_t,
+        the new effects are S R and the basis Q becomes R^T Q, so the decoder's input
+        ``z_basal + z_p Q`` (and the correlated basal guide) see unchanged perturbation
+        effects in expectation. The factorised guide cannot be rotated exactly; it is mapped
+        as follows (one rotation of a (T, L) guide):
+
+        * q(m'_tk = 1) = 1 - prod_j (1 - q(m_tj = 1)) ** (R_jk^2): an axis made of off axes is
+          off, one taking a share of an on axis is on in proportion to that share;
+        * mean of e'_tk = (S R)_tk / max(q(m'_tk = 1), 1/2), so the mean effect is kept for
+          the entries likely on; variance of e'_tk = sum_j sigma_tj^2 R_jk^2;
+        * the correlated embedding guide's network restarts from its mean-field start (its
+          last layer set to zero).
+
+        Returns the (L, L) rotation R applied (float64). Requires ``sparse_rotation_every``
+        (the model then holds the basis buffer).
+        """
+        from .rotation import sparse_rotation
+        if self.latent_basis is None:
+            raise RuntimeError("this model has no latent basis to rotate: build it with "
+                               "sparse_rotation_every > 0")
+        index = torch.arange(self.n_perturbations, device=self.emb_loc_raw.device)
+        effects = self._shift_mean(index)                                   # (T, L)
+        rot = sparse_rotation(effects)                                      # (L, L) f64 cpu
+        dev, dtype = self.emb_loc_raw.device, self.emb_loc_raw.dtype
+        r = rot.to(dev)
+        w = r * r                                                           # mixing weights
+        prob = torch.sigmoid(self.mask_logits.double()).clamp(1e-6, 1 - 1e-6)
+        prob_new = (1.0 - torch.exp(torch.log1p(-prob) @ w)).clamp(1e-6, 1 - 1e-6)
+        if self.corr_embedding:
+            mode = (prob > 0.5).to(dtype).unsqueeze(0)
+            log_scale = self._embedding_guide(index, mode)[1][0]
+        else:
+            log_scale = self.emb_log_scale
+        var_new = torch.exp(2.0 * log_scale.double()) @ w
+        loc_new = (effects.double() @ r) / prob_new.clamp_min(0.5)
+        k = self.global_param_scale
+        self.emb_loc_raw.copy_((loc_new / k).to(dtype))
+        self.emb_log_scale_raw.copy_((0.5 * torch.log(var_new) / k).to(dtype))
+        self.mask_logits_raw.copy_((torch.logit(prob_new) / k).to(dtype))
+        if self.corr_embedding:
+            self.embedding_net[2].weight.zero_()
+            self.embedding_net[2].bias.zero_()
+        self.latent_basis.copy_((r.T @ self.latent_basis.double()).to(self.latent_basis.dtype))
+        return rot
 
     # -- exports -----------------------------------------------------------------------------
 
