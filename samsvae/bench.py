@@ -17,7 +17,8 @@ measurements alike (the median over ``--steps`` rounds is reported, after ``--wa
 * ``optimizer``: ``Adam.step`` over all parameters;
 
 and once, shared by all backends, ``matmul_floor``: the dense matrix products of the encoder's and
-decoder's Linear layers alone (forward, input gradient where the step needs it, weight gradient),
+decoder's Linear layers, and of the correlated-embedding guide's MLP on the batch's perturbations,
+alone (forward, input gradient where the step needs it, weight gradient),
 as plain ``torch.mm`` calls on the same shapes. ``step / matmul_floor`` says how much the step
 spends outside its unavoidable matrix products; ``reference step / backend step`` the speed-up.
 
@@ -159,8 +160,13 @@ def build_bench_model(args, backend: str, batch):
 
 # -- timing -------------------------------------------------------------------------------------
 
-def _matmul_shapes(model, args) -> List[tuple]:
-    """(rows, in, out, input_grad) of the dense Linear products of one training step."""
+def _matmul_shapes(model, args, n_batch_perturbations: int = 0) -> List[tuple]:
+    """(rows, in, out, input_grad) of the dense Linear products of one training step.
+
+    ``n_batch_perturbations`` (U, the distinct perturbations of the batch) sizes the
+    correlated-embedding guide's MLP, which runs on (particles * U) rows."""
+    import torch
+
     P, B, L, H, G = args.particles, args.cells_per_batch, args.latent, args.hidden, args.genes
     corr_basal = bool(getattr(model, "corr_basal", False))
     shapes = [(B, G, H, False),                          # encoder: genes -> hidden
@@ -169,6 +175,12 @@ def _matmul_shapes(model, args) -> List[tuple]:
               (P * B, H, G, True)]                       # decoder: hidden -> gene logits
     if corr_basal:
         shapes.append((P * B, L, H, True))               # encoder: z_p conditioning
+    net = getattr(model, "embedding_net", None) if getattr(model, "corr_embedding", False) else None
+    if net is not None and n_batch_perturbations:
+        for layer in net.modules():                     # q(e_t | m_t, c_t): [m, c] -> ... -> 2L
+            if isinstance(layer, torch.nn.Linear):
+                shapes.append((P * n_batch_perturbations, layer.in_features,
+                               layer.out_features, True))
     return shapes
 
 
@@ -482,7 +494,9 @@ def run(args) -> int:
     batch = synth_batch(args.cells_per_batch, args.genes, args.perturbations, seed=args.seed)
     models = {b: build_bench_model(args, b, batch) for b in backends}
     first = models[backends[0]]
-    floor_fn = make_matmul_floor(_matmul_shapes(first, args))
+    n_batch_perturbations = int(torch.unique(batch.dosage.col_indices()).numel())
+    shapes = _matmul_shapes(first, args, n_batch_perturbations)
+    floor_fn = make_matmul_floor(shapes)
 
     fns = {"matmul_floor": floor_fn}
     for b in backends:
@@ -494,7 +508,7 @@ def run(args) -> int:
     result = {"config": {k: v for k, v in vars(args).items() if k not in ("func", "json_out")},
               "machine": {"torch": torch.__version__, "threads": torch.get_num_threads(),
                           "loadavg": list(os.getloadavg()), "cpu_count": os.cpu_count(),
-                          "matmul_shapes": _matmul_shapes(first, args)},
+                          "matmul_shapes": shapes},
               "matmul_floor_s": floor, "backends": {}, "ratios": {}, "iwelbo": []}
     for b in backends:
         resolved = {op: ops.backends.resolve(op, b, "cpu")[0]

@@ -29,8 +29,12 @@ def test_bench_writes_expected_json(tmp_path, capsys):
         assert all(t["median_s"] > 0 and len(t["samples_s"]) == 1 for t in rec["times"].values())
         assert result["ratios"][name]["step_over_matmul_floor"] > 0
     assert "speedup_over_reference" in result["ratios"]["auto"]
-    # the corr_basal part of the guide adds the z_p conditioning layer to the floor
-    assert len(result["machine"]["matmul_shapes"]) == 5
+    # the corr_basal part of the guide adds the z_p conditioning layer to the floor, the
+    # corr_embedding part the layers of q(e | m, c) on particles x batch perturbations rows
+    shapes = result["machine"]["matmul_shapes"]
+    n_mlp = len(shapes) - 5
+    assert n_mlp >= 2
+    assert all(rows % 2 == 0 and rows > 0 for rows, *_ in shapes[5:])  # 2 particles x U
     ks = [(m["backend"], m["particles"]) for m in result["iwelbo"]]
     assert ks == [("reference", 6), ("auto", 6), ("auto", 12)]
     for m in result["iwelbo"]:

@@ -51,6 +51,9 @@ template <class T>
 struct NbScratch {  // one per thread; rows of Gp elements unless noted
   T* xrow = nullptr;           // backward: counts of the current cell; all zero between cells
   T* aux = nullptr;            // exp(logit - max) of the current row; forward: then log1p(y)
+  T* biased = nullptr;         // logits row + logit bias of the current row (with a bias)
+  T* bias_part = nullptr;      // backward with a bias: dL/dbias of the last few rows, in T
+                               // (flushed with theta_part)
   T* theta_part = nullptr;     // backward: dL/dlog(theta) of the last few rows except the
                                // per-entry table term, in T (flushed into the thread's
                                // float64 accumulator every 8 rows)
@@ -66,6 +69,7 @@ struct NbFwdArgs {
   NbCounts<T> counts;
   const T* logits = nullptr;       // (P, C, G)
   const T* log_library = nullptr;  // (C)
+  const T* bias = nullptr;         // (G) logit bias added to every logits row, or null
   T* out = nullptr;                // (P, C) log-likelihood, nats
   double* lse = nullptr;           // (P, C) logsumexp of each logits row (saved for backward)
 };
@@ -78,6 +82,7 @@ struct NbBwdArgs {
   const T* logits = nullptr;       // (P, C, G)
   const T* log_library = nullptr;  // (C)
   const double* lse = nullptr;     // (P, C)
+  const T* bias = nullptr;         // (G) logit bias, or null
   const T* grad_out = nullptr;     // (P, C)
   T* grad_logits = nullptr;        // (P, C, G)
   double* row_dlog_library = nullptr;  // (P, C) dL/dlog_library of each row (summed over P by

@@ -234,6 +234,20 @@ struct NbRow {
   }
 };
 
+// The logits row r, or with a logit bias the row plus the bias, written to scratch.
+template <class T>
+SV_INLINE const T* nb_logits_row(const T* logits, const T* bias, int64_t r, int64_t G,
+                                 T* scratch) {
+  typedef Lanes<T> L;
+  const T* lrow = logits + r * G;
+  if (bias == nullptr) return lrow;
+  int64_t g = 0;
+  for (; g + L::W <= G; g += L::W)
+    L::store(scratch + g, L::load(lrow + g) + L::load(bias + g));
+  for (; g < G; ++g) scratch[g] = lrow[g] + bias[g];
+  return scratch;
+}
+
 // Rows are numbered q = c * P + p (cell-major): a thread's range holds runs of particles of the
 // same cell, whose counts it loads once per run. Returns the logits row that follows q in the
 // range [q, q1) (q itself at the end), for prefetching.
@@ -263,7 +277,7 @@ NbStatus nb_forward_rows(const NbFwdArgs<T>& a, const NbScratch<T>& s, int64_t q
     const double lib = std::exp(log_lib);
     for (int64_t p = p0; p < p1; ++p, ++q) {
       const int64_t r = p * C + c;
-      const T* lrow = a.logits + r * G;
+      const T* lrow = nb_logits_row(a.logits, a.bias, r, G, s.biased);
       const NbRow<T> row(lrow, G);
       const T m_s = row.max(Gp);
       const V m = L::splat(m_s);
@@ -312,7 +326,7 @@ SV_INLINE void nb_flush_theta(T* part, double* acc, int64_t Gp) {
 
 template <class T>
 NbStatus nb_backward_rows(const NbBwdArgs<T>& a, const NbScratch<T>& s, double* theta_acc,
-                          int64_t q0, int64_t q1) {
+                          double* bias_acc, int64_t q0, int64_t q1) {
   typedef Lanes<T> L;
   typedef typename L::V V;
   constexpr int W = L::W;
@@ -342,7 +356,7 @@ NbStatus nb_backward_rows(const NbBwdArgs<T>& a, const NbScratch<T>& s, double* 
         std::memset(grow, 0, sizeof(T) * G);
         continue;
       }
-      const T* lrow = a.logits + r * G;
+      const T* lrow = nb_logits_row(a.logits, a.bias, r, G, s.biased);
       const NbRow<T> row(lrow, G);
       const T m_s = row.max(Gp);
       const double sum = std::exp(a.lse[r] - (double)m_s);
@@ -374,11 +388,23 @@ NbStatus nb_backward_rows(const NbBwdArgs<T>& a, const NbScratch<T>& s, double* 
       a.row_dlog_library[r] = Sd;
       const T k = (T)(Sd / sum);  // softmax_g * S = e_g * (S / sum)
       const V kv = L::splat(k);
-      for (int64_t g = 0; g < row.Gfull; g += W)
-        L::store(grow + g, L::load(grow + g) - L::load(s.aux + g) * kv);
-      for (int64_t g = row.Gfull; g < G; ++g) grow[g] = gtail[g - row.Gfull] - s.aux[g] * k;
+      if (bias_acc == nullptr) {
+        for (int64_t g = 0; g < row.Gfull; g += W)
+          L::store(grow + g, L::load(grow + g) - L::load(s.aux + g) * kv);
+      } else {  // dL/dbias_g = sum over rows of dL/dlogit_g
+        for (int64_t g = 0; g < row.Gfull; g += W) {
+          const V d = L::load(grow + g) - L::load(s.aux + g) * kv;
+          L::store(grow + g, d);
+          L::store(s.bias_part + g, L::load(s.bias_part + g) + d);
+        }
+      }
+      for (int64_t g = row.Gfull; g < G; ++g) {
+        grow[g] = gtail[g - row.Gfull] - s.aux[g] * k;
+        if (bias_acc != nullptr) s.bias_part[g] += grow[g];
+      }
       if (++rows_in_part == 8) {
         nb_flush_theta(s.theta_part, theta_acc, Gp);
+        if (bias_acc != nullptr) nb_flush_theta(s.bias_part, bias_acc, Gp);
         rows_in_part = 0;
       }
     }
@@ -388,5 +414,6 @@ NbStatus nb_backward_rows(const NbBwdArgs<T>& a, const NbScratch<T>& s, double* 
     for (int64_t k = 0; k < n; ++k) s.xrow[ecol[k]] = (T)0;
   }
   nb_flush_theta(s.theta_part, theta_acc, Gp);
+  if (bias_acc != nullptr) nb_flush_theta(s.bias_part, bias_acc, Gp);
   return st;
 }

@@ -1,15 +1,21 @@
 // Torch custom ops for the negative binomial log-likelihood (CPU):
 //
-//   samsvae::nb_log_prob_fwd(crow, col, values, logits, log_library, log_theta) -> (out, lse)
-//   samsvae::nb_log_prob_bwd(grad_out, crow, col, values, logits, log_library, log_theta, lse)
-//       -> (grad_logits, grad_log_library, grad_log_theta)
+//   samsvae::nb_log_prob_fwd(crow, col, values, logits, log_library, log_theta, logit_bias?)
+//       -> (out, lse)
+//   samsvae::nb_log_prob_bwd(grad_out, crow, col, values, logits, log_library, log_theta, lse,
+//                            logit_bias?) -> (grad_logits, grad_log_library, grad_log_theta,
+//                                             grad_logit_bias)
 //   samsvae::nb_log_prob_dense_fwd / nb_log_prob_dense_bwd: the same with dense counts (C, G)
+//
+// logit_bias (G,), optional, is added to every logits row inside the kernel (the decoder's
+// last bias: the Linear layer then runs without one, and its gradient, the sum of grad_logits
+// over rows, is accumulated by the backward pass); grad_logit_bias is empty (0,) without it.
 //
 // counts: CSR parts (crow (C+1) int64, col (nnz) int64, values (nnz)) or dense (C, G);
 // logits (C, G) or (P, C, G); log_library (C,); log_theta (G,); all of the logits dtype
 // (float32 or float64), contiguous, on the CPU. out: logits.shape[:-1] in nats;
-// lse: logits.shape[:-1] float64, the per-row logsumexp the backward recomputes from (the
-// only thing saved between the two, besides the inputs).
+// lse: logits.shape[:-1] float64, the per-row logsumexp (of logits + bias) the backward
+// recomputes from (the only thing saved between the two, besides the inputs).
 // Autograd, fake tensors and the Python-side conversions live in samsvae/ops/_cpp_nb.py.
 
 #include <ATen/ATen.h>
@@ -53,6 +59,16 @@ NbInputs check_common(const at::Tensor& logits, const at::Tensor& log_library,
   check_shape(log_library, {in.C}, kOp, "log_library");
   check_shape(log_theta, {in.G}, kOp, "log_theta");
   return in;
+}
+
+// The optional logit bias: (G,) of the logits dtype, contiguous, or absent.
+const at::Tensor* check_bias(const c10::optional<at::Tensor>& bias, const at::Tensor& logits,
+                             const NbInputs& in) {
+  if (!bias.has_value() || !bias->defined()) return nullptr;
+  check_cpu_contiguous(*bias, kOp, "logit_bias");
+  check_dtype(*bias, logits.scalar_type(), kOp, "logit_bias");
+  check_shape(*bias, {in.G}, kOp, "logit_bias");
+  return &*bias;
 }
 
 void check_csr(const at::Tensor& crow, const at::Tensor& col, const at::Tensor& values,
@@ -153,13 +169,15 @@ struct Scratch {
     thread_local std::vector<T> rows;
     thread_local std::vector<int64_t> cols;
     thread_local std::vector<double> terms;
-    rows.assign(3 * Gp + in.G, (T)0);
+    rows.assign(5 * Gp + in.G, (T)0);
     cols.resize(std::max<int64_t>(1, in.G));
     terms.resize(std::max<int64_t>(1, in.max_entries));
     s.xrow = rows.data();
     s.aux = rows.data() + Gp;
     s.theta_part = rows.data() + 2 * Gp;
-    s.ent_x = rows.data() + 3 * Gp;
+    s.biased = rows.data() + 3 * Gp;
+    s.bias_part = rows.data() + 4 * Gp;
+    s.ent_x = rows.data() + 5 * Gp;
     s.ent_col = cols.data();
     s.ent_t = terms.data();
   }
@@ -188,7 +206,8 @@ template <class T>
 std::tuple<at::Tensor, at::Tensor> forward_impl(const NbCounts<T>& counts, const T* count_values,
                                                 int64_t n_counts, const at::Tensor& logits,
                                                 const at::Tensor& log_library,
-                                                const at::Tensor& log_theta, const NbInputs& in) {
+                                                const at::Tensor& log_theta, const at::Tensor* bias,
+                                                const NbInputs& in) {
   const at::IntArrayRef lead = logits.sizes().slice(0, logits.dim() - 1);
   at::Tensor out = at::empty(lead, logits.options());
   at::Tensor lse = at::empty(lead, logits.options().dtype(at::kDouble));
@@ -207,6 +226,7 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const NbCounts<T>& counts, const
   a.counts = counts;
   a.logits = logits.data_ptr<T>();
   a.log_library = log_library.data_ptr<T>();
+  a.bias = bias != nullptr ? bias->data_ptr<T>() : nullptr;
   a.out = out.data_ptr<T>();
   a.lse = lse.data_ptr<double>();
   StatusSum status;
@@ -220,10 +240,11 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const NbCounts<T>& counts, const
 }
 
 template <class T>
-std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_impl(
     const at::Tensor& grad_out, const NbCounts<T>& counts, const T* count_values,
     int64_t n_counts, const at::Tensor& logits, const at::Tensor& log_library,
-    const at::Tensor& log_theta, const at::Tensor& lse, const NbInputs& in) {
+    const at::Tensor& log_theta, const at::Tensor& lse, const at::Tensor* bias,
+    const NbInputs& in) {
   const at::IntArrayRef lead = logits.sizes().slice(0, logits.dim() - 1);
   check_cpu_contiguous(grad_out, kOp, "grad_out");
   check_dtype(grad_out, logits.scalar_type(), kOp, "grad_out");
@@ -232,9 +253,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
   check_dtype(lse, at::kDouble, kOp, "lse");
   check_shape(lse, lead, kOp, "lse");
   at::Tensor grad_logits = at::empty_like(logits);
+  const int64_t n_bias = bias != nullptr ? in.G : 0;
   if (in.P * in.C == 0 || in.G == 0) {
     grad_logits.zero_();
-    return {grad_logits, at::zeros({in.C}, logits.options()), at::zeros({in.G}, logits.options())};
+    return {grad_logits, at::zeros({in.C}, logits.options()), at::zeros({in.G}, logits.options()),
+            at::zeros({n_bias}, logits.options())};
   }
   at::Tensor row_dlib = at::empty({in.P, in.C}, logits.options().dtype(at::kDouble));
   const TypedKernels<T>& kern = typed<T>(active_kernels());
@@ -243,6 +266,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
   const int n_threads = at::get_num_threads();
   at::Tensor theta_acc = at::zeros({n_threads, Gp}, logits.options().dtype(at::kDouble));
   double* acc = theta_acc.data_ptr<double>();
+  at::Tensor bias_acc = at::zeros({bias != nullptr ? n_threads : 0, Gp},
+                                  logits.options().dtype(at::kDouble));
+  double* bacc = bias != nullptr ? bias_acc.data_ptr<double>() : nullptr;
   NbBwdArgs<T> a;
   a.P = in.P;
   a.C = in.C;
@@ -251,6 +277,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
   a.logits = logits.data_ptr<T>();
   a.log_library = log_library.data_ptr<T>();
   a.lse = lse.data_ptr<double>();
+  a.bias = bias != nullptr ? bias->data_ptr<T>() : nullptr;
   a.grad_out = grad_out.data_ptr<T>();
   a.grad_logits = grad_logits.data_ptr<T>();
   a.row_dlog_library = row_dlib.data_ptr<double>();
@@ -260,13 +287,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
     TORCH_INTERNAL_ASSERT(tid >= 0 && tid < n_threads, "thread id out of range");
     DenormalsAreZero ftz;
     Scratch<T> sc(in, Gp);
-    status.add(kern.nb_backward(a, sc.s, acc + tid * Gp, q0, q1));
+    status.add(kern.nb_backward(a, sc.s, acc + tid * Gp,
+                                bacc != nullptr ? bacc + tid * Gp : nullptr, q0, q1));
   });
   status.check(in.G);
   at::Tensor grad_lib = row_dlib.sum(0).to(logits.scalar_type());
   // reduce the per-thread accumulators (float64) and drop the padding
   at::Tensor grad_theta = theta_acc.sum(0).narrow(0, 0, in.G).to(logits.scalar_type());
-  return {grad_logits, grad_lib, grad_theta};
+  at::Tensor grad_bias = bias != nullptr
+                             ? bias_acc.sum(0).narrow(0, 0, in.G).to(logits.scalar_type())
+                             : at::zeros({0}, logits.options());
+  return {grad_logits, grad_lib, grad_theta, grad_bias};
 }
 
 template <class T>
@@ -295,50 +326,58 @@ void check_dense(const at::Tensor& counts, const at::Tensor& logits, NbInputs& i
 std::tuple<at::Tensor, at::Tensor> nb_fwd_csr(const at::Tensor& crow, const at::Tensor& col,
                                               const at::Tensor& values, const at::Tensor& logits,
                                               const at::Tensor& log_library,
-                                              const at::Tensor& log_theta) {
+                                              const at::Tensor& log_theta,
+                                              const c10::optional<at::Tensor>& logit_bias) {
   NbInputs in = check_common(logits, log_library, log_theta);
   check_csr(crow, col, values, logits, in);
+  const at::Tensor* bias = check_bias(logit_bias, logits, in);
   return AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "nb_log_prob_fwd", [&] {
     return forward_impl<scalar_t>(csr_counts<scalar_t>(crow, col, values),
                                   values.data_ptr<scalar_t>(), values.numel(), logits,
-                                  log_library, log_theta, in);
+                                  log_library, log_theta, bias, in);
   });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> nb_bwd_csr(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> nb_bwd_csr(
     const at::Tensor& grad_out, const at::Tensor& crow, const at::Tensor& col,
     const at::Tensor& values, const at::Tensor& logits, const at::Tensor& log_library,
-    const at::Tensor& log_theta, const at::Tensor& lse) {
+    const at::Tensor& log_theta, const at::Tensor& lse,
+    const c10::optional<at::Tensor>& logit_bias) {
   NbInputs in = check_common(logits, log_library, log_theta);
   check_csr(crow, col, values, logits, in);
+  const at::Tensor* bias = check_bias(logit_bias, logits, in);
   return AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "nb_log_prob_bwd", [&] {
     return backward_impl<scalar_t>(grad_out, csr_counts<scalar_t>(crow, col, values),
                                    values.data_ptr<scalar_t>(), values.numel(), logits,
-                                   log_library, log_theta, lse, in);
+                                   log_library, log_theta, lse, bias, in);
   });
 }
 
 std::tuple<at::Tensor, at::Tensor> nb_fwd_dense(const at::Tensor& counts,
                                                 const at::Tensor& logits,
                                                 const at::Tensor& log_library,
-                                                const at::Tensor& log_theta) {
+                                                const at::Tensor& log_theta,
+                                                const c10::optional<at::Tensor>& logit_bias) {
   NbInputs in = check_common(logits, log_library, log_theta);
   check_dense(counts, logits, in);
+  const at::Tensor* bias = check_bias(logit_bias, logits, in);
   return AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "nb_log_prob_dense_fwd", [&] {
     return forward_impl<scalar_t>(dense_counts<scalar_t>(counts), counts.data_ptr<scalar_t>(),
-                                  counts.numel(), logits, log_library, log_theta, in);
+                                  counts.numel(), logits, log_library, log_theta, bias, in);
   });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> nb_bwd_dense(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> nb_bwd_dense(
     const at::Tensor& grad_out, const at::Tensor& counts, const at::Tensor& logits,
-    const at::Tensor& log_library, const at::Tensor& log_theta, const at::Tensor& lse) {
+    const at::Tensor& log_library, const at::Tensor& log_theta, const at::Tensor& lse,
+    const c10::optional<at::Tensor>& logit_bias) {
   NbInputs in = check_common(logits, log_library, log_theta);
   check_dense(counts, logits, in);
+  const at::Tensor* bias = check_bias(logit_bias, logits, in);
   return AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "nb_log_prob_dense_bwd", [&] {
     return backward_impl<scalar_t>(grad_out, dense_counts<scalar_t>(counts),
                                    counts.data_ptr<scalar_t>(), counts.numel(), logits,
-                                   log_library, log_theta, lse, in);
+                                   log_library, log_theta, lse, bias, in);
   });
 }
 
@@ -346,14 +385,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> nb_bwd_dense(
 
 TORCH_LIBRARY_FRAGMENT(samsvae, m) {
   m.def("nb_log_prob_fwd(Tensor crow, Tensor col, Tensor values, Tensor logits, "
-        "Tensor log_library, Tensor log_theta) -> (Tensor, Tensor)");
+        "Tensor log_library, Tensor log_theta, Tensor? logit_bias=None) -> (Tensor, Tensor)");
   m.def("nb_log_prob_bwd(Tensor grad_out, Tensor crow, Tensor col, Tensor values, "
-        "Tensor logits, Tensor log_library, Tensor log_theta, Tensor lse) "
-        "-> (Tensor, Tensor, Tensor)");
+        "Tensor logits, Tensor log_library, Tensor log_theta, Tensor lse, "
+        "Tensor? logit_bias=None) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("nb_log_prob_dense_fwd(Tensor counts, Tensor logits, Tensor log_library, "
-        "Tensor log_theta) -> (Tensor, Tensor)");
+        "Tensor log_theta, Tensor? logit_bias=None) -> (Tensor, Tensor)");
   m.def("nb_log_prob_dense_bwd(Tensor grad_out, Tensor counts, Tensor logits, "
-        "Tensor log_library, Tensor log_theta, Tensor lse) -> (Tensor, Tensor, Tensor)");
+        "Tensor log_library, Tensor log_theta, Tensor lse, Tensor? logit_bias=None) "
+        "-> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(samsvae, CPU, m) {

@@ -7,6 +7,7 @@ from typing import Optional
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
@@ -267,7 +268,9 @@ class PerturbationModel(nn.Module):
         out = self.decoder.out
         logits_bytes = hidden[..., :1].numel() * out.weight.shape[0] * hidden.element_size()
         if torch.is_grad_enabled() and logits_bytes <= STORED_LOGITS_BYTES:
-            return self.likelihood(counts, out(hidden), log_library)
+            # the bias goes to the NB kernel, which adds it and sums its gradient in place
+            return self.likelihood(counts, F.linear(hidden, out.weight), log_library,
+                                   logit_bias=out.bias)
         if hasattr(ops, "nb_log_prob_linear"):
             return self.likelihood.forward_linear(counts, hidden, out.weight, out.bias,
                                                   log_library)

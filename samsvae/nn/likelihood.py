@@ -62,12 +62,15 @@ class NBLikelihood(nn.Module):
                              f"n_genes={self.n_genes}); got {tuple(counts.shape)}. Build the head "
                              "with the number of genes of the count matrix")
 
-    def forward(self, counts: torch.Tensor, logits: torch.Tensor, log_library: torch.Tensor) -> torch.Tensor:
-        """counts (cells, G) dense/CSR; logits (cells, G) or (P, cells, G); log_library (cells,).
+    def forward(self, counts: torch.Tensor, logits: torch.Tensor, log_library: torch.Tensor,
+                logit_bias: torch.Tensor = None) -> torch.Tensor:
+        """counts (cells, G) dense/CSR; logits (cells, G) or (P, cells, G); log_library (cells,);
+        logit_bias (G,) optional, added to every logits row (pass the decoder's last bias here
+        and run that Linear without it: the C++ kernel fuses the addition and its gradient).
         Returns ``logits.shape[:-1]`` log-likelihoods (nats, summed over genes)."""
         self._check_genes(counts)
         return ops.nb_log_prob(counts, logits, log_library, self.log_theta.to(logits.dtype),
-                               backend=self.backend)
+                               logit_bias=logit_bias, backend=self.backend)
 
     def forward_linear(self, counts, hidden, weight, bias, log_library):
         """Fused last decoder layer + NB: ``logits = hidden @ weight.T + bias`` is never stored.

@@ -7,9 +7,12 @@ from . import backends
 from ._triton_utils import triton_cuda_available, why_triton_unavailable
 
 
-def nb_log_prob_triton(counts, logits, log_library, log_theta):
-    """See :func:`samsvae.ops._triton_nb_kernels.nb_log_prob_triton`."""
+def nb_log_prob_triton(counts, logits, log_library, log_theta, logit_bias=None):
+    """See :func:`samsvae.ops._triton_nb_kernels.nb_log_prob_triton`. A ``logit_bias`` is
+    added to the logits before the kernel (not fused on this backend)."""
     from ._triton_nb_kernels import nb_log_prob_triton as kernel
+    if logit_bias is not None:
+        logits = logits + logit_bias.to(logits.dtype)
     return kernel(counts, logits, log_library, log_theta)
 
 

@@ -60,8 +60,10 @@ def _csr_parts(counts: torch.Tensor):
     return rows, col, val
 
 
-def nb_log_prob_reference(counts, logits, log_library, log_theta):
+def nb_log_prob_reference(counts, logits, log_library, log_theta, logit_bias=None):
     """Pure-PyTorch NB log-likelihood (the spec). Shapes as :func:`nb_log_prob`."""
+    if logit_bias is not None:
+        logits = logits + logit_bias.to(logits.dtype)
     dtype = logits.dtype
     log_theta = log_theta.to(dtype)
     theta = log_theta.exp()
@@ -82,7 +84,7 @@ def nb_log_prob_reference(counts, logits, log_library, log_theta):
     return zero_part + nz_part
 
 
-def _check_nb_inputs(counts, logits, log_library, log_theta):
+def _check_nb_inputs(counts, logits, log_library, log_theta, logit_bias=None):
     if counts.dim() != 2:
         raise ValueError(f"counts must be (cells, genes), got shape {tuple(counts.shape)}")
     cells, genes = counts.shape
@@ -95,11 +97,14 @@ def _check_nb_inputs(counts, logits, log_library, log_theta):
         raise ValueError(f"log_theta must be ({genes},), got {tuple(log_theta.shape)}")
     if not logits.is_floating_point():
         raise TypeError(f"logits must be floating point, got {logits.dtype}")
+    if logit_bias is not None and tuple(logit_bias.shape) != (genes,):
+        raise ValueError(f"logit_bias must be ({genes},) (one bias per gene, added to every "
+                         f"logits row), got {tuple(logit_bias.shape)}")
     if counts.layout not in (torch.strided, torch.sparse_csr):
         raise ValueError(f"counts must be dense or torch.sparse_csr, got layout {counts.layout}")
 
 
-def nb_log_prob(counts, logits, log_library, log_theta, *, backend="auto"):
+def nb_log_prob(counts, logits, log_library, log_theta, *, logit_bias=None, backend="auto"):
     """Per-row NB log-likelihood of ``counts`` under decoder ``logits``.
 
     Args:
@@ -109,15 +114,21 @@ def nb_log_prob(counts, logits, log_library, log_theta, *, backend="auto"):
             ``softmax`` over genes gives each cell's expression proportions.
         log_library: ``(cells,)`` log library size (total counts); mean = library * softmax.
         log_theta: ``(genes,)`` log inverse dispersion.
+        logit_bias: optional ``(genes,)`` added to every logits row: a decoder's last bias,
+            whose Linear layer then runs without it. The ``cpp`` backend adds it inside the
+            kernel and accumulates its gradient there (no broadcast copy, no sum over rows);
+            the other backends add it first.
         backend: ``"auto"`` | ``"reference"`` | ``"cpp"`` | ``"triton"``.
 
     Returns:
         ``logits.shape[:-1]``: log-likelihood in nats summed over genes. Differentiable in
-        ``logits``, ``log_library`` and ``log_theta``.
+        ``logits``, ``log_library``, ``log_theta`` and ``logit_bias``.
     """
-    _check_nb_inputs(counts, logits, log_library, log_theta)
+    _check_nb_inputs(counts, logits, log_library, log_theta, logit_bias)
     _, fn = backends.resolve("nb_log_prob", backend, logits.device)
-    return fn(counts, logits, log_library, log_theta)
+    if logit_bias is None:
+        return fn(counts, logits, log_library, log_theta)
+    return fn(counts, logits, log_library, log_theta, logit_bias)
 
 
 backends.register("nb_log_prob", "reference", nb_log_prob_reference)
