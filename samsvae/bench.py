@@ -29,8 +29,8 @@ call (the kernel's ``VmHWM`` mark, reset just before the call through ``/proc/se
 call (``VmRSS``), i.e. what the evaluation itself adds. ``--iwelbo-memory-particles``
 repeats the measurement at other K (e.g. 1000) for the auto backend to show memory is flat in K.
 
-``--adam fused`` uses ``torch.optim.Adam(fused=True)`` instead of torch's default (foreach)
-implementation, which the Trainer uses; ``--keep-freed-memory`` calls :func:`keep_freed_memory`
+``--adam`` picks ``torch.optim.Adam(fused=True)`` (the default, as the Trainer uses) or torch's
+default (foreach) implementation; ``--keep-freed-memory`` calls :func:`keep_freed_memory`
 first; ``--profile`` adds a torch.profiler breakdown of the last backend's step (matrix products
 by layer, NB kernel, composition kernel, optimizer, the rest).
 
@@ -78,8 +78,9 @@ def add_arguments(parser) -> None:
       help="comma-separated parts to time (step is always timed)")
     a("--profile", action="store_true",
       help="also print a torch.profiler table of the last backend's training step")
-    a("--adam", choices=("foreach", "fused"), default="foreach",
-      help="Adam implementation of the step (foreach: torch's default, what the Trainer uses)")
+    a("--adam", choices=("foreach", "fused"), default="fused",
+      help="Adam implementation of the step (fused, as samsvae.train.Trainer uses; foreach: "
+           "torch's default)")
     a("--keep-freed-memory", action="store_true",
       help="tell glibc malloc to keep freed blocks for reuse (see keep_freed_memory)")
     a("--seed", type=int, default=0)
@@ -214,9 +215,9 @@ def _component_fns(model, batch, args, backend: str) -> Dict[str, Callable[[], N
     P, B, H, L = args.particles, args.cells_per_batch, args.hidden, args.latent
     wanted = set(args.components.split(","))
     params = [p for p in model.parameters() if p.requires_grad]
-    # lr / weight decay as samsvae.train.Trainer; "foreach" is torch's default implementation
+    # lr / weight decay / fused Adam as samsvae.train.Trainer; "foreach" is torch's default
     opt = torch.optim.Adam(params, lr=3e-4, weight_decay=1e-6,
-                           **({"fused": True} if getattr(args, "adam", "foreach") == "fused" else {}))
+                           **({"fused": True} if getattr(args, "adam", "fused") == "fused" else {}))
     gen = torch.Generator().manual_seed(args.seed)
     fns = {}
 

@@ -283,3 +283,18 @@ def test_cuda_bfloat16_logits():
     ref = nb_log_prob_reference(counts.double(), lg.detach().double(), ll.double(), lt.double())
     assert out.dtype == torch.bfloat16 and lg.grad.dtype == torch.bfloat16
     assert torch.allclose(out.double(), ref, rtol=1e-2)
+
+
+def test_logit_bias_is_added_before_the_kernel():
+    from samsvae.ops._triton_nb import nb_log_prob_triton as wrapper
+    g = torch.Generator().manual_seed(11)
+    counts = torch.poisson(torch.rand(4, 16, generator=g) * 3)
+    logits = torch.randn(4, 16, generator=g)
+    ll, lt = torch.full((4,), 4.0), torch.randn(16, generator=g)
+    bias = torch.randn(16, generator=g, requires_grad=True)
+    out = wrapper(counts, logits, ll, lt, bias)
+    want = nb_log_prob_reference(counts.double(), (logits + bias).double(), ll.double(),
+                                 lt.double())
+    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-3)
+    out.sum().backward()
+    assert bias.grad is not None and torch.isfinite(bias.grad).all()
