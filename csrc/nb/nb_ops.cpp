@@ -198,6 +198,20 @@ struct StatusSum {
   }
 };
 
+// The inputs the forward and backward argument structs share.
+template <class Args, class T>
+void fill_row_inputs(Args& a, const NbInputs& in, const GeneData<T>& gd, const NbCounts<T>& counts,
+                     const at::Tensor& logits, const at::Tensor& log_library,
+                     const at::Tensor* bias) {
+  a.P = in.P;
+  a.C = in.C;
+  a.genes = gd.genes;
+  a.counts = counts;
+  a.logits = logits.data_ptr<T>();
+  a.log_library = log_library.data_ptr<T>();
+  a.bias = bias != nullptr ? bias->data_ptr<T>() : nullptr;
+}
+
 int64_t row_grain(const NbInputs& in) {
   return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, in.G));
 }
@@ -220,13 +234,7 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const NbCounts<T>& counts, const
   const TypedKernels<T>& kern = typed<T>(active_kernels());
   GeneData<T> gd = prepare_genes<T>(kern, log_theta, count_values, n_counts, false);
   NbFwdArgs<T> a;
-  a.P = in.P;
-  a.C = in.C;
-  a.genes = gd.genes;
-  a.counts = counts;
-  a.logits = logits.data_ptr<T>();
-  a.log_library = log_library.data_ptr<T>();
-  a.bias = bias != nullptr ? bias->data_ptr<T>() : nullptr;
+  fill_row_inputs(a, in, gd, counts, logits, log_library, bias);
   a.out = out.data_ptr<T>();
   a.lse = lse.data_ptr<double>();
   StatusSum status;
@@ -270,14 +278,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_impl(
                                   logits.options().dtype(at::kDouble));
   double* bacc = bias != nullptr ? bias_acc.data_ptr<double>() : nullptr;
   NbBwdArgs<T> a;
-  a.P = in.P;
-  a.C = in.C;
-  a.genes = gd.genes;
-  a.counts = counts;
-  a.logits = logits.data_ptr<T>();
-  a.log_library = log_library.data_ptr<T>();
+  fill_row_inputs(a, in, gd, counts, logits, log_library, bias);
   a.lse = lse.data_ptr<double>();
-  a.bias = bias != nullptr ? bias->data_ptr<T>() : nullptr;
   a.grad_out = grad_out.data_ptr<T>();
   a.grad_logits = grad_logits.data_ptr<T>();
   a.row_dlog_library = row_dlib.data_ptr<double>();
