@@ -129,3 +129,19 @@ def test_reference_backend_takes_the_bias_too():
         nb_log_prob(counts, logits, log_library, log_theta, logit_bias=bias,
                     backend="reference"),
         nb_log_prob_reference(counts, logits + bias, log_library, log_theta))
+
+
+@pytest.mark.parametrize("csr", [True, False], ids=["csr", "dense"])
+def test_bias_gradient_adds_up_across_threads(csr):
+    # each thread accumulates its rows' bias gradient in its own row; the rows must add up
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        inputs = make_inputs(3, 3000, particles=7, zero_fraction=0.8, seed=9)
+        bias = _bias(3000)
+        want = _value_and_grads("reference", *inputs, bias, csr=csr)
+        got = _value_and_grads("cpp", *inputs, bias, csr=csr)
+    finally:
+        torch.set_num_threads(before)
+    for name, a, b in zip(NAMES, got, want):
+        assert (a - b).abs().max().item() <= 1e-8 * b.abs().max().item() + 1e-9, name
