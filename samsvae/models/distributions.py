@@ -6,6 +6,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .fused_terms import diag_gaussian_sample_kl
+
 HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
 
 
@@ -69,6 +71,13 @@ class GaussianPosterior:
         if not self.full:
             return torch.log(self.scale)
         return torch.log(torch.diagonal(self.scale_tril, dim1=-2, dim2=-1))
+
+    def sample_and_kl(self, eps: torch.Tensor):
+        """``(sample(eps), kl_normal())`` in one pass; the diagonal case is a single fused
+        autograd node (``samsvae.models.fused_terms.diag_gaussian_sample_kl``)."""
+        if self.full:
+            return self.sample(eps), self.kl_normal()
+        return diag_gaussian_sample_kl(self.loc, self.scale, eps)
 
     def log_prob_of_sample(self, eps: torch.Tensor) -> torch.Tensor:
         """log q(z) of the sample ``z = sample(eps)`` (uses eps, no triangular solve)."""
