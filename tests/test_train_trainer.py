@@ -179,3 +179,21 @@ def test_grad_clip_runs_and_default_epochs(screen_split):
     trainer = _trainer(screen_split, max_steps=3, grad_clip=1.0)
     trainer.fit()
     assert trainer.step == 3 and all(map(math.isfinite, trainer.history["train"]["loss"]))
+
+
+def test_best_checkpoint_only_where_the_model_allows_it(screen_split):
+    # SAMS-VAE during its rotation phase reports checkpoint_selectable False: validations there
+    # are recorded but never kept as "best"
+    screen, split = screen_split
+    torch.manual_seed(0)
+    model = build_model_for_screen(screen, split_indices(split, "train"), model="sams_vae",
+                                   guide="mean_field", n_latent=4, n_hidden=32,
+                                   sparse_rotation_every=10, sparse_rotation_until=30)
+    config = TrainConfig(batch_size=64, lr=3e-3, max_steps=60, val_every=10, progress=False)
+    train, val = make_loaders(screen, split, batch_size=config.batch_size, seed=config.seed)
+    trainer = Trainer(model, train, val, config)
+    hist = trainer.fit()
+    assert hist["val"]["step"] == [10, 20, 30, 40, 50, 60]
+    # selectable only after step 30 + one rotation period
+    assert trainer.best_step in (50, 60)
+    assert trainer.best_val == max(hist["val"]["elbo"][4:])

@@ -222,6 +222,14 @@ class PerturbationModel(nn.Module):
         """(T, L) guide probabilities q(m_tk = 1); None for models without masks."""
         return None
 
+    @property
+    def checkpoint_selectable(self) -> bool:
+        """Whether the current weights may be kept as the "best" checkpoint. False while a
+        model's training schedule still reshapes its guide (SAMS-VAE during its rotation
+        phase, ``sparse_rotation_until``); a trainer selecting by validation ELBO should only
+        consider steps where this is True. Always True here."""
+        return True
+
     def known_conditions(self, dosage) -> np.ndarray:
         """(n,) bool: which dosage rows the model can predict (all of them, except for models
         that treat each combination as its own label, such as SVAE+)."""

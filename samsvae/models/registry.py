@@ -1,6 +1,8 @@
 """``build_model``: the one entry point from a (model, guide) name pair to a model instance."""
 from __future__ import annotations
 
+import inspect
+
 from .base import PerturbationModel
 from .cvae import ConditionalVAE
 from .sams import SAMSVAE
@@ -12,6 +14,10 @@ MODEL_GUIDES = {"cvae": ("mean_field",), "svae_plus": ("mean_field",),
 
 _CLASSES = {"cvae": ConditionalVAE, "svae_plus": SVAEPlus, "cpa_vae": SAMSVAE,
             "sams_vae": SAMSVAE}
+
+
+_COMMON = {"model", "guide", "n_genes", "n_perturbations", "n_latent", "n_hidden", "backend",
+           "gene_log1p_mean", "gene_log1p_std", "perturbation_counts"}
 
 
 def _valid_pairs() -> str:
@@ -42,7 +48,14 @@ def build_model(model: str, guide: str = "mean_field", *, n_genes: int, n_pertur
     if model not in MODEL_GUIDES or guide not in MODEL_GUIDES[model]:
         raise ValueError(f"unknown model/guide pair {model!r}/{guide!r}; valid pairs: "
                          f"{_valid_pairs()}")
-    return _CLASSES[model](model=model, guide=guide, n_genes=n_genes,
+    cls = _CLASSES[model]
+    accepted = set(inspect.signature(cls.__init__).parameters) - {"self"}
+    unknown = sorted(set(kwargs) - accepted)
+    if unknown:
+        own = ", ".join(sorted(accepted - _COMMON)) or "none beyond the sizes"
+        raise ValueError(f"{model} has no option {', '.join(map(repr, unknown))}; its options: "
+                         f"{own}")
+    return cls(model=model, guide=guide, n_genes=n_genes,
                            n_perturbations=n_perturbations, n_latent=n_latent,
                            n_hidden=n_hidden, gene_log1p_mean=gene_log1p_mean,
                            gene_log1p_std=gene_log1p_std,

@@ -48,6 +48,21 @@ Options that matter for recovering the masks (all default to the paper's model; 
 * ``mask_prior_weight``: the reference implementation's reweighting of the mask prior in
   proportion to the number of cells. Under the exact ELBO each extra mask entry costs a few
   nats per perturbation however many cells carry it, too little to orient the latent axes.
+* ``sparse_rotation_every`` (with ``sparse_rotation_until``, ``sparse_rotation_reopen``): the
+  likelihood and the N(0, I) basal prior are unchanged by a rotation of the latent space, so
+  only the mask prior orients the axes, and gradient training turns them very slowly (every
+  network and embedding must turn together, for a few nats per mask entry). Every N training
+  steps the model finds the orthogonal R that minimises the L1 norm of the guide's mean
+  effects (``rotation.sparse_rotation``) and re-expresses embeddings and masks in that basis
+  (:meth:`SAMSVAE.rotate_to_sparse_basis`); the decoder and the basal guide keep their
+  coordinates and read the perturbation latent as ``z_p @ Q`` (Q, the accumulated basis, is a
+  buffer), so the model is still SAMS-VAE with its decoder's first layer reparametrised.
+  ``sparse_rotation_reopen`` raises every mask probability to at least that value after a
+  rotation: an entry switched off early has its embedding at the prior mean 0, where neither
+  the embedding (its gradient is multiplied by the sampled 0) nor the mask (its
+  straight-through gradient is multiplied by e = 0) can learn that it is needed; reopening
+  lets small true effects be found and lets the prior switch unneeded entries off again.
+  Rotations stop after ``sparse_rotation_until`` so that the masks settle before the end.
 """
 from __future__ import annotations
 
@@ -59,10 +74,10 @@ from torch import nn
 from .. import ops
 from ..ops import batch_perturbations, draw_noise, perturbation_sum, relaxed_bernoulli_st
 from .base import PerturbationModel
-from .distributions import (HALF_LOG_2PI, GaussianPosterior, bernoulli_log_prob,
-                            bernoulli_log_prob_const, normal_log_prob, std_normal_log_prob)
+from .distributions import GaussianPosterior, bernoulli_log_prob_const, std_normal_log_prob
 from .eval_noise import global_noise, local_noise
 from .global_terms import per_cell_global_term
+from .fused_terms import global_log_ratio
 from .networks import LEAKY_SLOPE, DecoderBody, GaussianEncoder
 
 SAMS_GUIDES = ("mean_field", "corr_embedding", "corr_basal", "corr_both")
@@ -99,6 +114,15 @@ class SAMSVAE(PerturbationModel):
             A diagonal guide favours the latent basis in which cells' posteriors are closest to
             diagonal, which competes with the sparse masks for the orientation of the latent
             axes; a full covariance leaves sparsity as the only thing that orients them.
+        sparse_rotation_every: N >= 0; every N training steps (calls of ``loss`` in train mode
+            with gradients on, counted in the ``train_steps`` buffer) rotate the latent axes
+            to the sparsest orientation of the perturbation effects before the step
+            (:meth:`rotate_to_sparse_basis`). 0 (default): never; the model then has neither
+            the ``latent_basis`` nor the ``train_steps`` buffer. sams_vae only.
+        sparse_rotation_until: last training step at which a rotation may happen (0: no
+            limit). Leave a few hundred steps after it for the masks to settle.
+        sparse_rotation_reopen: after each rotation every q(m_tk = 1) is raised to at least
+            this value (0: not at all; 0.5 reopens every switched-off entry).
     """
 
     def __init__(self, *, model: str = "sams_vae", guide: str = "mean_field", n_genes: int,
@@ -110,7 +134,8 @@ class SAMSVAE(PerturbationModel):
                  embedding_init_loc_std: float = 0.1, embedding_code_dim: int = 16,
                  embedding_hidden: int = 64, global_param_scale: float = 1.0,
                  basal_covariance: str = "diagonal", mask_prior_weight: float = 0.0,
-                 sparse_rotation_every: int = 0):
+                 sparse_rotation_every: int = 0, sparse_rotation_until: int = 0,
+                 sparse_rotation_reopen: float = 0.0):
         if model not in ("sams_vae", "cpa_vae"):
             raise ValueError(f"SAMSVAE implements 'sams_vae' and 'cpa_vae', not {model!r}")
         guides = SAMS_GUIDES if model == "sams_vae" else CPA_GUIDES
@@ -122,6 +147,16 @@ class SAMSVAE(PerturbationModel):
         if int(sparse_rotation_every) != sparse_rotation_every or sparse_rotation_every < 0:
             raise ValueError(f"sparse_rotation_every must be a non-negative integer (training "
                              f"steps between rotations; 0 = never), got {sparse_rotation_every!r}")
+        if int(sparse_rotation_until) != sparse_rotation_until or sparse_rotation_until < 0:
+            raise ValueError(f"sparse_rotation_until must be a non-negative integer (last "
+                             f"training step with a rotation; 0 = no limit), got "
+                             f"{sparse_rotation_until!r}")
+        if not sparse_rotation_every and (sparse_rotation_until or sparse_rotation_reopen):
+            raise ValueError("sparse_rotation_until and sparse_rotation_reopen shape the "
+                             "rotations: they need sparse_rotation_every > 0")
+        if not 0.0 <= sparse_rotation_reopen < 1.0:
+            raise ValueError(f"sparse_rotation_reopen must be in [0, 1) (floor of q(m = 1) "
+                             f"after a rotation), got {sparse_rotation_reopen!r}")
         if sparse_rotation_every and model != "sams_vae":
             raise ValueError("sparse_rotation_every orients the latent axes by the masks' "
                              f"sparsity and needs sams_vae (masks), not {model}")
@@ -139,7 +174,9 @@ class SAMSVAE(PerturbationModel):
                      embedding_code_dim=embedding_code_dim, embedding_hidden=embedding_hidden,
                      global_param_scale=global_param_scale, basal_covariance=basal_covariance,
                      mask_prior_weight=mask_prior_weight,
-                     sparse_rotation_every=int(sparse_rotation_every))
+                     sparse_rotation_every=int(sparse_rotation_every),
+                     sparse_rotation_until=int(sparse_rotation_until),
+                     sparse_rotation_reopen=float(sparse_rotation_reopen))
         super().__init__(model=model, guide=guide, n_genes=n_genes,
                          n_perturbations=n_perturbations, n_latent=n_latent, n_hidden=n_hidden,
                          backend=backend, perturbation_counts=perturbation_counts,
@@ -155,6 +192,8 @@ class SAMSVAE(PerturbationModel):
         self.global_param_scale = float(global_param_scale)
         self.mask_prior_weight = float(mask_prior_weight)
         self.sparse_rotation_every = int(sparse_rotation_every)
+        self.sparse_rotation_until = int(sparse_rotation_until)
+        self.sparse_rotation_reopen = float(sparse_rotation_reopen)
         if self.sparse_rotation_every:
             # latent_basis Q (L, L): the decoder and the basal guide work in "internal"
             # coordinates, the embeddings and masks in the mask basis; z_p enters as z_p @ Q.
@@ -242,15 +281,11 @@ class SAMSVAE(PerturbationModel):
         return bernoulli_log_prob_const(mask, self.mask_prior_prob).sum(-1)
 
     def _global_log_ratio(self, index, emb, mask, loc, log_scale) -> torch.Tensor:
-        """(P, U): log p(e_t) + log p(m_t) - log q(e_t | .) - log q(m_t), summed over latent."""
-        z = (emb - loc) * torch.exp(-log_scale)
-        log_q_e = -0.5 * z * z - log_scale - HALF_LOG_2PI
-        log_p_e = normal_log_prob(emb, 0.0, self.embedding_prior_scale)
-        ratio = (log_p_e - log_q_e).sum(-1)
-        if mask is not None:
-            ratio = ratio + self._mask_log_prior(mask) - bernoulli_log_prob(
-                mask, self._scaled(self.mask_logits_raw[index])).sum(-1)
-        return ratio
+        """(P, U): log p(e_t) + log p(m_t) - log q(e_t | .) - log q(m_t), summed over latent
+        (one fused autograd node, see samsvae.models.fused_terms)."""
+        logits = self._scaled(self.mask_logits_raw[index]) if mask is not None else None
+        return global_log_ratio(emb, loc, log_scale, mask, logits, self.embedding_prior_scale,
+                                self.mask_prior_prob)
 
     def _sample_globals(self, dosage, particles, generator, with_mask=False):
         """Training-time sample: z_p (P, B, L), index (U,), global log-ratio (P, U)
@@ -312,10 +347,10 @@ class SAMSVAE(PerturbationModel):
         q = self._basal_guide(pre, z_p)                                 # (B, L) or (P, B, L)
         eps = torch.randn((particles,) + tuple(q.loc.shape[-2:]), dtype=q.loc.dtype,
                           device=q.loc.device, generator=generator)
-        z_basal = q.sample(eps)
+        z_basal, kl_local = q.sample_and_kl(eps)                        # one fused node
         hidden = self.decoder.hidden(z_basal + z_p)
         log_lik = self._log_lik(batch.counts, hidden, self._log_library(batch))
-        return {"log_lik": log_lik, "kl_local": q.kl_normal(), "global": glob}
+        return {"log_lik": log_lik, "kl_local": kl_local, "global": glob}
 
     def _iwelbo_setup(self, batch):
         return {"pre": self.encoder.gene_part(batch.counts),
@@ -359,13 +394,26 @@ class SAMSVAE(PerturbationModel):
 
     # -- sparse orientation of the latent axes ----------------------------------------------
 
+    @property
+    def checkpoint_selectable(self) -> bool:
+        """False during the rotation phase: up to ``sparse_rotation_until`` plus
+        ``sparse_rotation_every`` steps (one period for the masks to settle after the last
+        rotation), or for ever when rotations have no end."""
+        if not self.sparse_rotation_every:
+            return True
+        if not self.sparse_rotation_until:
+            return False
+        return int(self.train_steps) > self.sparse_rotation_until + self.sparse_rotation_every
+
     def _count_step_and_rotate(self) -> None:
         """Training steps only (module in train mode, gradients on): count the step and, every
         ``sparse_rotation_every`` steps, rotate the latent basis before the step's forward."""
         if not (self.sparse_rotation_every and self.training and torch.is_grad_enabled()):
             return
         self.train_steps += 1
-        if int(self.train_steps) % self.sparse_rotation_every == 0:
+        step = int(self.train_steps)
+        if step % self.sparse_rotation_every == 0 and (not self.sparse_rotation_until
+                                                        or step <= self.sparse_rotation_until):
             self.rotate_to_sparse_basis()
 
     @torch.no_grad()
@@ -379,7 +427,8 @@ class SAMSVAE(PerturbationModel):
         as follows (one rotation of a (T, L) guide):
 
         * q(m'_tk = 1) = 1 - prod_j (1 - q(m_tj = 1)) ** (R_jk^2): an axis made of off axes is
-          off, one taking a share of an on axis is on in proportion to that share;
+          off, one taking a share of an on axis is on in proportion to that share; then
+          raised to at least ``sparse_rotation_reopen``;
         * mean of e'_tk = (S R)_tk / max(q(m'_tk = 1), 1/2), so the mean effect is kept for
           the entries likely on; variance of e'_tk = sum_j sigma_tj^2 R_jk^2;
         * the correlated embedding guide's network restarts from its mean-field start (its
@@ -400,6 +449,7 @@ class SAMSVAE(PerturbationModel):
         w = r * r                                                           # mixing weights
         prob = torch.sigmoid(self.mask_logits.double()).clamp(1e-6, 1 - 1e-6)
         prob_new = (1.0 - torch.exp(torch.log1p(-prob) @ w)).clamp(1e-6, 1 - 1e-6)
+        prob_new = prob_new.clamp_min(self.sparse_rotation_reopen)
         if self.corr_embedding:
             mode = (prob > 0.5).to(dtype).unsqueeze(0)
             log_scale = self._embedding_guide(index, mode)[1][0]

@@ -22,7 +22,27 @@ DEMO = {"cells": 5000, "genes": 500, "perturbations": 20, "combinations": 5, "la
 TRAIN_DEFAULTS = {"lr": 3e-4, "batch_size": 512}
 # Options that define the model and the data: --resume must be given the run's values.
 IDENTITY_OPTIONS = ("model", "guide", "latent", "hidden", "split", "seed", "perturbation_key",
-                    "control_label", "drop_labels", "layer")
+                    "control_label", "drop_labels", "layer", "model_options")
+# Model options of the command line: (flag, build_model keyword, type, help). Unset flags keep
+# the model's default (the paper's); build_model rejects an option the chosen model lacks.
+MODEL_OPTIONS = (
+    ("--mask-prior-prob", "mask_prior_prob", float,
+     "sams_vae: prior probability alpha of a mask entry (default: 0.01)"),
+    ("--global-param-scale", "global_param_scale", float,
+     "sams_vae/cpa_vae: per-perturbation guide parameters move this many times faster than "
+     "the network weights (default: 1)"),
+    ("--basal-covariance", "basal_covariance", str,
+     "sams_vae/cpa_vae: diagonal | full covariance of q(z_basal) (default: diagonal)"),
+    ("--mask-prior-weight", "mask_prior_weight", float,
+     "sams_vae: extra weight of log p(m_t) per cell carrying t (0 = exact ELBO, the default)"),
+    ("--sparse-rotation-every", "sparse_rotation_every", int,
+     "sams_vae: every N training steps, rotate the latent axes to the sparsest orientation "
+     "of the perturbation effects (0 = never, the default)"),
+    ("--sparse-rotation-until", "sparse_rotation_until", int,
+     "sams_vae: last training step of the rotation phase (0 = rotate until the end)"),
+    ("--sparse-rotation-reopen", "sparse_rotation_reopen", float,
+     "sams_vae: after each rotation every mask probability is at least this (default: 0)"),
+)
 
 
 class UserError(Exception):
@@ -47,6 +67,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--hidden", type=int, default=400, help="hidden units of the MLPs (default: 400)")
     g.add_argument("--backend", default="auto", choices=("auto", "reference", "cpp", "triton"),
                    help="kernel backend for the fused ops (default: auto)")
+    g = p.add_argument_group(
+        "model options", "not given: the paper's defaults. Mask recovery on simulated screens "
+        "(benchmarks/sim_recovery.py): --global-param-scale 10 --basal-covariance full "
+        "--mask-prior-weight 0.02 --sparse-rotation-every 300 --sparse-rotation-reopen 0.5 "
+        "--sparse-rotation-until (3/4 of --max-steps) --lr 3e-3")
+    for flag, _, kind, text in MODEL_OPTIONS:
+        extra = {"choices": ("diagonal", "full")} if flag == "--basal-covariance" else {}
+        g.add_argument(flag, type=kind, default=None, help=text, **extra)
     g = p.add_argument_group("training")
     steps = g.add_mutually_exclusive_group()
     steps.add_argument("--max-steps", type=int, default=None, help="optimiser steps to run")
@@ -156,8 +184,15 @@ def _drop_labels(args) -> list:
     return [s.strip() for s in (args.drop_labels or "").split(",") if s.strip()]
 
 
+def model_options(args) -> dict:
+    """The model options given on the command line, as ``build_model`` keywords."""
+    return {key: getattr(args, key) for _, key, _, _ in MODEL_OPTIONS
+            if getattr(args, key, None) is not None}
+
+
 def _identity(args) -> dict:
     return {"model": args.model, "guide": args.guide or "mean_field",
+            "model_options": model_options(args),
             "latent": args.latent if args.latent is not None else 100, "hidden": args.hidden,
             "split": args.split, "seed": args.seed, "perturbation_key": args.perturbation_key,
             "control_label": args.control_label, "drop_labels": _drop_labels(args),
@@ -264,7 +299,7 @@ def _train(args, *, log, comm):
     model = build_model_for_screen(screen, split_indices(split, "train"), model=args.model,
                                    guide=identity["guide"], n_latent=identity["latent"],
                                    n_hidden=args.hidden, backend=args.backend,
-                                   gene_stats=gene_stats)
+                                   gene_stats=gene_stats, **identity["model_options"])
     config = run_config(model_name=args.model, guide=identity["guide"],
                         model_config=model.config, screen=screen, data_options=data_options,
                         split_options={"kind": args.split, "seed": args.seed, "counts": parts},

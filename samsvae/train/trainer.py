@@ -161,7 +161,7 @@ class Trainer:
                     break
         if bar is not None:
             bar.close()
-        if self.best_state is None:  # no validation: the final weights are the best we have
+        if self.best_state is None:  # no (selectable) validation: keep the final weights
             self.best_state = _cpu_state(self.raw_model)
         return self.history
 
@@ -250,6 +250,10 @@ class Trainer:
         val_hist["step"].append(self.step)
         val_hist["epoch"].append(self.epoch)
         val_hist["elbo"].append(val)
+        # a model whose schedule still reshapes its guide (SAMS-VAE's rotation phase) cannot
+        # be kept as "best": its validation ELBO is not comparable across that phase's end
+        if not getattr(self.raw_model, "checkpoint_selectable", True):
+            return
         if self.best_val is None or val > self.best_val:
             self.best_val, self.best_step = val, self.step
             self.best_state = _cpu_state(self.raw_model)
