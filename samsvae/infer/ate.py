@@ -21,20 +21,12 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from ..data.loader import check_indices
+
 NORMALIZED_LIBRARY = 1e4
 _ROWS_PER_CHUNK = 8192
 # labels per predict call: (labels + 1) x genes values per simulated cell, at most this many
 _MODEL_ATE_VALUES = 2 ** 19
-
-
-def _as_rows(screen, indices) -> np.ndarray:
-    idx = np.asarray(indices)
-    if idx.dtype == np.bool_:
-        if idx.shape != (screen.n_cells,):
-            raise ValueError(f"a boolean mask of indices needs shape ({screen.n_cells},), "
-                             f"got {idx.shape}")
-        idx = np.flatnonzero(idx)
-    return idx.astype(np.int64).reshape(-1)
 
 
 def _group_means(screen, rows: np.ndarray, group: np.ndarray, n_groups: int) -> np.ndarray:
@@ -66,7 +58,7 @@ def data_ate(screen, indices) -> Tuple[List[str], np.ndarray]:
         mean normalised expression of their cells minus that of the control cells (those in
         ``indices`` if any, else all control cells of the screen).
     """
-    rows = _as_rows(screen, indices)
+    rows = check_indices(screen, indices)
     labels_all = np.asarray(screen.labels).astype(str)
     is_control = np.asarray(screen.is_control, dtype=bool)
     pert_rows = rows[~is_control[rows]]

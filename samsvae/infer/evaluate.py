@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .ate import _as_rows, ate_pearson, data_ate, label_dosage, model_ate
+from ..data.loader import check_indices
+from .ate import ate_pearson, data_ate, label_dosage, model_ate
 from .iwelbo import _model_device, test_iwelbo
 from .masks import mask_recovery
 
@@ -48,7 +49,7 @@ def evaluate_model(model, screen, indices, *, iwelbo_particles: int = 100,
     """
     from ..data import MinibatchLoader
 
-    rows = _as_rows(screen, indices)
+    rows = check_indices(screen, indices)
     if rows.size == 0:
         raise ValueError("no cells to evaluate: indices is empty (is the split empty?)")
     device = _model_device(model)

@@ -353,10 +353,10 @@ def evaluate_model_distributed(model, screen, indices, *, iwelbo_particles: int 
     spread over the ranks (same keys and values, on every rank). The data ATE and mask
     recovery are cheap and computed on every rank."""
     from ..infer import ate_pearson, data_ate
-    from ..infer.ate import _as_rows
+    from ..data.loader import check_indices
     from ..infer.evaluate import mask_metrics
 
-    rows = _as_rows(screen, indices)
+    rows = check_indices(screen, indices)
     if rows.size == 0:
         raise ValueError("no cells to evaluate: indices is empty (is the split empty?)")
     iw = distributed_test_iwelbo(model, screen, rows, batch_size=batch_size,
