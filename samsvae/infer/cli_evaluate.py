@@ -42,6 +42,7 @@ def run(args) -> int:
     from ..train.distributed import init_from_env, shutdown
     from ..train.run_dir import load_run
     comm = init_from_env(args.device)  # under torchrun: cells spread over the processes
+    completed = False
     try:
         for name in ("iwelbo_particles", "ate_particles", "batch_size"):
             if getattr(args, name) < 1:
@@ -52,13 +53,14 @@ def run(args) -> int:
         metrics = evaluate_run(loaded, split=args.split, iwelbo_particles=args.iwelbo_particles,
                                ate_particles=args.ate_particles, batch_size=args.batch_size,
                                seed=args.seed, plots=args.plots, data_path=args.data, comm=comm)
+        completed = True
     except (ValueError, FileNotFoundError) as exc:
         if os.environ.get("SAMSVAE_DEBUG"):
             raise
         print(f"samsvae evaluate: error: {exc}", file=sys.stderr)
         return 2
     finally:
-        shutdown(comm)
+        shutdown(comm, completed=completed)
     if comm is None or comm.is_main:
         print_metrics(metrics)
         print(f"wrote {Path(args.run_dir) / 'metrics.json'}")

@@ -207,10 +207,13 @@ def train_from_args(args, *, log=print):
     """
     from .distributed import init_from_env, shutdown
     comm = init_from_env(args.device)
+    completed = False
     try:
-        return _train(args, log=log if comm is None or comm.is_main else _silent, comm=comm)
+        trainer = _train(args, log=log if comm is None or comm.is_main else _silent, comm=comm)
+        completed = True
+        return trainer
     finally:
-        shutdown(comm)
+        shutdown(comm, completed=completed)
 
 
 def _silent(*_args, **_kwargs) -> None:

@@ -157,9 +157,16 @@ def init_from_env(device: str = "cpu", *, timeout_s: Optional[float] = None,
                      timeout_s=timeout)
 
 
-def shutdown(comm: Optional[TorchComm]) -> None:
-    """Leave the process group (no-op for a single process)."""
+def shutdown(comm: Optional[TorchComm], *, completed: bool = False) -> None:
+    """Leave the process group (no-op for a single process).
+
+    ``completed``: the work ended normally on this rank, so every rank is expected here too:
+    wait for them before tearing the group down. (A rank that left while rank 0 was still
+    writing the run directory was seen to abort in gloo's teardown, once in a few CI runs.)
+    After a failure there is no barrier: a dead peer would hold it until the timeout."""
     if comm is not None and dist.is_initialized():
+        if completed:
+            comm.barrier("leaving the process group")
         dist.destroy_process_group()
 
 
