@@ -245,14 +245,6 @@ SV_INLINE void dacc_add(DAcc& a, vf v) {
   a.lo += vf_lo_to_double(v);
   a.hi += vf_hi_to_double(v);
 }
-// a += m[0:W] * v  (m a double array)
-SV_INLINE void dacc_fma(DAcc& a, const double* m, vf v) {
-  vdh m0, m1;
-  std::memcpy(&m0, m, sizeof m0);
-  std::memcpy(&m1, m + kW / 2, sizeof m1);
-  a.lo += m0 * vf_lo_to_double(v);
-  a.hi += m1 * vf_hi_to_double(v);
-}
 SV_INLINE double dacc_sum(const DAcc& a) {
   vdh s = a.lo + a.hi;
   double t = 0.0;
@@ -437,7 +429,6 @@ template <> struct Lanes<float> {
   }
   static SV_INLINE void acc_zero(Acc& a) { dacc_zero(a); }
   static SV_INLINE void acc_add(Acc& a, V v) { dacc_add(a, v); }
-  static SV_INLINE void acc_fma(Acc& a, const double* m, V v) { dacc_fma(a, m, v); }
   static SV_INLINE double acc_sum(const Acc& a) { return dacc_sum(a); }
   static SV_INLINE void add_to(double* acc, V v) { dacc_add_to(acc, v); }
   // dst[0:W] = accumulated lanes + offset
@@ -477,7 +468,6 @@ template <> struct Lanes<double> {
   static SV_INLINE double hmax(V v) { return v; }
   static SV_INLINE void acc_zero(Acc& a) { a = 0.0; }
   static SV_INLINE void acc_add(Acc& a, V v) { a += v; }
-  static SV_INLINE void acc_fma(Acc& a, const double* m, V v) { a += *m * v; }
   static SV_INLINE double acc_sum(const Acc& a) { return a; }
   static SV_INLINE void add_to(double* acc, V v) { *acc += v; }
   static SV_INLINE void acc_store(double* dst, const Acc& a, double offset) { *dst = a + offset; }
