@@ -5,6 +5,7 @@ to rounding (the hard mask exactly). Skipped when samsvae._C is not built.
 """
 import pytest
 import torch
+from conftest import CPU_ISAS
 
 from samsvae.ops import _cpp, backends, masked_embedding_sum
 from samsvae.ops.masked_embedding import draw_noise, masked_embedding_sum_reference
@@ -12,16 +13,7 @@ from samsvae.ops.masked_embedding import draw_noise, masked_embedding_sum_refere
 if not _cpp.ext_available():
     pytest.skip(f"C++ extension not built: {_cpp.EXT_ERROR}", allow_module_level=True)
 
-ISAS = ("avx512", "avx2", "baseline")
-
-
-@pytest.fixture
-def isa(request):
-    if request.param not in _cpp._C.supported_isas():
-        pytest.skip(f"ISA {request.param} not supported here")
-    _cpp._C.set_cpu_isa(request.param)
-    yield request.param
-    _cpp._C.set_cpu_isa("auto")
+ISAS = CPU_ISAS
 
 
 def make_inputs(cells=12, n_pert=20, latent=7, *, dtype=torch.float64, seed=0):

@@ -8,24 +8,15 @@ Skipped when samsvae._C is not built.
 """
 import pytest
 import torch
+from conftest import CPU_ISAS
 
 from samsvae.ops import _cpp, backends, nb_log_prob, nb_log_prob_reference
 
 if not _cpp.ext_available():
     pytest.skip(f"C++ extension not built: {_cpp.EXT_ERROR}", allow_module_level=True)
 
-ISAS = ("avx512", "avx2", "baseline")
+ISAS = CPU_ISAS
 NAMES = ("loglik", "d_logits", "d_log_library", "d_log_theta")
-
-
-@pytest.fixture
-def isa(request):
-    """The kernels of one ISA (parametrized indirectly); skipped where the CPU lacks it."""
-    if request.param not in _cpp._C.supported_isas():
-        pytest.skip(f"ISA {request.param} not supported here")
-    _cpp._C.set_cpu_isa(request.param)
-    yield request.param
-    _cpp._C.set_cpu_isa("auto")
 
 
 def make_inputs(cells, genes, particles=None, *, seed=0, zero_fraction=0.9, theta=(-4, 6),

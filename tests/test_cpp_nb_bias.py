@@ -10,8 +10,8 @@ import torch
 
 from samsvae.ops import _cpp, nb_log_prob, nb_log_prob_reference
 
-from test_cpp_nb import ISAS, make_inputs  # noqa: F401  (ISAS parametrises the isa fixture)
-from test_cpp_nb import isa  # noqa: F401
+from conftest import CPU_ISAS as ISAS
+from test_cpp_nb import make_inputs
 
 pytestmark = pytest.mark.skipif(not _cpp.ext_available(), reason="C++ extension not built")
 

@@ -104,6 +104,31 @@ def label_dosage(screen, labels: Sequence[str]) -> sp.csr_matrix:
     return sp.vstack(out).tocsr().astype(np.float32)
 
 
+def ate_label_groups(screen, labels: Sequence[str]):
+    """The label groups of :func:`model_ate`: ``(dosage, starts, group)`` with ``dosage`` the
+    (n_labels, T) label dosage, ``starts`` the first label of each group and ``group`` the
+    group size. Group ``gi`` is evaluated by :func:`group_ate` (its seed depends on ``gi``
+    alone, so any process can evaluate any group)."""
+    dosage = label_dosage(screen, labels)
+    group = max(1, _MODEL_ATE_VALUES // screen.n_genes - 1)
+    return dosage, list(range(0, len(labels), group)), group
+
+
+def group_ate(model, dosage, start: int, group: int, gi: int, *, n_samples: int,
+              seed: int) -> np.ndarray:
+    """(rows in the group, G) model ATE of labels ``start .. start + group`` of ``dosage``:
+    predicted normalised expression under each label minus under control (one control row
+    appended to the group, sharing its random draws)."""
+    empty = sp.csr_matrix((1, dosage.shape[1]), dtype=np.float32)
+    rows = sp.vstack([dosage[start:start + group], empty]).tocsr()
+    gen = torch.Generator(device=next(model.parameters()).device)
+    gen.manual_seed(int(seed) * 1_000_003 + gi)
+    pred = model.predict_normalized_expression(rows, n_samples=n_samples,
+                                               library=NORMALIZED_LIBRARY, generator=gen)
+    pred = pred.detach().to("cpu", torch.float64).numpy()
+    return pred[:-1] - pred[-1]
+
+
 def model_ate(model, screen, labels: Sequence[str], *, n_samples: int = 2500,
               seed: int = 0) -> np.ndarray:
     """Model ATE of each label: predicted normalised expression under the label minus under
@@ -116,23 +141,11 @@ def model_ate(model, screen, labels: Sequence[str], *, n_samples: int = 2500,
         (n_labels, G) float64.
     """
     labels = list(labels)
-    G = screen.n_genes
     if not labels:
-        return np.zeros((0, G))
-    dosage = label_dosage(screen, labels)
-    empty = sp.csr_matrix((1, screen.n_perturbations), dtype=np.float32)
-    group = max(1, _MODEL_ATE_VALUES // G - 1)
-    device = next(model.parameters()).device
-    out = np.zeros((len(labels), G), dtype=np.float64)
-    for gi, start in enumerate(range(0, len(labels), group)):
-        rows = sp.vstack([dosage[start:start + group], empty]).tocsr()
-        gen = torch.Generator(device=device)
-        gen.manual_seed(int(seed) * 1_000_003 + gi)
-        pred = model.predict_normalized_expression(rows, n_samples=n_samples,
-                                                   library=NORMALIZED_LIBRARY, generator=gen)
-        pred = pred.detach().to("cpu", torch.float64).numpy()
-        out[start:start + group] = pred[:-1] - pred[-1]
-    return out
+        return np.zeros((0, screen.n_genes))
+    dosage, starts, group = ate_label_groups(screen, labels)
+    return np.concatenate([group_ate(model, dosage, start, group, gi, n_samples=n_samples,
+                                     seed=seed) for gi, start in enumerate(starts)], axis=0)
 
 
 def _pearson(a: np.ndarray, b: np.ndarray) -> float:

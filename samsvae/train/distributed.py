@@ -327,29 +327,14 @@ def distributed_model_ate(model, screen, labels, *, n_samples: int = 2500, seed:
     Each group keeps the generator seed it has in the single-process loop, so the result is the
     same (n_labels, G) float64 array, on every rank.
     """
-    import scipy.sparse as sp
-
-    from ..infer.ate import _MODEL_ATE_VALUES, NORMALIZED_LIBRARY, label_dosage
+    from ..infer.ate import ate_label_groups, group_ate
     labels = list(labels)
-    G = screen.n_genes
     if not labels:
-        return np.zeros((0, G))
+        return np.zeros((0, screen.n_genes))
     rank, world = (0, 1) if comm is None else (comm.rank, comm.world_size)
-    dosage = label_dosage(screen, labels)
-    empty = sp.csr_matrix((1, screen.n_perturbations), dtype=np.float32)
-    group = max(1, _MODEL_ATE_VALUES // G - 1)
-    device = next(model.parameters()).device
-    starts = list(range(0, len(labels), group))
-    local = {}
-    for gi in range(rank, len(starts), world):
-        start = starts[gi]
-        rows = sp.vstack([dosage[start:start + group], empty]).tocsr()
-        gen = torch.Generator(device=device)
-        gen.manual_seed(int(seed) * 1_000_003 + gi)
-        pred = model.predict_normalized_expression(rows, n_samples=n_samples,
-                                                   library=NORMALIZED_LIBRARY, generator=gen)
-        pred = pred.detach().to("cpu", torch.float64).numpy()
-        local[gi] = pred[:-1] - pred[-1]
+    dosage, starts, group = ate_label_groups(screen, labels)
+    local = {gi: group_ate(model, dosage, starts[gi], group, gi, n_samples=n_samples, seed=seed)
+             for gi in range(rank, len(starts), world)}
     return np.concatenate(_gather_in_order(comm, local, len(starts)), axis=0)
 
 
