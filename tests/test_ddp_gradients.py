@@ -60,9 +60,16 @@ def _worker(rank, tmp, data_path):
                                  chunk=4, global_seed=1, comm=comm)
     labels = sorted(set(screen.labels[~screen.is_control].tolist()))
     m_ate = distributed_model_ate(model, screen, labels, n_samples=20, seed=2, comm=comm)
+    trainer.close()
+    try:
+        trainer._train_step(batch)
+        closed_refuses = False
+    except RuntimeError:
+        closed_refuses = True
     torch.save({"loss": loss, "grads": grads, "state": model.state_dict(), "iwelbo": iw,
-                "ate": m_ate, "labels": labels}, f"{tmp}/rank{rank}.pt")
-    shutdown(comm)
+                "ate": m_ate, "labels": labels, "closed_refuses": closed_refuses},
+               f"{tmp}/rank{rank}.pt")
+    shutdown(comm, completed=True)
 
 
 def run_workers(target, tmp, *args, timeout=120):
@@ -143,3 +150,8 @@ def test_distributed_model_ate_equals_single_process(results, monkeypatch):
     ref = model_ate(model, screen, labels, n_samples=20, seed=2)
     np.testing.assert_allclose(ranks[0]["ate"], ref, rtol=1e-12, atol=1e-12)
     np.testing.assert_array_equal(ranks[0]["ate"], ranks[1]["ate"])
+
+
+def test_a_closed_trainer_refuses_to_train(results):
+    _, ranks = results
+    assert all(r["closed_refuses"] for r in ranks)

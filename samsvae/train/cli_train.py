@@ -208,11 +208,14 @@ def train_from_args(args, *, log=print):
     from .distributed import init_from_env, shutdown
     comm = init_from_env(args.device)
     completed = False
+    trainer = None
     try:
         trainer = _train(args, log=log if comm is None or comm.is_main else _silent, comm=comm)
         completed = True
         return trainer
     finally:
+        if comm is not None and trainer is not None:
+            trainer.close()  # the DDP wrapper must not outlive the process group
         shutdown(comm, completed=completed)
 
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import gc
 import inspect
 import os
 from dataclasses import dataclass
@@ -161,13 +162,22 @@ def shutdown(comm: Optional[TorchComm], *, completed: bool = False) -> None:
     """Leave the process group (no-op for a single process).
 
     ``completed``: the work ended normally on this rank, so every rank is expected here too:
-    wait for them before tearing the group down. (A rank that left while rank 0 was still
-    writing the run directory was seen to abort in gloo's teardown, once in a few CI runs.)
-    After a failure there is no barrier: a dead peer would hold it until the timeout."""
+    wait for them before tearing the group down. After a failure there is no barrier: a dead
+    peer would hold it until the timeout.
+
+    Close every :class:`DistributedTrainer` first (its DDP wrapper holds the group). Why it
+    matters: gloo's worker threads release a finished collective's tensors a moment after the
+    caller has its result, and releasing a tensor whose Python object is gone takes the GIL.
+    If the group is still alive when the interpreter finalizes, that thread is killed inside a
+    destructor and the process aborts ("terminate called without an active exception",
+    exit -6), seen in about 1 of 4 runs of two loaded processes. Destroying the last reference
+    here joins those threads while the interpreter is still whole.
+    """
     if comm is not None and dist.is_initialized():
         if completed:
             comm.barrier("leaving the process group")
         dist.destroy_process_group()
+        gc.collect()  # groups kept only by reference cycles go now, not during finalization
 
 
 # -- training -----------------------------------------------------------------------------------
@@ -215,6 +225,12 @@ class DistributedTrainer(Trainer):
                              find_unused_parameters=True, **sync)
         self._rank_noise: Optional[list] = None
 
+    def close(self) -> None:
+        """Drop the DDP wrapper (and with it this trainer's hold on the process group); call
+        before :func:`shutdown`. The trained weights stay in ``raw_model``; training again
+        afterwards raises."""
+        self.model = None
+
     def fit(self, resume: bool = False) -> dict:
         try:
             return super().fit(resume)
@@ -227,6 +243,9 @@ class DistributedTrainer(Trainer):
                 raise exc
 
     def _train_step(self, batch) -> torch.Tensor:
+        if self.model is None:
+            raise RuntimeError("this DistributedTrainer was closed (its process group is being "
+                               "shut down); create a new one to train again")
         loss, elbo = self.model(batch, self.config.particles, self.noise)
         n_local = int(elbo.shape[0])
         tally = torch.stack([loss.detach().to(torch.float64) * n_local,
