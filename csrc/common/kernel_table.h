@@ -20,6 +20,8 @@ struct TypedKernels {
   NbStatus (*nb_forward)(const NbFwdArgs<T>&, const NbScratch<T>&, int64_t q0, int64_t q1);
   NbStatus (*nb_backward)(const NbBwdArgs<T>&, const NbScratch<T>&, double* theta_acc,
                           double* bias_acc, int64_t q0, int64_t q1);
+  NbStatus (*nb_forward_grad)(const NbFwdGradArgs<T>&, const NbScratch<T>&, double* theta_acc,
+                              double* bias_acc, int64_t q0, int64_t q1);
   void (*emb_sample)(const EmbFwdArgs<T>&, T* scratch, int64_t u0, int64_t u1);
   void (*emb_compose)(const EmbFwdArgs<T>&, int64_t i0, int64_t i1);
   void (*emb_backward)(const EmbBwdArgs<T>&, T* scratch, int64_t u0, int64_t u1);

@@ -13,7 +13,8 @@ namespace SAMSVAE_ISA_NS {
 template <class T>
 constexpr TypedKernels<T> typed_kernels() {
   return TypedKernels<T>{Lanes<T>::W,          &nb_build_table<T>,  &nb_scan_counts<T>,
-                         &nb_forward_rows<T>,  &nb_backward_rows<T>, &emb_sample<T>,
+                         &nb_forward_rows<T>,  &nb_backward_rows<T>,
+                         &nb_forward_grad_rows<T>, &emb_sample<T>,
                          &emb_compose<T>,      &emb_backward<T>};
 }
 

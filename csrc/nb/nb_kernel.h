@@ -57,6 +57,8 @@ struct NbScratch {  // one per thread; rows of Gp elements unless noted
   T* theta_part = nullptr;     // backward: dL/dlog(theta) of the last few rows except the
                                // per-entry table term, in T (flushed into the thread's
                                // float64 accumulator every 8 rows)
+  T* sp = nullptr;              // forward with gradient: log1p(y) of the current row
+  T* dl = nullptr;              // forward with gradient: w (x - mu) of the current row
   int64_t* ent_col = nullptr;  // (G) dense counts: genes of the non-zero entries
   T* ent_x = nullptr;          // (G) their counts
   double* ent_t = nullptr;     // (max entries per cell) count-only term of each entry
@@ -87,6 +89,23 @@ struct NbBwdArgs {
   T* grad_logits = nullptr;        // (P, C, G)
   double* row_dlog_library = nullptr;  // (P, C) dL/dlog_library of each row (summed over P by
                                        // the caller: rows of one cell may run on several threads)
+};
+
+// The forward pass that also computes the gradient for a unit upstream gradient of every row
+// (training: the loss weights every row alike, so the backward only scales these). The logits
+// are read, then overwritten row by row with d out_r / d logits_r.
+template <class T>
+struct NbFwdGradArgs {
+  int64_t P = 1, C = 0;
+  NbGenes<T> genes;                // table: the forward count terms
+  const double* dtable = nullptr;  // (K, Gp) the derivative count terms (same K as genes.table)
+  NbCounts<T> counts;
+  T* logits = nullptr;             // (P, C, G) in: logits; out: unit gradients
+  const T* log_library = nullptr;  // (C)
+  const T* bias = nullptr;         // (G) logit bias, or null
+  T* out = nullptr;                // (P, C) log-likelihood, nats
+  double* lse = nullptr;           // (P, C) logsumexp of each (biased) logits row
+  double* row_dlog_library = nullptr;  // (P, C) d out_r / d log_library
 };
 
 }  // namespace cpu

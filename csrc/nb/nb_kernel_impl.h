@@ -417,3 +417,112 @@ NbStatus nb_backward_rows(const NbBwdArgs<T>& a, const NbScratch<T>& s, double* 
   if (bias_acc != nullptr) nb_flush_theta(s.bias_part, bias_acc, Gp);
   return st;
 }
+
+// Forward and unit-gradient in one pass over each logits row (see NbFwdGradArgs), for a loss
+// that weights every row alike. Per row: max, exp pass (e_g kept), one pass computing
+// s_g = log1p(y_g) for the value and w, v, f for the gradient from a single log, then
+//   d out_r / d logit_g = w_g (x_g - mu_g) - softmax_g S_r,  S_r = sum_g w_g (x_g - mu_g)
+// written over the logits row. theta_acc / bias_acc receive the sums over rows of
+// d out_r / d log(theta_g) and d out_r / d bias_g (unit weights), as nb_backward_rows does
+// with go = 1. Against a forward then a backward, this saves one max pass, one exp and one
+// log per element and the backward's read of the logits and write of a fresh gradient tensor.
+template <class T>
+NbStatus nb_forward_grad_rows(const NbFwdGradArgs<T>& a, const NbScratch<T>& s,
+                              double* theta_acc, double* bias_acc, int64_t q0, int64_t q1) {
+  typedef Lanes<T> L;
+  typedef typename L::V V;
+  constexpr int W = L::W;
+  const NbGenes<T>& gn = a.genes;
+  NbGenes<T> dgn = gn;
+  dgn.table = a.dtable;
+  const int64_t G = gn.G, Gp = gn.Gp, C = a.C, P = a.P;
+  NbStatus st;
+  int64_t& bad = st.bad_counts;
+  int rows_in_part = 0;
+  for (int64_t q = q0; q < q1;) {
+    const int64_t c = q / P, p0 = q % P, p1 = p0 + (q1 - q) < P ? p0 + (q1 - q) : P;
+    const int64_t* ecol;
+    const T* ex;
+    double X;
+    const int64_t n = nb_cell_entries(a.counts, c, G, s, &ecol, &ex, &X, st);
+    const double tsum = nb_entries_term_sum(ecol, ex, n, gn, bad);
+    nb_entries_dterm(ecol, ex, n, dgn, s.ent_t, bad);
+    for (int64_t k = 0; k < n; ++k)
+      s.xrow[ecol[k]] += ex[k];  // duplicate columns add up, as in the reference
+    const double log_lib = (double)a.log_library[c];
+    const double lib = std::exp(log_lib);
+    const double rows_cell = (double)(p1 - p0);  // unit weight of each of the cell's rows here
+    for (int64_t p = p0; p < p1; ++p, ++q) {
+      const int64_t r = p * C + c;
+      T* grow = a.logits + r * G;
+      const T* lrow = nb_logits_row(a.logits, a.bias, r, G, s.biased);
+      const NbRow<T> row(lrow, G);
+      const T m_s = row.max(Gp);
+      const V m = L::splat(m_s);
+      typename L::BlockSum se;
+      const T* next = nb_next_row(a.logits, q, q1, P, C, G);
+      for (int64_t g = 0; g < Gp; g += W) {
+        __builtin_prefetch(next + g);
+        const V e = L::exp_nonpos(row.load(g) - m);
+        L::store(s.aux + g, e);
+        se.add(e);
+      }
+      const double sum = se.sum();
+      const double lse = (double)m_s + std::log(sum);
+      const T cl_hi = (T)(lib / sum);
+      const V clh = L::splat(cl_hi), cll = L::splat((T)(lib / sum - (double)cl_hi));
+      const V one = L::splat((T)1);
+      typename L::BlockSum zero_part, S;
+      for (int64_t g = 0; g < Gp; g += W) {
+        const V e = L::load(s.aux + g);
+        const V mu = e * clh + e * cll;
+        const V y = mu * L::load(gn.inv_theta + g);
+        const V w = L::recip(one + y);
+        const V v = y * w;
+        const V f = nb_log1p_minus_v(y, w, v);  // log1p(y) - v, accurate for small v
+        const V sp = f + v;                     // log1p(y)
+        L::store(s.sp + g, sp);
+        zero_part.add(L::load(gn.theta_eff + g) * sp);
+        const V x = L::load(s.xrow + g);
+        const V dlm = w * (x - mu);
+        L::store(s.dl + g, dlm);
+        S.add(dlm);
+        L::store(s.theta_part + g,
+                 L::load(s.theta_part + g) + (x * v - L::load(gn.theta + g) * f));
+      }
+      // read the logits at the entries before the row is overwritten below
+      const double lin = gather_diff_dot(ecol, ex, n, lrow, s.sp);
+      a.out[r] = (T)(tsum + lin + X * (log_lib - lse) - zero_part.sum());
+      a.lse[r] = lse;
+      const double Sd = S.sum();
+      a.row_dlog_library[r] = Sd;
+      const V kv = L::splat((T)(Sd / sum));  // softmax_g * S = e_g * (S / sum)
+      const int64_t Gfull = G - G % W;
+      if (bias_acc == nullptr) {
+        for (int64_t g = 0; g < Gfull; g += W)
+          L::store(grow + g, L::load(s.dl + g) - L::load(s.aux + g) * kv);
+      } else {
+        for (int64_t g = 0; g < Gfull; g += W) {
+          const V d = L::load(s.dl + g) - L::load(s.aux + g) * kv;
+          L::store(grow + g, d);
+          L::store(s.bias_part + g, L::load(s.bias_part + g) + d);
+        }
+      }
+      const T k = (T)(Sd / sum);
+      for (int64_t g = Gfull; g < G; ++g) {
+        grow[g] = s.dl[g] - s.aux[g] * k;
+        if (bias_acc != nullptr) s.bias_part[g] += grow[g];
+      }
+      if (++rows_in_part == 8) {
+        nb_flush_theta(s.theta_part, theta_acc, Gp);
+        if (bias_acc != nullptr) nb_flush_theta(s.bias_part, bias_acc, Gp);
+        rows_in_part = 0;
+      }
+    }
+    for (int64_t k = 0; k < n; ++k) theta_acc[ecol[k]] += rows_cell * s.ent_t[k];
+    for (int64_t k = 0; k < n; ++k) s.xrow[ecol[k]] = (T)0;
+  }
+  nb_flush_theta(s.theta_part, theta_acc, Gp);
+  if (bias_acc != nullptr) nb_flush_theta(s.bias_part, bias_acc, Gp);
+  return st;
+}

@@ -6,6 +6,11 @@
 //                            logit_bias?) -> (grad_logits, grad_log_library, grad_log_theta,
 //                                             grad_logit_bias)
 //   samsvae::nb_log_prob_dense_fwd / nb_log_prob_dense_bwd: the same with dense counts (C, G)
+//   samsvae::nb_log_prob_fwd_grad(crow, col, values, logits!, log_library, log_theta,
+//                                 logit_bias?) -> (out, lse, row_dlog_library,
+//                                                  dlog_theta_sum, dlogit_bias_sum)
+//   (and nb_log_prob_dense_fwd_grad): the forward plus the gradient for a unit upstream
+//   gradient of every row, written over logits, for losses that weight rows alike
 //
 // logit_bias (G,), optional, is added to every logits row inside the kernel (the decoder's
 // last bias: the Linear layer then runs without one, and its gradient, the sum of grad_logits
@@ -169,7 +174,7 @@ struct Scratch {
     thread_local std::vector<T> rows;
     thread_local std::vector<int64_t> cols;
     thread_local std::vector<double> terms;
-    rows.assign(5 * Gp + in.G, (T)0);
+    rows.assign(7 * Gp + in.G, (T)0);
     cols.resize(std::max<int64_t>(1, in.G));
     terms.resize(std::max<int64_t>(1, in.max_entries));
     s.xrow = rows.data();
@@ -177,7 +182,9 @@ struct Scratch {
     s.theta_part = rows.data() + 2 * Gp;
     s.biased = rows.data() + 3 * Gp;
     s.bias_part = rows.data() + 4 * Gp;
-    s.ent_x = rows.data() + 5 * Gp;
+    s.sp = rows.data() + 5 * Gp;
+    s.dl = rows.data() + 6 * Gp;
+    s.ent_x = rows.data() + 7 * Gp;
     s.ent_col = cols.data();
     s.ent_t = terms.data();
   }
@@ -302,6 +309,66 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_impl(
   return {grad_logits, grad_lib, grad_theta, grad_bias};
 }
 
+// Forward plus the unit-weight gradient (NbFwdGradArgs): logits are overwritten with
+// d out_r / d logits_r. Returns (out, lse, row_dlog_library (P, C) float64,
+// sum over rows of d out_r / d log_theta (G,), of d out_r / d logit_bias (G,) or (0,)).
+template <class T>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_grad_impl(
+    const NbCounts<T>& counts, const T* count_values, int64_t n_counts, at::Tensor& logits,
+    const at::Tensor& log_library, const at::Tensor& log_theta, const at::Tensor* bias,
+    const NbInputs& in) {
+  const at::IntArrayRef lead = logits.sizes().slice(0, logits.dim() - 1);
+  const auto f64 = logits.options().dtype(at::kDouble);
+  at::Tensor out = at::empty(lead, logits.options());
+  at::Tensor lse = at::empty(lead, f64);
+  at::Tensor row_dlib = at::zeros({in.P, in.C}, f64);
+  const int64_t n_bias = bias != nullptr ? in.G : 0;
+  if (in.P * in.C == 0 || in.G == 0) {
+    out.zero_();
+    lse.fill_(-std::numeric_limits<double>::infinity());
+    logits.zero_();
+    return {out, lse, row_dlib, at::zeros({in.G}, logits.options()),
+            at::zeros({n_bias}, logits.options())};
+  }
+  const TypedKernels<T>& kern = typed<T>(active_kernels());
+  GeneData<T> gd = prepare_genes<T>(kern, log_theta, count_values, n_counts, false);
+  GeneData<T> dgd = prepare_genes<T>(kern, log_theta, count_values, n_counts, true);
+  TORCH_INTERNAL_ASSERT(gd.genes.K == dgd.genes.K, "count tables of different sizes");
+  const int64_t Gp = gd.genes.Gp;
+  const int n_threads = at::get_num_threads();
+  at::Tensor theta_acc = at::zeros({n_threads, Gp}, f64);
+  double* acc = theta_acc.data_ptr<double>();
+  at::Tensor bias_acc = at::zeros({bias != nullptr ? n_threads : 0, Gp}, f64);
+  double* bacc = bias != nullptr ? bias_acc.data_ptr<double>() : nullptr;
+  NbFwdGradArgs<T> a;
+  a.P = in.P;
+  a.C = in.C;
+  a.genes = gd.genes;
+  a.dtable = dgd.genes.table;
+  a.counts = counts;
+  a.logits = logits.data_ptr<T>();
+  a.log_library = log_library.data_ptr<T>();
+  a.bias = bias != nullptr ? bias->data_ptr<T>() : nullptr;
+  a.out = out.data_ptr<T>();
+  a.lse = lse.data_ptr<double>();
+  a.row_dlog_library = row_dlib.data_ptr<double>();
+  StatusSum status;
+  at::parallel_for(0, in.C * in.P, row_grain(in), [&](int64_t q0, int64_t q1) {
+    const int tid = at::get_thread_num();
+    TORCH_INTERNAL_ASSERT(tid >= 0 && tid < n_threads, "thread id out of range");
+    DenormalsAreZero ftz;
+    Scratch<T> sc(in, Gp);
+    status.add(kern.nb_forward_grad(a, sc.s, acc + tid * Gp,
+                                    bacc != nullptr ? bacc + tid * Gp : nullptr, q0, q1));
+  });
+  status.check(in.G);
+  at::Tensor d_theta = theta_acc.sum(0).narrow(0, 0, in.G).to(logits.scalar_type());
+  at::Tensor d_bias = bias != nullptr
+                          ? bias_acc.sum(0).narrow(0, 0, in.G).to(logits.scalar_type())
+                          : at::zeros({0}, logits.options());
+  return {out, lse, row_dlib, d_theta, d_bias};
+}
+
 template <class T>
 NbCounts<T> csr_counts(const at::Tensor& crow, const at::Tensor& col, const at::Tensor& values) {
   NbCounts<T> c;
@@ -383,6 +450,35 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> nb_bwd_dense(
   });
 }
 
+using FwdGradResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+FwdGradResult nb_fwd_grad_csr(const at::Tensor& crow, const at::Tensor& col,
+                              const at::Tensor& values, at::Tensor& logits,
+                              const at::Tensor& log_library, const at::Tensor& log_theta,
+                              const c10::optional<at::Tensor>& logit_bias) {
+  NbInputs in = check_common(logits, log_library, log_theta);
+  check_csr(crow, col, values, logits, in);
+  const at::Tensor* bias = check_bias(logit_bias, logits, in);
+  return AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "nb_log_prob_fwd_grad", [&] {
+    return forward_grad_impl<scalar_t>(csr_counts<scalar_t>(crow, col, values),
+                                       values.data_ptr<scalar_t>(), values.numel(), logits,
+                                       log_library, log_theta, bias, in);
+  });
+}
+
+FwdGradResult nb_fwd_grad_dense(const at::Tensor& counts, at::Tensor& logits,
+                                const at::Tensor& log_library, const at::Tensor& log_theta,
+                                const c10::optional<at::Tensor>& logit_bias) {
+  NbInputs in = check_common(logits, log_library, log_theta);
+  check_dense(counts, logits, in);
+  const at::Tensor* bias = check_bias(logit_bias, logits, in);
+  return AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "nb_log_prob_dense_fwd_grad", [&] {
+    return forward_grad_impl<scalar_t>(dense_counts<scalar_t>(counts),
+                                       counts.data_ptr<scalar_t>(), counts.numel(), logits,
+                                       log_library, log_theta, bias, in);
+  });
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(samsvae, m) {
@@ -396,6 +492,12 @@ TORCH_LIBRARY_FRAGMENT(samsvae, m) {
   m.def("nb_log_prob_dense_bwd(Tensor grad_out, Tensor counts, Tensor logits, "
         "Tensor log_library, Tensor log_theta, Tensor lse, Tensor? logit_bias=None) "
         "-> (Tensor, Tensor, Tensor, Tensor)");
+  // forward + unit-weight gradient; logits is overwritten with d out_r / d logits_r
+  m.def("nb_log_prob_fwd_grad(Tensor crow, Tensor col, Tensor values, Tensor(a!) logits, "
+        "Tensor log_library, Tensor log_theta, Tensor? logit_bias=None) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("nb_log_prob_dense_fwd_grad(Tensor counts, Tensor(a!) logits, Tensor log_library, "
+        "Tensor log_theta, Tensor? logit_bias=None) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(samsvae, CPU, m) {
@@ -403,6 +505,8 @@ TORCH_LIBRARY_IMPL(samsvae, CPU, m) {
   m.impl("nb_log_prob_bwd", &nb_bwd_csr);
   m.impl("nb_log_prob_dense_fwd", &nb_fwd_dense);
   m.impl("nb_log_prob_dense_bwd", &nb_bwd_dense);
+  m.impl("nb_log_prob_fwd_grad", &nb_fwd_grad_csr);
+  m.impl("nb_log_prob_dense_fwd_grad", &nb_fwd_grad_dense);
 }
 
 }  // namespace cpu

@@ -7,7 +7,6 @@ from typing import Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
@@ -268,21 +267,17 @@ class PerturbationModel(nn.Module):
     def _log_lik(self, counts, hidden, log_library) -> torch.Tensor:
         """log p(x | z) from the decoder's hidden layer (..., B, H) -> (..., B).
 
-        With gradients and logits that fit in ``STORED_LOGITS_BYTES`` (a training step) the
-        logits are stored and the NB kernel's backward reads them: 3 products of the last
-        layer (forward, input and weight gradients). Otherwise (evaluation, or logits too big)
-        the last Linear is fused with the NB likelihood (``samsvae.ops.nb_log_prob_linear``),
-        which never stores the logits but recomputes them in backward (a 4th product)."""
+        With gradients and logits that fit in ``STORED_LOGITS_BYTES`` (a training step) one
+        (P, B, G) tensor is kept for backward: 3 products of the last layer (forward, input and
+        weight gradients); on the C++ backend the NB forward computes the gradient as well.
+        Otherwise (evaluation, or logits too big) the last Linear is fused with the NB
+        likelihood chunk by chunk, never storing the logits but recomputing them in backward
+        (a 4th product). Both through ``samsvae.ops.nb_log_prob_linear``."""
         out = self.decoder.out
         logits_bytes = hidden[..., :1].numel() * out.weight.shape[0] * hidden.element_size()
-        if torch.is_grad_enabled() and logits_bytes <= STORED_LOGITS_BYTES:
-            # the bias goes to the NB kernel, which adds it and sums its gradient in place
-            return self.likelihood(counts, F.linear(hidden, out.weight), log_library,
-                                   logit_bias=out.bias)
-        if hasattr(ops, "nb_log_prob_linear"):
-            return self.likelihood.forward_linear(counts, hidden, out.weight, out.bias,
-                                                  log_library)
-        return self.likelihood(counts, out(hidden), log_library)
+        store = torch.is_grad_enabled() and logits_bytes <= STORED_LOGITS_BYTES
+        return self.likelihood.forward_linear(counts, hidden, out.weight, out.bias, log_library,
+                                              recompute=not store)
 
     def _require_counts(self) -> torch.Tensor:
         if not bool(self.perturbation_counts_set):

@@ -36,7 +36,8 @@ class ConditionalVAE(PerturbationModel):
         T, L = self.n_perturbations, self.n_latent
         self.encoder = GaussianEncoder(self.n_genes, self.n_hidden, L,
                                        gene_log1p_mean=gene_log1p_mean,
-                                       gene_log1p_std=gene_log1p_std, n_dosage=T)
+                                       gene_log1p_std=gene_log1p_std, n_dosage=T,
+                                       backend=self.backend)
         self.decoder = DecoderBody(L, self.n_hidden, self.n_genes, n_dosage=T)
 
     def _encode(self, batch):

@@ -206,7 +206,7 @@ class SAMSVAE(PerturbationModel):
                                        gene_log1p_mean=gene_log1p_mean,
                                        gene_log1p_std=gene_log1p_std,
                                        n_conditioning=L if self.corr_basal else 0,
-                                       covariance=basal_covariance)
+                                       covariance=basal_covariance, backend=self.backend)
         self.decoder = DecoderBody(L, self.n_hidden, self.n_genes)
         k = self.global_param_scale
         self.emb_loc_raw = nn.Parameter(torch.randn(T, L) * (float(embedding_init_loc_std) / k))

@@ -91,7 +91,8 @@ class SVAEPlus(PerturbationModel):
 
         self.encoder = GaussianEncoder(self.n_genes, self.n_hidden, L,
                                        gene_log1p_mean=gene_log1p_mean,
-                                       gene_log1p_std=gene_log1p_std)
+                                       gene_log1p_std=gene_log1p_std,
+                                       backend=self.backend)
         self.decoder = DecoderBody(L, self.n_hidden, self.n_genes)
         self.shift = nn.Parameter(torch.randn(n_labels, L) * float(shift_init_std))   # gamma
         self.mask_logits = nn.Parameter(torch.full((n_labels, L), float(mask_init_logit)))

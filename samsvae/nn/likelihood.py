@@ -72,14 +72,19 @@ class NBLikelihood(nn.Module):
         return ops.nb_log_prob(counts, logits, log_library, self.log_theta.to(logits.dtype),
                                logit_bias=logit_bias, backend=self.backend)
 
-    def forward_linear(self, counts, hidden, weight, bias, log_library):
-        """Fused last decoder layer + NB: ``logits = hidden @ weight.T + bias`` is never stored.
+    def forward_linear(self, counts, hidden, weight, bias, log_library, *,
+                       recompute: bool = True):
+        """Fused last decoder layer + NB, ``logits = hidden @ weight.T + bias``.
 
         hidden (cells, H) or (P, cells, H); weight (G, H); bias (G,) or None. Returns
-        ``hidden.shape[:-1]`` log-likelihoods (nats)."""
+        ``hidden.shape[:-1]`` log-likelihoods (nats). ``recompute=True``: the logits are never
+        stored (backward recomputes them chunk by chunk; for evaluation and large P).
+        ``recompute=False``: one (P, cells, G) tensor is kept for backward (training; see
+        :func:`samsvae.ops.nb_log_prob_linear`)."""
         self._check_genes(counts)
         return ops.nb_log_prob_linear(counts, hidden, weight, bias, log_library,
-                                      self.log_theta.to(hidden.dtype), backend=self.backend)
+                                      self.log_theta.to(hidden.dtype), backend=self.backend,
+                                      recompute=recompute)
 
     @property
     def theta(self) -> torch.Tensor:

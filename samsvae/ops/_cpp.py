@@ -23,7 +23,7 @@ def why_unavailable() -> str:
 
 
 if _C is not None:
-    for _mod in ("_cpp_nb", "_cpp_embedding"):
+    for _mod in ("_cpp_nb", "_cpp_nb_head", "_cpp_embedding", "_cpp_encoder"):
         try:
             importlib.import_module(f"{__package__}.{_mod}")
         except ModuleNotFoundError as exc:

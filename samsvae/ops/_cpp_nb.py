@@ -128,19 +128,23 @@ def nb_log_prob_cpp(counts, logits, log_library, log_theta, logit_bias=None):
     log_theta = log_theta.to(dtype).contiguous()
     if logit_bias is not None:
         logit_bias = logit_bias.to(dtype).contiguous()
+    parts = count_parts(counts, dtype)
+    op = (torch.ops.samsvae.nb_log_prob_fwd if len(parts) == 3
+          else torch.ops.samsvae.nb_log_prob_dense_fwd)
+    out, _ = op(*parts, logits, log_library, log_theta, logit_bias)
+    return out.to(out_dtype)
+
+
+def count_parts(counts, dtype) -> tuple:
+    """The kernels' view of ``counts``: ``(crow, col, values)`` int64/int64/``dtype`` for CSR,
+    ``(dense,)`` of ``dtype`` otherwise; contiguous, detached."""
     if counts.layout == torch.sparse_csr:
         # values() is a view of the sparse tensor; detach() drops that link (no copy), which
         # torch.compile cannot trace through
-        out, _ = torch.ops.samsvae.nb_log_prob_fwd(
-            counts.crow_indices().to(torch.int64).contiguous(),
-            counts.col_indices().to(torch.int64).contiguous(),
-            counts.values().detach().to(dtype).contiguous(), logits, log_library, log_theta,
-            logit_bias)
-    else:
-        out, _ = torch.ops.samsvae.nb_log_prob_dense_fwd(counts.detach().to(dtype).contiguous(),
-                                                         logits, log_library, log_theta,
-                                                         logit_bias)
-    return out.to(out_dtype)
+        return (counts.crow_indices().to(torch.int64).contiguous(),
+                counts.col_indices().to(torch.int64).contiguous(),
+                counts.values().detach().to(dtype).contiguous())
+    return (counts.detach().to(dtype).contiguous(),)
 
 
 backends.register("nb_log_prob", "cpp", nb_log_prob_cpp, devices=("cpu",),

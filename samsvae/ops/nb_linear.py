@@ -21,6 +21,7 @@ from __future__ import annotations
 from typing import Iterator, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 
 from . import backends
 from .nb_log_prob import _check_nb_inputs
@@ -173,14 +174,35 @@ def nb_log_prob_linear_reference(counts, hidden, weight, bias, log_library, log_
     return out.squeeze(0) if hidden.dim() == 2 else out
 
 
+def nb_log_prob_linear_stored_reference(counts, hidden, weight, bias, log_library, log_theta,
+                                        nb_fn):
+    """``recompute=False`` on backends without a dedicated form: the whole logits, then
+    ``nb_fn`` (the resolved ``nb_log_prob``) with the bias passed as its ``logit_bias``."""
+    return nb_fn(counts, F.linear(hidden, weight), log_library, log_theta, logit_bias=bias)
+
+
+def _stored(counts, hidden, weight, bias, log_library, log_theta, backend):
+    name, nb_fn = backends.resolve("nb_log_prob", backend, hidden.device)
+    try:
+        _, fn = backends.resolve("nb_log_prob_linear_stored", name, hidden.device)
+    except backends.BackendUnavailableError:
+        fn = nb_log_prob_linear_stored_reference
+    return fn(counts, hidden, weight, bias, log_library, log_theta, nb_fn=nb_fn)
+
+
 def nb_log_prob_linear(counts, hidden, weight, bias, log_library, log_theta, *,
-                       backend: str = "auto", chunk_rows: Optional[int] = None):
-    """NB log-likelihood of ``counts`` under ``logits = hidden @ weight.T + bias``, never storing
-    the logits.
+                       backend: str = "auto", chunk_rows: Optional[int] = None,
+                       recompute: bool = True):
+    """NB log-likelihood of ``counts`` under ``logits = hidden @ weight.T + bias``.
 
     Same value and gradients as ``nb_log_prob(counts, F.linear(hidden, weight, bias),
-    log_library, log_theta)``; memory is that of one chunk of ``chunk_rows`` logit rows instead
-    of all ``particles * cells`` rows (backward recomputes each chunk's logits).
+    log_library, log_theta)``. With ``recompute=True`` (default) the logits are never stored:
+    memory is that of one chunk of ``chunk_rows`` logit rows instead of all
+    ``particles * cells`` rows (backward recomputes each chunk's logits; the evaluation form).
+    With ``recompute=False`` one ``(particles, cells, genes)`` tensor is kept for backward and
+    nothing is recomputed (the training form, when it fits in memory); on the ``cpp`` backend
+    the NB forward then also computes the gradient, which backward only combines with the
+    per-row upstream gradient (see ``samsvae/ops/_cpp_nb_head.py``).
 
     Args:
         counts: ``(cells, genes)`` counts, dense or ``torch.sparse_csr``; shared by every
@@ -193,18 +215,22 @@ def nb_log_prob_linear(counts, hidden, weight, bias, log_library, log_theta, *,
         backend: the ``nb_log_prob`` backend used on each chunk (``"auto"`` | ``"reference"`` |
             ``"cpp"`` | ``"triton"``); an explicitly requested unavailable one raises.
         chunk_rows: logit rows per chunk; default :func:`default_chunk_rows` (~32 MiB of logits).
+        recompute: False keeps the whole logits (or their gradient) for backward instead.
 
     Returns:
         ``hidden.shape[:-1]`` log-likelihoods in nats summed over genes, differentiable in
         ``hidden``, ``weight``, ``bias``, ``log_library`` and ``log_theta`` (first order only).
     """
     _check_linear_inputs(counts, hidden, weight, bias, log_library, log_theta, chunk_rows)
+    if not recompute:
+        return _stored(counts, hidden, weight, bias, log_library, log_theta, backend)
     _, fn = backends.resolve("nb_log_prob_linear", "reference", hidden.device)
     return fn(counts, hidden, weight, bias, log_library, log_theta, backend=backend,
               chunk_rows=chunk_rows)
 
 
 backends.register("nb_log_prob_linear", "reference", nb_log_prob_linear_reference)
+backends.register("nb_log_prob_linear_stored", "reference", nb_log_prob_linear_stored_reference)
 
 __all__ = ["nb_log_prob_linear", "nb_log_prob_linear_reference", "default_chunk_rows"]
 
