@@ -307,6 +307,8 @@ def _category(event, args) -> str:
         return "NB kernel (fwd + bwd)"
     if "masked_embedding" in name:
         return "composition kernel (fwd + bwd)"
+    if "log1p_standardize" in name:
+        return "encoder input (log1p, standardise)"
     if name in MATMUL_OPS:
         dims = {d for shape in (event.input_shapes or []) for d in (shape or [])}
         rows = args.particles * args.cells_per_batch

@@ -12,6 +12,7 @@ sys.path.insert(0, str(BENCH))
 import bench_embedding  # noqa: E402
 import bench_nb  # noqa: E402
 import bench_nb_linear  # noqa: E402
+import bench_nb_train_head  # noqa: E402
 
 TINY_NB = ["--rows", "24", "--genes", "40", "--zero-fractions", "0.9", "--repeats", "1",
            "--warmup", "0", "--threads", "1"]
@@ -82,3 +83,18 @@ def test_bench_nb_linear_in_process():
     assert seen == {("fused", 1, "fwd"), ("fused", 1, "fwd_bwd"), ("fused", 3, "fwd"),
                     ("fused", 3, "fwd_bwd"), ("unfused", 1, "fwd"), ("unfused", 1, "fwd_bwd")}
     assert all(math.isfinite(r["median_s"]) for r in payload["rows"])
+
+
+def test_bench_nb_train_head_runs_every_implementation(tmp_path):
+    from samsvae.ops import _cpp
+    if not _cpp.ext_available():
+        pytest.skip("C++ extension not built")
+    out = tmp_path / "head.json"
+    payload = bench_nb_train_head.main(["--particles", "2", "--cells", "6", "--genes", "30",
+                                        "--hidden", "5", "--repeats", "1", "--warmup", "0",
+                                        "--block", "1", "--out", str(out)])
+    impls = {r["impl"] for r in payload["rows"]}
+    assert impls == {"fwd_grad", "fwd_then_bwd", "reference", "kernel_fwd_bwd",
+                     "kernel_fwd_grad", "kernel_copy_only"}
+    assert all(r["ms"] > 0 and r["vs_fwd_then_bwd"] > 0 for r in payload["rows"])
+    assert json.loads(out.read_text())["meta"]["torch_threads"] >= 1

@@ -291,13 +291,24 @@ class SAMSVAE(PerturbationModel):
         """Training-time sample: z_p (P, B, L), index (U,), global log-ratio (P, U)
         [, the sampled straight-through masks (P, U, L) or None when ``with_mask``]."""
         if not self.corr_embedding:
-            loc, log_scale = self.emb_loc, self.emb_log_scale
-            s = ops.masked_embedding_sum(dosage, loc, log_scale, self.mask_logits,
-                                         particles=particles, temperature=self.temperature,
-                                         generator=generator, backend=self.backend)
-            ratio = self._global_log_ratio(s.index, s.embedding, s.mask, loc[s.index],
-                                           log_scale[s.index])
-            out = (s.z_p, s.index, ratio, s.mask)
+            # The kernel runs on the batch's rows of the tables (dosage columns renumbered
+            # 0..U-1, the same noise as on the whole tables): its gradients and the global
+            # term's meet on (U, L) rows, and each table gets one scatter of their sum
+            # instead of two zero-filled (T, L) gradients added together.
+            index, local_col, _, _ = batch_perturbations(dosage)
+            local = torch.sparse_csr_tensor(dosage.crow_indices(), local_col, dosage.values(),
+                                            size=(dosage.shape[0], index.numel()),
+                                            check_invariants=False)
+            loc = self._scaled(self.emb_loc_raw[index])
+            log_scale = self._scaled(self.emb_log_scale_raw[index])
+            logits = (self._scaled(self.mask_logits_raw[index])
+                      if self.mask_logits_raw is not None else None)
+            s = ops.masked_embedding_sum(local, loc, log_scale, logits, particles=particles,
+                                         temperature=self.temperature, generator=generator,
+                                         backend=self.backend)
+            ratio = global_log_ratio(s.embedding, loc, log_scale, s.mask, logits,
+                                     self.embedding_prior_scale, self.mask_prior_prob)
+            out = (s.z_p, index, ratio, s.mask)
         else:
             index = batch_perturbations(dosage)[0]
             eps, u = draw_noise(particles, index.numel(), self.n_latent,
