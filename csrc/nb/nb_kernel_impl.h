@@ -258,6 +258,31 @@ SV_INLINE const T* nb_next_row(const T* logits, int64_t q, int64_t q1, int64_t P
   return logits + ((qn % P) * C + qn / P) * G;
 }
 
+// Row r of the logits (plus the bias): stores exp(logit_g - max) in s.aux and returns the row
+// read (the logits themselves or the biased copy), its max and sum_g exp(logit_g - max).
+// next: the row to prefetch meanwhile.
+template <class T>
+SV_INLINE const T* nb_row_exp(const T* logits, const T* bias, int64_t r, int64_t G, int64_t Gp,
+                              const T* next, const NbScratch<T>& s, T* max_out,
+                              double* sum_out) {
+  typedef Lanes<T> L;
+  typedef typename L::V V;
+  const T* lrow = nb_logits_row(logits, bias, r, G, s.biased);
+  const NbRow<T> row(lrow, G);
+  const T m_s = row.max(Gp);
+  const V m = L::splat(m_s);
+  typename L::BlockSum se;
+  for (int64_t g = 0; g < Gp; g += L::W) {
+    __builtin_prefetch(next + g);  // the next row streams in while this one computes
+    const V e = L::exp_nonpos(row.load(g) - m);
+    L::store(s.aux + g, e);
+    se.add(e);
+  }
+  *max_out = m_s;
+  *sum_out = se.sum();
+  return lrow;
+}
+
 template <class T>
 NbStatus nb_forward_rows(const NbFwdArgs<T>& a, const NbScratch<T>& s, int64_t q0, int64_t q1) {
   typedef Lanes<T> L;
@@ -277,19 +302,10 @@ NbStatus nb_forward_rows(const NbFwdArgs<T>& a, const NbScratch<T>& s, int64_t q
     const double lib = std::exp(log_lib);
     for (int64_t p = p0; p < p1; ++p, ++q) {
       const int64_t r = p * C + c;
-      const T* lrow = nb_logits_row(a.logits, a.bias, r, G, s.biased);
-      const NbRow<T> row(lrow, G);
-      const T m_s = row.max(Gp);
-      const V m = L::splat(m_s);
-      typename L::BlockSum se;
-      const T* next = nb_next_row(a.logits, q, q1, P, C, G);
-      for (int64_t g = 0; g < Gp; g += L::W) {
-        __builtin_prefetch(next + g);  // the next row streams in while this one computes
-        const V e = L::exp_nonpos(row.load(g) - m);
-        L::store(s.aux + g, e);
-        se.add(e);
-      }
-      const double sum = se.sum();
+      T m_s;
+      double sum;
+      const T* lrow = nb_row_exp(a.logits, a.bias, r, G, Gp,
+                                 nb_next_row(a.logits, q, q1, P, C, G), s, &m_s, &sum);
       const double lse = (double)m_s + std::log(sum);
       // library / sum as an unevaluated sum hi + lo: its rounding would otherwise bias every
       // gene of the row the same way (errors that add up instead of averaging out)
@@ -455,19 +471,10 @@ NbStatus nb_forward_grad_rows(const NbFwdGradArgs<T>& a, const NbScratch<T>& s,
     for (int64_t p = p0; p < p1; ++p, ++q) {
       const int64_t r = p * C + c;
       T* grow = a.logits + r * G;
-      const T* lrow = nb_logits_row(a.logits, a.bias, r, G, s.biased);
-      const NbRow<T> row(lrow, G);
-      const T m_s = row.max(Gp);
-      const V m = L::splat(m_s);
-      typename L::BlockSum se;
-      const T* next = nb_next_row(a.logits, q, q1, P, C, G);
-      for (int64_t g = 0; g < Gp; g += W) {
-        __builtin_prefetch(next + g);
-        const V e = L::exp_nonpos(row.load(g) - m);
-        L::store(s.aux + g, e);
-        se.add(e);
-      }
-      const double sum = se.sum();
+      T m_s;
+      double sum;
+      const T* lrow = nb_row_exp<T>(a.logits, a.bias, r, G, Gp,
+                                    nb_next_row<T>(a.logits, q, q1, P, C, G), s, &m_s, &sum);
       const double lse = (double)m_s + std::log(sum);
       const T cl_hi = (T)(lib / sum);
       const V clh = L::splat(cl_hi), cll = L::splat((T)(lib / sum - (double)cl_hi));

@@ -254,6 +254,33 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const NbCounts<T>& counts, const
   return {out, lse};
 }
 
+// Per-thread float64 accumulators of the (G,) log_theta and bias gradients (rows Gp wide);
+// reduce() sums over threads and drops the padding.
+struct GeneGradAccumulators {
+  int n_threads;
+  int64_t G, Gp;
+  at::Tensor theta, bias;
+  GeneGradAccumulators(const at::Tensor& like, int64_t G_, int64_t Gp_, bool with_bias)
+      : n_threads(at::get_num_threads()), G(G_), Gp(Gp_) {
+    const auto f64 = like.options().dtype(at::kDouble);
+    theta = at::zeros({n_threads, Gp}, f64);
+    bias = at::zeros({with_bias ? n_threads : 0, Gp}, f64);
+  }
+  double* theta_row(int tid) {
+    TORCH_INTERNAL_ASSERT(tid >= 0 && tid < n_threads, "thread id out of range");
+    return theta.data_ptr<double>() + tid * Gp;
+  }
+  double* bias_row(int tid) {
+    return bias.size(0) == 0 ? nullptr : bias.data_ptr<double>() + tid * Gp;
+  }
+  std::pair<at::Tensor, at::Tensor> reduce(at::ScalarType dtype) const {
+    at::Tensor t = theta.sum(0).narrow(0, 0, G).to(dtype);
+    at::Tensor b = bias.size(0) == 0 ? at::zeros({0}, theta.options().dtype(dtype))
+                                     : bias.sum(0).narrow(0, 0, G).to(dtype);
+    return {t, b};
+  }
+};
+
 template <class T>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_impl(
     const at::Tensor& grad_out, const NbCounts<T>& counts, const T* count_values,
@@ -278,12 +305,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_impl(
   const TypedKernels<T>& kern = typed<T>(active_kernels());
   GeneData<T> gd = prepare_genes<T>(kern, log_theta, count_values, n_counts, true);
   const int64_t Gp = gd.genes.Gp;
-  const int n_threads = at::get_num_threads();
-  at::Tensor theta_acc = at::zeros({n_threads, Gp}, logits.options().dtype(at::kDouble));
-  double* acc = theta_acc.data_ptr<double>();
-  at::Tensor bias_acc = at::zeros({bias != nullptr ? n_threads : 0, Gp},
-                                  logits.options().dtype(at::kDouble));
-  double* bacc = bias != nullptr ? bias_acc.data_ptr<double>() : nullptr;
+  GeneGradAccumulators acc(logits, in.G, Gp, bias != nullptr);
   NbBwdArgs<T> a;
   fill_row_inputs(a, in, gd, counts, logits, log_library, bias);
   a.lse = lse.data_ptr<double>();
@@ -293,19 +315,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_impl(
   StatusSum status;
   at::parallel_for(0, in.C * in.P, row_grain(in), [&](int64_t q0, int64_t q1) {
     const int tid = at::get_thread_num();
-    TORCH_INTERNAL_ASSERT(tid >= 0 && tid < n_threads, "thread id out of range");
     DenormalsAreZero ftz;
     Scratch<T> sc(in, Gp);
-    status.add(kern.nb_backward(a, sc.s, acc + tid * Gp,
-                                bacc != nullptr ? bacc + tid * Gp : nullptr, q0, q1));
+    status.add(kern.nb_backward(a, sc.s, acc.theta_row(tid), acc.bias_row(tid), q0, q1));
   });
   status.check(in.G);
   at::Tensor grad_lib = row_dlib.sum(0).to(logits.scalar_type());
-  // reduce the per-thread accumulators (float64) and drop the padding
-  at::Tensor grad_theta = theta_acc.sum(0).narrow(0, 0, in.G).to(logits.scalar_type());
-  at::Tensor grad_bias = bias != nullptr
-                             ? bias_acc.sum(0).narrow(0, 0, in.G).to(logits.scalar_type())
-                             : at::zeros({0}, logits.options());
+  auto [grad_theta, grad_bias] = acc.reduce(logits.scalar_type());
   return {grad_logits, grad_lib, grad_theta, grad_bias};
 }
 
@@ -335,37 +351,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_g
   GeneData<T> dgd = prepare_genes<T>(kern, log_theta, count_values, n_counts, true);
   TORCH_INTERNAL_ASSERT(gd.genes.K == dgd.genes.K, "count tables of different sizes");
   const int64_t Gp = gd.genes.Gp;
-  const int n_threads = at::get_num_threads();
-  at::Tensor theta_acc = at::zeros({n_threads, Gp}, f64);
-  double* acc = theta_acc.data_ptr<double>();
-  at::Tensor bias_acc = at::zeros({bias != nullptr ? n_threads : 0, Gp}, f64);
-  double* bacc = bias != nullptr ? bias_acc.data_ptr<double>() : nullptr;
+  GeneGradAccumulators acc(logits, in.G, Gp, bias != nullptr);
   NbFwdGradArgs<T> a;
-  a.P = in.P;
-  a.C = in.C;
-  a.genes = gd.genes;
+  fill_row_inputs(a, in, gd, counts, logits, log_library, bias);
   a.dtable = dgd.genes.table;
-  a.counts = counts;
-  a.logits = logits.data_ptr<T>();
-  a.log_library = log_library.data_ptr<T>();
-  a.bias = bias != nullptr ? bias->data_ptr<T>() : nullptr;
   a.out = out.data_ptr<T>();
   a.lse = lse.data_ptr<double>();
   a.row_dlog_library = row_dlib.data_ptr<double>();
   StatusSum status;
   at::parallel_for(0, in.C * in.P, row_grain(in), [&](int64_t q0, int64_t q1) {
     const int tid = at::get_thread_num();
-    TORCH_INTERNAL_ASSERT(tid >= 0 && tid < n_threads, "thread id out of range");
     DenormalsAreZero ftz;
     Scratch<T> sc(in, Gp);
-    status.add(kern.nb_forward_grad(a, sc.s, acc + tid * Gp,
-                                    bacc != nullptr ? bacc + tid * Gp : nullptr, q0, q1));
+    status.add(kern.nb_forward_grad(a, sc.s, acc.theta_row(tid), acc.bias_row(tid), q0, q1));
   });
   status.check(in.G);
-  at::Tensor d_theta = theta_acc.sum(0).narrow(0, 0, in.G).to(logits.scalar_type());
-  at::Tensor d_bias = bias != nullptr
-                          ? bias_acc.sum(0).narrow(0, 0, in.G).to(logits.scalar_type())
-                          : at::zeros({0}, logits.options());
+  auto [d_theta, d_bias] = acc.reduce(logits.scalar_type());
   return {out, lse, row_dlib, d_theta, d_bias};
 }
 
