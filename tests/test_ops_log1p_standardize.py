@@ -63,3 +63,16 @@ def test_shape_mismatch_is_refused():
     x, mean, inv_std = _batch()
     with pytest.raises(ValueError, match="mean / inv_std"):
         log1p_standardize(x, mean[:-1], inv_std)
+
+
+def test_triton_kernel_matches_the_definition():
+    """Under TRITON_INTERPRET=1 (conftest) on CPU tensors, or on the GPU when present."""
+    pytest.importorskip("triton")
+    from samsvae.ops._triton_encoder_kernels import log1p_standardize_triton
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    x, mean, inv_std = _batch(cells=9, genes=21, dtype=torch.float32)
+    x[0, 0] = 1e-9  # below half an ulp of 1: the log1p guard
+    counts = x.float().to_sparse_csr().to(device)
+    got = log1p_standardize_triton(counts, mean.to(device), inv_std.to(device), block=16)
+    want = _definition(x, mean, inv_std)
+    assert (got.cpu().double() - want).abs().max().item() <= 2e-6 * want.abs().max().item()

@@ -7,8 +7,7 @@ Triton GPU kernel behind ``backend="auto"|"reference"|"cpp"|"triton"``):
 * :func:`nb_log_prob_linear`   the same fused with the decoder's last linear layer
 * :func:`masked_embedding_sum` sparse masked perturbation-embedding composition with sampling
 * :func:`iwelbo`               streamed importance-weighted log-mean-exp
-* :func:`log1p_standardize`    an encoder's standardised log1p input from CSR counts (no Triton
-  tier: on CUDA its reference is a few elementwise kernels)
+* :func:`log1p_standardize`    an encoder's standardised log1p input from CSR counts
 """
 from . import backends
 from .backends import BackendUnavailableError, available_backends, backend_report

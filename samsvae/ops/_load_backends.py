@@ -7,7 +7,7 @@ import importlib
 
 LOAD_ERRORS = {}
 
-for _name in ("_cpp", "_triton_nb", "_triton_embedding"):
+for _name in ("_cpp", "_triton_nb", "_triton_embedding", "_triton_encoder"):
     try:
         importlib.import_module(f"{__package__}.{_name}")
     except ModuleNotFoundError as exc:

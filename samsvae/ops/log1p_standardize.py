@@ -5,9 +5,9 @@
 ``counts`` (B, G) CSR or dense; ``mean``/``inv_std`` (G,) (statistics of log1p counts over the
 training cells). Returns a dense (B, G) tensor of ``mean``'s dtype, without autograd (the
 features are an input). Backends: ``reference`` (PyTorch: log1p of the stored values, one
-scatter into a zero matrix, then standardisation) and ``cpp`` (one pass per row: a template row
-of ``-mean * inv_std`` plus the stored entries, log1p of small integer counts from a table). On
-CUDA the reference runs (its few elementwise kernels are not worth a Triton kernel).
+scatter into a zero matrix, then standardisation), ``cpp`` (one pass per row: a template row
+of ``-mean * inv_std`` plus the stored entries, log1p of small integer counts from a table) and
+``triton`` (the template broadcast, then one atomic add per stored entry).
 """
 from __future__ import annotations
 

@@ -1,0 +1,19 @@
+"""Registers the Triton kernel as the ``triton`` backend of
+:func:`samsvae.ops.log1p_standardize` (CSR counts; dense counts go to the reference). Triton
+is imported on the first call only."""
+import torch
+
+from . import backends
+from ._triton_utils import triton_cuda_available, why_triton_unavailable
+from .log1p_standardize import log1p_standardize_reference
+
+
+def log1p_standardize_triton(counts, mean, inv_std):
+    if counts.layout != torch.sparse_csr or torch.compiler.is_compiling():
+        return log1p_standardize_reference(counts, mean, inv_std)
+    from ._triton_encoder_kernels import log1p_standardize_triton as kernel
+    return kernel(counts, mean, inv_std)
+
+
+backends.register("log1p_standardize", "triton", log1p_standardize_triton, devices=("cuda",),
+                  available=triton_cuda_available, why_unavailable=why_triton_unavailable)
