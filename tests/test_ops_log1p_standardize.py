@@ -76,3 +76,14 @@ def test_triton_kernel_matches_the_definition():
     got = log1p_standardize_triton(counts, mean.to(device), inv_std.to(device), block=16)
     want = _definition(x, mean, inv_std)
     assert (got.cpu().double() - want).abs().max().item() <= 2e-6 * want.abs().max().item()
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+@pytest.mark.parametrize("bad", [-1.0, float("nan"), float("inf")])
+def test_invalid_counts_are_refused(backend, bad):
+    if backend == "cpp" and not _cpp.ext_available():
+        pytest.skip("C++ extension not built")
+    x, mean, inv_std = _batch(dtype=torch.float32)
+    x[2, 3] = bad
+    with pytest.raises((ValueError, RuntimeError), match="finite and non-negative"):
+        log1p_standardize(x.float().to_sparse_csr(), mean, inv_std, backend=backend)

@@ -15,6 +15,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <atomic>
 #include <cmath>
 #include <cstring>
 
@@ -27,9 +28,12 @@ namespace {
 constexpr const char* kOp = "samsvae::log1p_standardize_csr";
 constexpr int kTable = 64;
 
+// Returns the number of stored counts that are negative or not finite (their rows are left
+// unfinished; the caller raises).
 template <class T>
-void standardize(const int64_t* crow, const int64_t* col, const T* val, const T* mean,
-                 const T* inv_std, T* out, int64_t B, int64_t G) {
+int64_t standardize(const int64_t* crow, const int64_t* col, const T* val, const T* mean,
+                    const T* inv_std, T* out, int64_t B, int64_t G) {
+  std::atomic<int64_t> bad{0};
   std::vector<T> tmpl(G);
   for (int64_t g = 0; g < G; ++g) tmpl[g] = ((T)0 - mean[g]) * inv_std[g];
   T table[kTable];
@@ -40,12 +44,17 @@ void standardize(const int64_t* crow, const int64_t* col, const T* val, const T*
       std::memcpy(row, tmpl.data(), sizeof(T) * G);
       for (int64_t k = crow[b]; k < crow[b + 1]; ++k) {
         const T x = val[k];
-        const int xi = (x >= (T)0 && x < (T)kTable) ? (int)x : -1;
+        if (!(x >= (T)0 && x < (T)__builtin_inf())) {
+          ++bad;
+          continue;
+        }
+        const int xi = x < (T)kTable ? (int)x : -1;
         const T l = (xi >= 0 && (T)xi == x) ? table[xi] : (T)std::log1p((double)x);
         row[col[k]] += l * inv_std[col[k]];
       }
     }
   });
+  return bad.load();
 }
 
 at::Tensor log1p_standardize_csr(const at::Tensor& crow, const at::Tensor& col,
@@ -75,10 +84,13 @@ at::Tensor log1p_standardize_csr(const at::Tensor& crow, const at::Tensor& col,
     TORCH_CHECK(c[k] >= 0 && c[k] < G, kOp, ": col_indices must lie in [0, ", G, "), found ",
                 c[k], "; pass a valid CSR tensor");
   at::Tensor out = at::empty({B, G}, mean.options());
+  int64_t bad = 0;
   AT_DISPATCH_FLOATING_TYPES(mean.scalar_type(), "log1p_standardize_csr", [&] {
-    standardize<scalar_t>(cr, c, values.data_ptr<scalar_t>(), mean.data_ptr<scalar_t>(),
-                          inv_std.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), B, G);
+    bad = standardize<scalar_t>(cr, c, values.data_ptr<scalar_t>(), mean.data_ptr<scalar_t>(),
+                                inv_std.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), B, G);
   });
+  TORCH_CHECK(bad == 0, kOp, ": counts must be finite and non-negative; found ", bad,
+              " invalid entries (raw UMI counts are expected, not log-normalised values)");
   return out;
 }
 

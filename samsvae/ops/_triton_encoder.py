@@ -5,13 +5,14 @@ import torch
 
 from . import backends
 from ._triton_utils import triton_cuda_available, why_triton_unavailable
-from .log1p_standardize import log1p_standardize_reference
+from .log1p_standardize import check_counts, log1p_standardize_reference
 
 
 def log1p_standardize_triton(counts, mean, inv_std):
     if counts.layout != torch.sparse_csr or torch.compiler.is_compiling():
         return log1p_standardize_reference(counts, mean, inv_std)
     from ._triton_encoder_kernels import log1p_standardize_triton as kernel
+    check_counts(counts.values())
     return kernel(counts, mean, inv_std)
 
 

@@ -32,8 +32,17 @@ def csr_to_dense(x: torch.Tensor) -> torch.Tensor:
     return out.view(rows, cols)
 
 
+def check_counts(values: torch.Tensor) -> None:
+    """Raise ValueError when stored counts are negative or not finite."""
+    bad = int((~(torch.isfinite(values) & (values >= 0))).sum()) if values.numel() else 0
+    if bad:
+        raise ValueError(f"counts must be finite and non-negative; found {bad} invalid entries "
+                         "(raw UMI counts are expected, not log-normalised values)")
+
+
 def log1p_standardize_reference(counts, mean, inv_std):
     """Pure-PyTorch implementation (the spec)."""
+    check_counts(counts.values() if counts.layout == torch.sparse_csr else counts)
     dtype = mean.dtype
     if counts.layout == torch.sparse_csr:
         values = torch.log1p(counts.values().detach().to(dtype))
