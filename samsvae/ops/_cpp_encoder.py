@@ -5,9 +5,8 @@ import torch
 
 from . import backends
 from ._cpp import ext_available, why_unavailable
+from ._cpp_nb import _COMPUTE_DTYPES as _DTYPES
 from .log1p_standardize import log1p_standardize_reference
-
-_DTYPES = (torch.float32, torch.float64)
 
 
 @torch.library.register_fake("samsvae::log1p_standardize_csr")

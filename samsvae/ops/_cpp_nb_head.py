@@ -24,9 +24,8 @@ import torch
 
 from . import backends
 from ._cpp import ext_available, why_unavailable
+from ._cpp_nb import _COMPUTE_DTYPES as _DTYPES
 from ._cpp_nb import count_parts
-
-_DTYPES = (torch.float32, torch.float64)
 
 
 def _fwd_grad_fake(logits, log_theta, logit_bias):
