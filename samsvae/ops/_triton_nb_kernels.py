@@ -228,6 +228,19 @@ def _sigmoids_sms(y, y_lo):
 
 
 @triton.jit
+def _gene_block(logits_ptr, lt_ptr, theta_ptr, row_off, g0, n_genes, BLOCK_G: tl.constexpr):
+    """Genes g0 .. g0 + BLOCK_G of a row tile: (genes, mask, logits (ROWS, BLOCK_G) float32,
+    log_theta and theta (1, BLOCK_G); masked genes read logit 0, log_theta 0, theta 1)."""
+    g = g0 + tl.arange(0, BLOCK_G)
+    gm = g < n_genes
+    z = tl.load(logits_ptr + row_off[:, None] + g[None, :], mask=gm[None, :],
+                other=0.0).to(tl.float32)
+    lt = tl.load(lt_ptr + g, mask=gm, other=0.0)[None, :]
+    theta = tl.load(theta_ptr + g, mask=gm, other=1.0)[None, :]
+    return g, gm, z, lt, theta
+
+
+@triton.jit
 def _tile_rows(pid, n_rows, n_cells, n_genes, ROWS: tl.constexpr):
     """Row indices of a program's tile; tail rows repeat the last row and are never stored."""
     ridx = tl.arange(0, ROWS)
@@ -296,12 +309,8 @@ def _nb_fwd_kernel(logits_ptr, ll_ptr, lt_ptr, theta_ptr, tab_ptr,
 
     acc = tl.zeros([ROWS], tl.float64)
     for g0 in range(0, n_genes, BLOCK_G):
-        g = g0 + tl.arange(0, BLOCK_G)
-        gm = g < n_genes
-        z = tl.load(logits_ptr + row_off[:, None] + g[None, :], mask=gm[None, :],
-                    other=0.0).to(tl.float32)
-        lt = tl.load(lt_ptr + g, mask=gm, other=0.0)[None, :]
-        theta = tl.load(theta_ptr + g, mask=gm, other=1.0)[None, :]
+        g, gm, z, lt, theta = _gene_block(logits_ptr, lt_ptr, theta_ptr, row_off, g0, n_genes,
+                                          BLOCK_G)
         a, a_lo, y, y_lo = _log_mu(base[:, None], base_lo[:, None], z, lt)
         s, a_minus_s, s_neg = _softplus_terms(a, a_lo, y, y_lo)
         term = -theta * s
@@ -357,12 +366,8 @@ def _nb_bwd_kernel(grad_ptr, logits_ptr, ll_ptr, lt_ptr, theta_ptr, dtab_ptr,
     # pass 1: H = sum_g h per row; d log_theta of this program's rows
     H = tl.zeros([ROWS], tl.float64)
     for g0 in range(0, n_genes, BLOCK_G):
-        g = g0 + tl.arange(0, BLOCK_G)
-        gm = g < n_genes
-        z = tl.load(logits_ptr + row_off[:, None] + g[None, :], mask=gm[None, :],
-                    other=0.0).to(tl.float32)
-        lt = tl.load(lt_ptr + g, mask=gm, other=0.0)[None, :]
-        theta = tl.load(theta_ptr + g, mask=gm, other=1.0)[None, :]
+        g, gm, z, lt, theta = _gene_block(logits_ptr, lt_ptr, theta_ptr, row_off, g0, n_genes,
+                                          BLOCK_G)
         _, _, y, y_lo = _log_mu(base[:, None], base_lo[:, None], z, lt)
         q, qc, sms = _sigmoids_sms(y, y_lo)
         h = -theta * q
@@ -410,12 +415,8 @@ def _nb_bwd_kernel(grad_ptr, logits_ptr, ll_ptr, lt_ptr, theta_ptr, dtab_ptr,
 
     # pass 2: d logits = g (h - softmax H)
     for g0 in range(0, n_genes, BLOCK_G):
-        g = g0 + tl.arange(0, BLOCK_G)
-        gm = g < n_genes
-        z = tl.load(logits_ptr + row_off[:, None] + g[None, :], mask=gm[None, :],
-                    other=0.0).to(tl.float32)
-        lt = tl.load(lt_ptr + g, mask=gm, other=0.0)[None, :]
-        theta = tl.load(theta_ptr + g, mask=gm, other=1.0)[None, :]
+        g, gm, z, lt, theta = _gene_block(logits_ptr, lt_ptr, theta_ptr, row_off, g0, n_genes,
+                                          BLOCK_G)
         _, _, y, y_lo = _log_mu(base[:, None], base_lo[:, None], z, lt)
         q, qc = _sigmoids(y, y_lo)
         h = -theta * q
