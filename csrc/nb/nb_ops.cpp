@@ -223,6 +223,19 @@ int64_t row_grain(const NbInputs& in) {
   return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, in.G));
 }
 
+// Runs kernel(scratch, thread id, q0, q1) -> NbStatus over the rows q in [0, C * P), split by
+// at::parallel_for, with denormals flushed and per-thread scratch; raises what they report.
+template <class T, class Kernel>
+void run_rows(const NbInputs& in, int64_t Gp, Kernel&& kernel) {
+  StatusSum status;
+  at::parallel_for(0, in.C * in.P, row_grain(in), [&](int64_t q0, int64_t q1) {
+    DenormalsAreZero ftz;
+    Scratch<T> sc(in, Gp);
+    status.add(kernel(sc.s, at::get_thread_num(), q0, q1));
+  });
+  status.check(in.G);
+}
+
 template <class T>
 std::tuple<at::Tensor, at::Tensor> forward_impl(const NbCounts<T>& counts, const T* count_values,
                                                 int64_t n_counts, const at::Tensor& logits,
@@ -244,13 +257,9 @@ std::tuple<at::Tensor, at::Tensor> forward_impl(const NbCounts<T>& counts, const
   fill_row_inputs(a, in, gd, counts, logits, log_library, bias);
   a.out = out.data_ptr<T>();
   a.lse = lse.data_ptr<double>();
-  StatusSum status;
-  at::parallel_for(0, in.C * in.P, row_grain(in), [&](int64_t q0, int64_t q1) {
-    DenormalsAreZero ftz;
-    Scratch<T> sc(in, gd.genes.Gp);
-    status.add(kern.nb_forward(a, sc.s, q0, q1));
+  run_rows<T>(in, gd.genes.Gp, [&](const NbScratch<T>& sc, int, int64_t q0, int64_t q1) {
+    return kern.nb_forward(a, sc, q0, q1);
   });
-  status.check(in.G);
   return {out, lse};
 }
 
@@ -312,14 +321,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_impl(
   a.grad_out = grad_out.data_ptr<T>();
   a.grad_logits = grad_logits.data_ptr<T>();
   a.row_dlog_library = row_dlib.data_ptr<double>();
-  StatusSum status;
-  at::parallel_for(0, in.C * in.P, row_grain(in), [&](int64_t q0, int64_t q1) {
-    const int tid = at::get_thread_num();
-    DenormalsAreZero ftz;
-    Scratch<T> sc(in, Gp);
-    status.add(kern.nb_backward(a, sc.s, acc.theta_row(tid), acc.bias_row(tid), q0, q1));
+  run_rows<T>(in, Gp, [&](const NbScratch<T>& sc, int tid, int64_t q0, int64_t q1) {
+    return kern.nb_backward(a, sc, acc.theta_row(tid), acc.bias_row(tid), q0, q1);
   });
-  status.check(in.G);
   at::Tensor grad_lib = row_dlib.sum(0).to(logits.scalar_type());
   auto [grad_theta, grad_bias] = acc.reduce(logits.scalar_type());
   return {grad_logits, grad_lib, grad_theta, grad_bias};
@@ -358,14 +362,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_g
   a.out = out.data_ptr<T>();
   a.lse = lse.data_ptr<double>();
   a.row_dlog_library = row_dlib.data_ptr<double>();
-  StatusSum status;
-  at::parallel_for(0, in.C * in.P, row_grain(in), [&](int64_t q0, int64_t q1) {
-    const int tid = at::get_thread_num();
-    DenormalsAreZero ftz;
-    Scratch<T> sc(in, Gp);
-    status.add(kern.nb_forward_grad(a, sc.s, acc.theta_row(tid), acc.bias_row(tid), q0, q1));
+  run_rows<T>(in, Gp, [&](const NbScratch<T>& sc, int tid, int64_t q0, int64_t q1) {
+    return kern.nb_forward_grad(a, sc, acc.theta_row(tid), acc.bias_row(tid), q0, q1);
   });
-  status.check(in.G);
   auto [d_theta, d_bias] = acc.reduce(logits.scalar_type());
   return {out, lse, row_dlib, d_theta, d_bias};
 }
