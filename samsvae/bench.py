@@ -307,6 +307,8 @@ def _category(event, args) -> str:
         return "NB kernel (fwd + bwd)"
     if "masked_embedding" in name:
         return "composition kernel (fwd + bwd)"
+    if "log1p_standardize_linear" in name:
+        return "encoder genes -> hidden (sparse kernel, fwd + bwd)"
     if "log1p_standardize" in name:
         return "encoder input (log1p, standardise)"
     if name in MATMUL_OPS:

@@ -5,6 +5,7 @@
 #include <cstdint>
 
 #include "embedding/embedding_kernel.h"
+#include "encoder/encoder_kernel.h"
 #include "nb/nb_kernel.h"
 
 namespace samsvae {
@@ -25,6 +26,9 @@ struct TypedKernels {
   void (*emb_sample)(const EmbFwdArgs<T>&, T* scratch, int64_t u0, int64_t u1);
   void (*emb_compose)(const EmbFwdArgs<T>&, int64_t i0, int64_t i1);
   void (*emb_backward)(const EmbBwdArgs<T>&, T* scratch, int64_t u0, int64_t u1);
+  // encoder input layer: cells [c0, c1) / gene blocks [b0, b1); scratch: tile and cursors
+  void (*enc_forward)(const EncLinearArgs<T>&, T* tile, int64_t* cur, int64_t c0, int64_t c1);
+  void (*enc_backward)(const EncLinearArgs<T>&, T* tile, int64_t* cur, int64_t b0, int64_t b1);
 };
 
 struct CpuKernels {
@@ -37,6 +41,14 @@ struct CpuKernels {
 const CpuKernels* kernels_baseline();
 const CpuKernels* kernels_avx2();
 const CpuKernels* kernels_avx512();
+
+// The kernels of element type T (float or double) in a table.
+template <class T>
+const TypedKernels<T>& typed(const CpuKernels& k);
+template <>
+inline const TypedKernels<float>& typed<float>(const CpuKernels& k) { return k.f32; }
+template <>
+inline const TypedKernels<double>& typed<double>(const CpuKernels& k) { return k.f64; }
 
 }  // namespace cpu
 }  // namespace samsvae

@@ -32,13 +32,6 @@ struct EmbShapes {
   int64_t P = 1, C = 0, U = 0, L = 0, T = 0;
 };
 
-template <class T>
-const TypedKernels<T>& typed(const CpuKernels& k);
-template <>
-const TypedKernels<float>& typed<float>(const CpuKernels& k) { return k.f32; }
-template <>
-const TypedKernels<double>& typed<double>(const CpuKernels& k) { return k.f64; }
-
 bool present(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
 
 EmbShapes check_inputs(const at::Tensor& crow, const at::Tensor& local_col,

@@ -20,13 +20,13 @@
 #include <cstring>
 
 #include "common/op_support.h"
+#include "encoder/encoder_common.h"
 
 namespace samsvae {
 namespace cpu {
 namespace {
 
 constexpr const char* kOp = "samsvae::log1p_standardize_csr";
-constexpr int kTable = 64;
 
 // Returns the number of stored counts that are negative or not finite (their rows are left
 // unfinished; the caller raises).
@@ -36,21 +36,18 @@ int64_t standardize(const int64_t* crow, const int64_t* col, const T* val, const
   std::atomic<int64_t> bad{0};
   std::vector<T> tmpl(G);
   for (int64_t g = 0; g < G; ++g) tmpl[g] = ((T)0 - mean[g]) * inv_std[g];
-  T table[kTable];
-  for (int k = 0; k < kTable; ++k) table[k] = (T)std::log1p((double)k);
+  const Log1pCounts<T> log1p_count;
   at::parallel_for(0, B, 16, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       T* row = out + b * G;
       std::memcpy(row, tmpl.data(), sizeof(T) * G);
       for (int64_t k = crow[b]; k < crow[b + 1]; ++k) {
         const T x = val[k];
-        if (!(x >= (T)0 && x < (T)__builtin_inf())) {
+        if (!log1p_count.valid(x)) {
           ++bad;
           continue;
         }
-        const int xi = x < (T)kTable ? (int)x : -1;
-        const T l = (xi >= 0 && (T)xi == x) ? table[xi] : (T)std::log1p((double)x);
-        row[col[k]] += l * inv_std[col[k]];
+        row[col[k]] += log1p_count(x) * inv_std[col[k]];
       }
     }
   });
@@ -68,21 +65,14 @@ at::Tensor log1p_standardize_csr(const at::Tensor& crow, const at::Tensor& col,
               ": mean must be float32 or float64, got ", mean.scalar_type());
   check_dtype(values, mean.scalar_type(), kOp, "values");
   check_dtype(inv_std, mean.scalar_type(), kOp, "inv_std");
-  TORCH_CHECK(crow.dim() == 1 && crow.numel() >= 1 && mean.dim() == 1, kOp,
-              ": crow_indices must be (B + 1,) and mean (G,)");
-  const int64_t B = crow.numel() - 1, G = mean.numel();
+  TORCH_CHECK(mean.dim() == 1, kOp, ": mean must be (G,)");
+  const int64_t G = mean.numel();
   check_shape(inv_std, {G}, kOp, "inv_std");
-  TORCH_CHECK(col.dim() == 1 && values.dim() == 1 && col.numel() == values.numel(), kOp,
+  TORCH_CHECK(values.dim() == 1 && col.numel() == values.numel(), kOp,
               ": col_indices and values must be 1-D of equal length");
+  const int64_t B = check_csr_indices(crow, col, G, kOp, /*ascending=*/false);
   const int64_t* cr = crow.data_ptr<int64_t>();
-  TORCH_CHECK(cr[0] == 0 && cr[B] == col.numel(), kOp,
-              ": crow_indices must start at 0 and end at nnz; pass a valid CSR tensor");
-  for (int64_t b = 0; b < B; ++b)
-    TORCH_CHECK(cr[b] <= cr[b + 1], kOp, ": crow_indices must be non-decreasing (row ", b, ")");
   const int64_t* c = col.data_ptr<int64_t>();
-  for (int64_t k = 0; k < col.numel(); ++k)
-    TORCH_CHECK(c[k] >= 0 && c[k] < G, kOp, ": col_indices must lie in [0, ", G, "), found ",
-                c[k], "; pass a valid CSR tensor");
   at::Tensor out = at::empty({B, G}, mean.options());
   int64_t bad = 0;
   AT_DISPATCH_FLOATING_TYPES(mean.scalar_type(), "log1p_standardize_csr", [&] {

@@ -8,6 +8,7 @@ namespace SAMSVAE_ISA_NS {
 
 #include "common/simd_math.h"
 #include "embedding/embedding_kernel_impl.h"
+#include "encoder/encoder_kernel_impl.h"
 #include "nb/nb_kernel_impl.h"
 
 template <class T>
@@ -15,7 +16,8 @@ constexpr TypedKernels<T> typed_kernels() {
   return TypedKernels<T>{Lanes<T>::W,          &nb_build_table<T>,  &nb_scan_counts<T>,
                          &nb_forward_rows<T>,  &nb_backward_rows<T>,
                          &nb_forward_grad_rows<T>, &emb_sample<T>,
-                         &emb_compose<T>,      &emb_backward<T>};
+                         &emb_compose<T>,      &emb_backward<T>,
+                         &enc_linear_forward<T>, &enc_linear_backward<T>};
 }
 
 const CpuKernels kTable = {SAMSVAE_ISA_NAME, typed_kernels<float>(), typed_kernels<double>()};

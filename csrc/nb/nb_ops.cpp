@@ -97,13 +97,6 @@ void check_csr(const at::Tensor& crow, const at::Tensor& col, const at::Tensor& 
   // column indices are checked by the kernels, cell by cell, as they read them
 }
 
-template <class T>
-const TypedKernels<T>& typed(const CpuKernels& k);
-template <>
-const TypedKernels<float>& typed<float>(const CpuKernels& k) { return k.f32; }
-template <>
-const TypedKernels<double>& typed<double>(const CpuKernels& k) { return k.f64; }
-
 // Per-gene arrays (padded), plus the count table when it pays for itself.
 template <class T>
 struct GeneData {

@@ -22,8 +22,11 @@ def csr_to_torch(matrix: sp.csr_matrix, dtype: torch.dtype = torch.float32) -> t
     """A scipy CSR matrix as a ``torch.sparse_csr`` tensor with int64 indices.
 
     The values are shared with ``matrix`` when they already have ``dtype``; int32 index arrays
-    are widened to int64 (what the ops expect).
+    are widened to int64 (what the ops expect). Columns are sorted within each row (torch's
+    CSR invariant, which the sparse kernels rely on) when the matrix does not have them so.
     """
+    if not matrix.has_sorted_indices:
+        matrix = matrix.sorted_indices()
     np_dtype = torch.empty((), dtype=dtype).numpy().dtype
     crow = torch.from_numpy(np.ascontiguousarray(matrix.indptr, dtype=np.int64))
     col = torch.from_numpy(np.ascontiguousarray(matrix.indices, dtype=np.int64))

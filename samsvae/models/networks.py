@@ -2,11 +2,10 @@
 
 Both are written so the expensive parts run on sparse inputs and once per cell:
 
-* the encoder's first layer reads standardised ``log1p`` counts without densifying them:
-  ``W ((log1p x - mean) / std) = (W / std) log1p(x) - (W / std) mean`` with ``log1p(x)`` kept
-  CSR, so the cost is that of the non-zeros (batches more than 15% non-zero use a dense
-  matmul, which is faster there); extra inputs (a CSR dosage, a per-particle latent)
-  enter as additional terms of the same pre-activation, so the gene part is computed once per
+* the encoder's first layer is :func:`samsvae.ops.log1p_standardize_linear`: on the ``cpp``
+  backend sparse batches never form the (B, G) standardised features (the cost is that of the
+  non-zeros; denser batches use one dense product, which is faster there); extra inputs (a
+  CSR dosage, a per-particle latent) enter as additional terms of the same pre-activation, so the gene part is computed once per
   cell even when the extra input has a particle dimension;
 * the decoder stops at its hidden layer: the last Linear is applied by the model inside the
   fused NB likelihood (``NBLikelihood.forward_linear``) so the (particles, cells, genes) logits
@@ -25,8 +24,6 @@ from .. import ops
 from .distributions import GaussianPosterior
 
 STD_FLOOR = 1e-6      # genes whose training log1p std is below this are not rescaled
-# Above this fraction of non-zeros a dense matmul beats CSR @ dense (forward + backward, CPU).
-DENSE_INPUT_ABOVE = 0.15
 SCALE_FLOOR = 1e-4    # minimum standard deviation of the Gaussian guides
 LEAKY_SLOPE = 0.01
 
@@ -35,15 +32,6 @@ def _uniform_(t: torch.Tensor, fan_in: int) -> torch.Tensor:
     bound = 1.0 / math.sqrt(max(1, fan_in))
     with torch.no_grad():
         return t.uniform_(-bound, bound)
-
-
-def csr_log1p(counts: torch.Tensor, dtype) -> torch.Tensor:
-    """log1p of a CSR (or dense) count matrix, keeping its layout, cast to ``dtype``."""
-    if counts.layout == torch.sparse_csr:
-        return torch.sparse_csr_tensor(counts.crow_indices(), counts.col_indices(),
-                                       torch.log1p(counts.values().to(dtype)), size=counts.shape,
-                                       check_invariants=False)
-    return torch.log1p(counts.to(dtype))
 
 
 def sparse_rows_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -75,14 +63,14 @@ class GaussianEncoder(nn.Module):
         n_conditioning: width of an extra dense input with optional particle dimension
             (the correlated z_basal guide reads the perturbation latent z_p).
         covariance: ``"diagonal"`` or ``"full"``.
-        backend: of the input standardisation (:func:`samsvae.ops.log1p_standardize`).
+        backend: of the input layer (:func:`samsvae.ops.log1p_standardize_linear`).
     """
 
     def __init__(self, n_genes: int, n_hidden: int, n_latent: int, *, gene_log1p_mean=None,
                  gene_log1p_std=None, n_dosage: int = 0, n_conditioning: int = 0,
                  covariance: str = "diagonal", backend: str = "auto"):
         super().__init__()
-        self.backend = backend  # of the input standardisation (samsvae.ops.log1p_standardize)
+        self.backend = backend  # of the input layer (samsvae.ops.log1p_standardize_linear)
         if covariance not in ("diagonal", "full"):
             raise ValueError(f"covariance must be 'diagonal' or 'full', got {covariance!r}")
         self.covariance = covariance
@@ -125,17 +113,9 @@ class GaussianEncoder(nn.Module):
         dtype = self.gene_weight.dtype
         std = self.gene_log1p_std
         std = torch.where(std > STD_FLOOR, std, torch.ones_like(std)).to(dtype)
-        mean = self.gene_log1p_mean.to(dtype)
-        if (counts.layout != torch.sparse_csr
-                or counts.values().numel() > DENSE_INPUT_ABOVE * counts.numel()):
-            # dense input: standardise the (B, G) features, which need no gradient, rather
-            # than the (H, G) weight, whose rescaling would be differentiated every step
-            features = ops.log1p_standardize(counts, mean, 1.0 / std, backend=self.backend)
-            return F.linear(features, self.gene_weight, self.bias)
-        features = csr_log1p(counts, dtype)
-        w = self.gene_weight / std                                    # (H, G)
-        shift = w @ mean                                              # (H,)
-        return sparse_rows_matmul(features, w.T) + (self.bias - shift)
+        return ops.log1p_standardize_linear(counts, self.gene_weight, self.bias,
+                                            self.gene_log1p_mean.to(dtype), 1.0 / std,
+                                            backend=self.backend)
 
     def dosage_part(self, dosage: torch.Tensor) -> torch.Tensor:
         """(B, T) CSR dosage -> (B, H)."""

@@ -8,11 +8,13 @@ Triton GPU kernel behind ``backend="auto"|"reference"|"cpp"|"triton"``):
 * :func:`masked_embedding_sum` sparse masked perturbation-embedding composition with sampling
 * :func:`iwelbo`               streamed importance-weighted log-mean-exp
 * :func:`log1p_standardize`    an encoder's standardised log1p input from CSR counts
+* :func:`log1p_standardize_linear` the same followed by the encoder's first Linear (sparse on CPU)
 """
 from . import backends
 from .backends import BackendUnavailableError, available_backends, backend_report
 from .iwelbo import OnlineLogSumExp, iwelbo
 from .log1p_standardize import log1p_standardize
+from .log1p_standardize_linear import log1p_standardize_linear
 from .masked_embedding import (EmbeddingSample, batch_perturbations, draw_noise,
                                masked_embedding_sum, perturbation_sum, relaxed_bernoulli_st)
 from .nb_log_prob import nb_log_prob, nb_log_prob_reference
@@ -26,6 +28,7 @@ except ImportError:  # pragma: no cover
 __all__ = [
     "nb_log_prob", "nb_log_prob_reference", "nb_log_prob_linear", "masked_embedding_sum",
     "perturbation_sum", "EmbeddingSample", "batch_perturbations", "draw_noise",
-    "relaxed_bernoulli_st", "iwelbo", "log1p_standardize", "OnlineLogSumExp", "available_backends",
+    "relaxed_bernoulli_st", "iwelbo", "log1p_standardize", "log1p_standardize_linear",
+    "OnlineLogSumExp", "available_backends",
     "backend_report", "BackendUnavailableError", "backends",
 ]

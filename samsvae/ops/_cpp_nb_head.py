@@ -26,6 +26,9 @@ from . import backends
 from ._cpp import ext_available, why_unavailable
 from ._cpp_nb import _COMPUTE_DTYPES as _DTYPES
 from ._cpp_nb import count_parts
+from ._workspace import Workspace
+
+_LOGITS = Workspace()  # the (P * C, G) logits / U buffer, kept between training steps
 
 
 def _fwd_grad_fake(logits, log_theta, logit_bias):
@@ -66,7 +69,8 @@ class _HeadGradInForward(torch.autograd.Function):
         dtype = hidden.dtype
         parts = count_parts(counts, dtype)
         h2 = hidden.reshape(P * C, H)
-        logits = torch.mm(h2, weight.T).view(P, C, G)
+        logits = torch.mm(h2, weight.T, out=_LOGITS.take((P * C, G), dtype, hidden.device))
+        logits = logits.view(P, C, G)
         lib, lt = log_library.to(dtype).contiguous(), log_theta.to(dtype).contiguous()
         b = None if bias is None else bias.contiguous()
         out, lse, row_dlib, d_theta, d_bias = nb_fwd_grad(parts, logits, lib, lt, b)

@@ -18,3 +18,17 @@ def log1p_standardize_triton(counts, mean, inv_std):
 
 backends.register("log1p_standardize", "triton", log1p_standardize_triton, devices=("cuda",),
                   available=triton_cuda_available, why_unavailable=why_triton_unavailable)
+
+
+def log1p_standardize_linear_triton(counts, weight, bias, mean, inv_std):
+    """The Triton features and one cuBLAS product: on a GPU the dense product is the fast
+    path, so there is no sparse product kernel here."""
+    with torch.no_grad():
+        features = log1p_standardize_triton(counts, mean.to(weight.dtype),
+                                            inv_std.to(weight.dtype))
+    return torch.nn.functional.linear(features, weight, bias)
+
+
+backends.register("log1p_standardize_linear", "triton", log1p_standardize_linear_triton,
+                  devices=("cuda",), available=triton_cuda_available,
+                  why_unavailable=why_triton_unavailable)

@@ -109,7 +109,8 @@ def backend_report() -> str:
     return "\n".join(lines)
 
 
-KERNEL_OPS = ("nb_log_prob", "masked_embedding_sum", "log1p_standardize")  # cpp/triton tiers
+KERNEL_OPS = ("nb_log_prob", "masked_embedding_sum", "log1p_standardize",
+              "log1p_standardize_linear")  # cpp/triton tiers
 
 
 def require_backend(backend: str, device: torch.device | str = "cpu") -> None:
