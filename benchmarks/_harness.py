@@ -52,6 +52,23 @@ def worker_env(threads: Optional[int], *, for_memory: bool) -> Dict[str, str]:
     return env
 
 
+def add_round_robin_args(parser, *, repeats: int = 10, warmup: int = 2, block: int = 5) -> None:
+    """``--repeats --warmup --block --threads --out`` of the round-robin CPU benchmarks."""
+    parser.add_argument("--repeats", type=int, default=repeats)
+    parser.add_argument("--warmup", type=int, default=warmup)
+    parser.add_argument("--block", type=int, default=block)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", default=None, help="write JSON here")
+
+
+def require_cpp_extension() -> None:
+    """Exit with the build command when the C++ extension is not built."""
+    from samsvae.ops import _cpp
+    if not _cpp.ext_available():
+        raise SystemExit("the C++ extension is not built: nothing to compare (build it with "
+                         "SAMSVAE_BUILD_EXT=1 pip install --no-build-isolation -e .)")
+
+
 def device_info(device: str) -> Dict[str, object]:
     """CPU model (from /proc/cpuinfo) or GPU name, plus versions."""
     info = {"device": device, "torch": torch.__version__, "python": platform.python_version(),

@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import _harness as H  # noqa: E402
 from samsvae.bench import synth_batch  # noqa: E402
-from samsvae.ops import _cpp, _cpp_encoder, log1p_standardize_linear  # noqa: E402
+from samsvae.ops import log1p_standardize_linear  # noqa: E402
 
 
 def _torch_sparse(counts, w, b, mean, inv_std):
@@ -56,6 +56,8 @@ def _calls(cells: int, genes: int, hidden: int, mean_count: float):
             w.grad = b.grad = None
             fn().backward(go)
         return run
+
+    from samsvae.ops import _cpp_encoder  # needs the built extension
 
     def cpp(sparse: bool):
         def fn():
@@ -84,15 +86,10 @@ def main(argv=None) -> dict:
     p.add_argument("--hidden", type=int, default=400)
     p.add_argument("--mean-counts", type=float, nargs="+", default=[0.04, 0.12, 0.25, 0.5],
                    help="mean UMIs per gene and cell of the simulated batches (sets density)")
-    p.add_argument("--repeats", type=int, default=10)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--block", type=int, default=5)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--out", default=None, help="write JSON here")
+    H.add_round_robin_args(p)
     args = p.parse_args(argv)
-    if not _cpp.ext_available():
-        raise SystemExit("the C++ extension is not built: nothing to compare (build it with "
-                         "SAMSVAE_BUILD_EXT=1 pip install --no-build-isolation -e .)")
+    H.require_cpp_extension()
+    from samsvae.ops import _cpp_encoder
     threads = H.set_threads(args.threads)
     rows = []
     for mean_count in args.mean_counts:

@@ -32,7 +32,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import _harness as H  # noqa: E402
 import references as R  # noqa: E402
 from samsvae.ops import nb_log_prob, nb_log_prob_linear  # noqa: E402
-from samsvae.ops import _cpp  # noqa: E402
 
 
 def _calls(particles: int, cells: int, genes: int, hidden: int, zero_fraction: float):
@@ -88,15 +87,9 @@ def main(argv=None) -> dict:
     p.add_argument("--genes", type=int, nargs="+", default=[2000, 8000])
     p.add_argument("--hidden", type=int, default=400)
     p.add_argument("--zero-fraction", type=float, default=0.9)
-    p.add_argument("--repeats", type=int, default=10)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--block", type=int, default=5)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--out", default=None, help="write JSON here")
+    H.add_round_robin_args(p)
     args = p.parse_args(argv)
-    if not _cpp.ext_available():
-        raise SystemExit("the C++ extension is not built: nothing to compare (build it with "
-                         "SAMSVAE_BUILD_EXT=1 pip install --no-build-isolation -e .)")
+    H.require_cpp_extension()
     threads = H.set_threads(args.threads)
     rows = []
     for genes in args.genes:

@@ -83,6 +83,9 @@ def add_arguments(parser) -> None:
            "torch's default)")
     a("--keep-freed-memory", action="store_true",
       help="tell glibc malloc to keep freed blocks for reuse (see keep_freed_memory)")
+    a("--mean-count", type=float, default=0.5,
+      help="mean UMIs per gene and cell of the simulated counts (0.5: ~30%% non-zeros; "
+           "0.1-0.2: ~10%%, where the cpp encoder runs its sparse kernel)")
     a("--seed", type=int, default=0)
     a("--json", dest="json_out", default=None, help="write the results as JSON here")
 
@@ -161,19 +164,22 @@ def build_bench_model(args, backend: str, batch):
 
 # -- timing -------------------------------------------------------------------------------------
 
-def _matmul_shapes(model, args, n_batch_perturbations: int = 0) -> List[tuple]:
+def _matmul_shapes(model, args, n_batch_perturbations: int = 0,
+                   dense_encoder_input: bool = True) -> List[tuple]:
     """(rows, in, out, input_grad) of the dense Linear products of one training step.
 
     ``n_batch_perturbations`` (U, the distinct perturbations of the batch) sizes the
-    correlated-embedding guide's MLP, which runs on (particles * U) rows."""
+    correlated-embedding guide's MLP, which runs on (particles * U) rows.
+    ``dense_encoder_input=False``: without the encoder's genes -> hidden products (a backend
+    whose encoder runs the sparse kernel on this batch does not run them)."""
     import torch
 
     P, B, L, H, G = args.particles, args.cells_per_batch, args.latent, args.hidden, args.genes
     corr_basal = bool(getattr(model, "corr_basal", False))
-    shapes = [(B, G, H, False),                          # encoder: genes -> hidden
-              ((P * B) if corr_basal else B, H, 2 * L, True),   # encoder: hidden -> loc, scale
-              (P * B, L, H, True),                       # decoder: latent -> hidden
-              (P * B, H, G, True)]                       # decoder: hidden -> gene logits
+    shapes = [(B, G, H, False)] if dense_encoder_input else []   # encoder: genes -> hidden
+    shapes += [((P * B) if corr_basal else B, H, 2 * L, True),  # encoder: hidden -> loc, scale
+               (P * B, L, H, True),                       # decoder: latent -> hidden
+               (P * B, H, G, True)]                       # decoder: hidden -> gene logits
     if corr_basal:
         shapes.append((P * B, L, H, True))               # encoder: z_p conditioning
     net = getattr(model, "embedding_net", None) if getattr(model, "corr_embedding", False) else None
@@ -389,7 +395,8 @@ def iwelbo_child(spec_json: str) -> None:
         keep_freed_memory()
     args = argparse.Namespace(**spec["args"])
     args.cells_per_batch = spec["cells"]
-    batch = synth_batch(spec["cells"], args.genes, args.perturbations, seed=args.seed + 7)
+    batch = synth_batch(spec["cells"], args.genes, args.perturbations, seed=args.seed + 7,
+                        mean_count=getattr(args, "mean_count", 0.5))
     model = build_bench_model(args, spec["backend"], batch)
     model.eval()
     K, chunk = int(spec["particles"]), int(spec["chunk"])
@@ -429,12 +436,24 @@ def run_iwelbo(args, backend: str, particles: int) -> dict:
 
 # -- report -------------------------------------------------------------------------------------
 
+def _encoder_runs_sparse(backend: str, density: float) -> bool:
+    """Whether ``backend``'s encoder input layer takes the sparse kernel on a CSR batch with
+    this fraction of stored entries (then the step runs no dense genes -> hidden product)."""
+    from . import ops
+    if ops.backends.resolve("log1p_standardize_linear", backend, "cpu")[0] != "cpp":
+        return False
+    from .ops import _cpp_encoder
+    return density <= _cpp_encoder.SPARSE_BELOW
+
+
 def _check_args(args) -> None:
     for name in ("genes", "perturbations", "cells_per_batch", "particles", "latent", "hidden",
                  "steps", "threads", "iwelbo_cells", "iwelbo_chunk"):
         if getattr(args, name) < 1:
             raise SystemExit(f"samsvae bench: --{name.replace('_', '-')} must be >= 1, "
                              f"got {getattr(args, name)}")
+    if not args.mean_count > 0:
+        raise SystemExit(f"samsvae bench: --mean-count must be > 0, got {args.mean_count}")
     if args.warmup < 0 or args.iwelbo_particles < 0:
         raise SystemExit("samsvae bench: --warmup and --iwelbo-particles must be >= 0")
     from .models import MODEL_GUIDES
@@ -457,7 +476,8 @@ def markdown_report(result: dict) -> str:
     lines = [f"{cfg['model']}/{cfg['guide']}, {cfg['genes']} genes x {cfg['perturbations']} "
              f"perturbations, B={cfg['cells_per_batch']}, P={cfg['particles']}, "
              f"L={cfg['latent']}, H={cfg['hidden']}, threads={cfg['threads']}, Adam {cfg['adam']}, "
-             f"keep freed memory {'on' if cfg['keep_freed_memory'] else 'off'}; median of "
+             f"keep freed memory {'on' if cfg['keep_freed_memory'] else 'off'}, counts "
+             f"{result.get('counts_density', float('nan')):.1%} non-zero; median of "
              f"{cfg['steps']} rounds (ms)", "",
              "| backend (resolved) | " + " | ".join(comps)
              + " | step / matmul floor | (fastest runs) |",
@@ -465,10 +485,16 @@ def markdown_report(result: dict) -> str:
     for b in names:
         r = result["backends"][b]
         cells = [_fmt_ms(r["times"][c]["median_s"]) if c in r["times"] else "-" for c in comps]
-        lines.append(f"| {b} ({r['resolved']}) | " + " | ".join(cells)
+        sparse = " [encoder input: sparse kernel]" if r.get("floor") == "matmul_floor_sparse_input" else ""
+        lines.append(f"| {b} ({r['resolved']}){sparse} | " + " | ".join(cells)
                      + f" | {result['ratios'][b]['step_over_matmul_floor']:.2f} | "
                      f"{result['ratios'][b]['step_over_matmul_floor_min']:.2f} |")
     lines.append(f"| matmul floor | {_fmt_ms(floor)} |" + " |" * (len(comps) + 1))
+    if "matmul_floor_sparse_input_s" in result:
+        lines.append(f"| matmul floor without the encoder's genes -> hidden products (the "
+                     f"floor of the rows marked sparse kernel) | "
+                     f"{_fmt_ms(result['matmul_floor_sparse_input_s'])} |"
+                     + " |" * (len(comps) + 1))
     for key, v in result["ratios"].items():
         if "speedup_over_reference" in v:
             lines.append(f"\nstep speed-up of {key} over reference: "
@@ -496,14 +522,19 @@ def run(args) -> int:
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     for b in backends:
         ops.backends.resolve("masked_embedding_sum", b, "cpu")   # raises early on a bad name
-    batch = synth_batch(args.cells_per_batch, args.genes, args.perturbations, seed=args.seed)
+    batch = synth_batch(args.cells_per_batch, args.genes, args.perturbations, seed=args.seed,
+                        mean_count=args.mean_count)
     models = {b: build_bench_model(args, b, batch) for b in backends}
     first = models[backends[0]]
     n_batch_perturbations = int(torch.unique(batch.dosage.col_indices()).numel())
     shapes = _matmul_shapes(first, args, n_batch_perturbations)
-    floor_fn = make_matmul_floor(shapes)
+    density = batch.counts.values().numel() / batch.counts.numel()
+    sparse_input = {b: _encoder_runs_sparse(b, density) for b in backends}
 
-    fns = {"matmul_floor": floor_fn}
+    fns = {"matmul_floor": make_matmul_floor(shapes)}
+    if any(sparse_input.values()):
+        fns["matmul_floor_sparse_input"] = make_matmul_floor(
+            _matmul_shapes(first, args, n_batch_perturbations, dense_encoder_input=False))
     for b in backends:
         for name, fn in _component_fns(models[b], batch, args, b).items():
             fns[f"{b}/{name}"] = fn
@@ -514,14 +545,19 @@ def run(args) -> int:
               "machine": {"torch": torch.__version__, "threads": torch.get_num_threads(),
                           "loadavg": list(os.getloadavg()), "cpu_count": os.cpu_count(),
                           "matmul_shapes": shapes},
+              "counts_density": density,
               "matmul_floor_s": floor, "backends": {}, "ratios": {}, "iwelbo": []}
+    if "matmul_floor_sparse_input" in times:
+        result["matmul_floor_sparse_input_s"] = times["matmul_floor_sparse_input"]["median_s"]
     for b in backends:
         resolved = {op: ops.backends.resolve(op, b, "cpu")[0]
                     for op in ("nb_log_prob", "masked_embedding_sum")}
         t = {name.split("/", 1)[1]: v for name, v in times.items() if name.startswith(b + "/")}
+        key = "matmul_floor_sparse_input" if sparse_input[b] else "matmul_floor"
         result["backends"][b] = {"resolved": ",".join(f"{k}={v}" for k, v in resolved.items()),
-                                 "times": t}
-        floor_min = times["matmul_floor"]["min_s"]
+                                 "times": t, "encoder_input": "sparse kernel" if sparse_input[b]
+                                 else "dense product", "floor": key}
+        floor, floor_min = times[key]["median_s"], times[key]["min_s"]
         ratios = {"step_over_matmul_floor": t["step"]["median_s"] / floor,
                   "step_over_matmul_floor_min": t["step"]["min_s"] / floor_min}
         if "reference" in backends and b != "reference":

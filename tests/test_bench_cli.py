@@ -67,3 +67,28 @@ def test_bench_rejects_unknown_backend():
     with pytest.raises(ValueError, match="unknown backend"):
         main(["bench", "--genes", "10", "--perturbations", "3", "--backends", "fast",
               "--iwelbo-particles", "0"])
+
+
+def test_sparse_counts_get_the_floor_of_the_sparse_encoder(tmp_path, capsys):
+    """At a density where the cpp encoder runs its sparse kernel, that backend's step is put
+    against the products it runs (no dense genes -> hidden pair), the reference against all."""
+    from samsvae.ops import _cpp
+    result = _bench(tmp_path, "--iwelbo-particles", "0", "--mean-count", "0.02",
+                    "--components", "step")
+    assert 0 < result["counts_density"] <= 0.15
+    assert result["backends"]["reference"]["floor"] == "matmul_floor"
+    if not _cpp.ext_available():
+        assert "matmul_floor_sparse_input_s" not in result
+        return
+    auto = result["backends"]["auto"]
+    assert auto["floor"] == "matmul_floor_sparse_input"
+    assert auto["encoder_input"] == "sparse kernel"
+    assert 0 < result["matmul_floor_sparse_input_s"]
+    assert result["ratios"]["auto"]["step_over_matmul_floor"] == pytest.approx(
+        auto["times"]["step"]["median_s"] / result["matmul_floor_sparse_input_s"])
+    assert "without the encoder's genes -> hidden products" in capsys.readouterr().out
+
+
+def test_bench_rejects_a_non_positive_mean_count():
+    with pytest.raises(SystemExit, match="--mean-count must be > 0"):
+        main(["bench", "--genes", "10", "--perturbations", "3", "--mean-count", "0"])

@@ -10,6 +10,7 @@ import pytest
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCH))
 import bench_embedding  # noqa: E402
+import bench_encoder_input  # noqa: E402
 import bench_nb  # noqa: E402
 import bench_nb_linear  # noqa: E402
 import bench_nb_train_head  # noqa: E402
@@ -97,4 +98,19 @@ def test_bench_nb_train_head_runs_every_implementation(tmp_path):
     assert impls == {"fwd_grad", "fwd_then_bwd", "reference", "kernel_fwd_bwd",
                      "kernel_fwd_grad", "kernel_copy_only"}
     assert all(r["ms"] > 0 and r["vs_fwd_then_bwd"] > 0 for r in payload["rows"])
+    assert json.loads(out.read_text())["meta"]["torch_threads"] >= 1
+
+
+def test_bench_encoder_input_runs_every_implementation(tmp_path):
+    from samsvae.ops import _cpp
+    if not _cpp.ext_available():
+        pytest.skip("C++ extension not built")
+    out = tmp_path / "enc.json"
+    payload = bench_encoder_input.main(["--cells", "8", "--genes", "50", "--hidden", "6",
+                                        "--mean-counts", "0.05", "0.5", "--repeats", "1",
+                                        "--warmup", "0", "--block", "1", "--out", str(out)])
+    rows = payload["rows"]
+    assert {r["impl"] for r in rows} == {"reference", "cpp_dense", "cpp_sparse", "torch_sparse"}
+    assert len({r["density"] for r in rows}) == 2
+    assert all(r["ms"] > 0 and r["vs_reference"] > 0 for r in rows)
     assert json.loads(out.read_text())["meta"]["torch_threads"] >= 1

@@ -23,6 +23,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <initializer_list>
 #include <optional>
 #include <vector>
 
@@ -53,6 +54,19 @@ void check_stats(const at::Tensor& mean, const at::Tensor& inv_std, const char* 
   TORCH_CHECK(mean.dim() == 1, op, ": mean must be (G,)");
   check_dtype(inv_std, mean.scalar_type(), op, "inv_std");
   check_shape(inv_std, {mean.numel()}, op, "inv_std");
+}
+
+// The inputs every call shares: CPU-contiguous ``dense`` tensors, int64 CSR indices, mean /
+// inv_std (G,) in float32 or float64, and ``typed`` tensors in their dtype.
+void check_common(std::initializer_list<const at::Tensor*> dense, const at::Tensor& crow,
+                  const at::Tensor& col, const at::Tensor& mean, const at::Tensor& inv_std,
+                  std::initializer_list<std::pair<const at::Tensor*, const char*>> typed,
+                  const char* op) {
+  for (const at::Tensor* p : dense) check_cpu_contiguous(*p, op, "input");
+  check_dtype(crow, at::kLong, op, "crow_indices");
+  check_dtype(col, at::kLong, op, "col_indices");
+  check_stats(mean, inv_std, op);
+  for (const auto& t : typed) check_dtype(*t.first, mean.scalar_type(), op, t.second);
 }
 
 // s_k = log1p(x_k) * inv_std[col_k]; returns the number of invalid counts.
@@ -93,13 +107,9 @@ std::tuple<at::Tensor, at::Tensor> linear_fwd(const at::Tensor& crow, const at::
                                               const at::Tensor& values, const at::Tensor& weight,
                                               const std::optional<at::Tensor>& bias,
                                               const at::Tensor& mean, const at::Tensor& inv_std) {
-  for (auto* p : {&crow, &col, &values, &weight}) check_cpu_contiguous(*p, kOp, "input");
-  check_dtype(crow, at::kLong, kOp, "crow_indices");
-  check_dtype(col, at::kLong, kOp, "col_indices");
-  check_stats(mean, inv_std, kOp);
+  check_common({&crow, &col, &values, &weight}, crow, col, mean, inv_std,
+               {{&values, "values"}, {&weight, "weight"}}, kOp);
   const auto dtype = mean.scalar_type();
-  check_dtype(values, dtype, kOp, "values");
-  check_dtype(weight, dtype, kOp, "weight");
   const int64_t G = mean.numel();
   TORCH_CHECK(weight.dim() == 2 && weight.size(1) == G, kOp, ": weight must be (H, ", G,
               ") (one column per gene), got ", weight.sizes());
@@ -148,13 +158,9 @@ std::tuple<at::Tensor, at::Tensor> linear_bwd(const at::Tensor& grad_out, const 
                                               const at::Tensor& col, const at::Tensor& s,
                                               const at::Tensor& mean,
                                               const at::Tensor& inv_std) {
-  for (auto* p : {&grad_out, &crow, &col, &s}) check_cpu_contiguous(*p, kBwd, "input");
-  check_dtype(crow, at::kLong, kBwd, "crow_indices");
-  check_dtype(col, at::kLong, kBwd, "col_indices");
-  check_stats(mean, inv_std, kBwd);
+  check_common({&grad_out, &crow, &col, &s}, crow, col, mean, inv_std,
+               {{&grad_out, "grad_out"}, {&s, "s"}}, kBwd);
   const auto dtype = mean.scalar_type();
-  check_dtype(grad_out, dtype, kBwd, "grad_out");
-  check_dtype(s, dtype, kBwd, "s");
   const int64_t G = mean.numel(), C = crow.numel() - 1;
   TORCH_CHECK(grad_out.dim() == 2 && grad_out.size(0) == C, kBwd, ": grad_out must be (",
               C, ", H), got ", grad_out.sizes());
