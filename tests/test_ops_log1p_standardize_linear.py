@@ -236,3 +236,39 @@ def test_batches_from_an_unsorted_scipy_matrix_are_sorted():
     t = csr_to_torch(m)
     assert t.col_indices().tolist() == [1, 4, 2]
     torch.testing.assert_close(t.to_dense(), torch.from_numpy(m.toarray()))
+
+
+@needs_cpp
+@pytest.mark.parametrize("cells", [0, 3])
+def test_empty_batches_and_cells_without_counts(cells, monkeypatch):
+    _force_sparse(monkeypatch, True)
+    _, w, b, mean, inv_std = _inputs(4, 50, 7)
+    counts = torch.zeros(cells, 50, dtype=torch.float64).to_sparse_csr()
+    go = torch.randn(cells, 7, dtype=torch.float64)
+    got = _run(counts, w, b, mean, inv_std, go, "cpp")
+    want = _run(counts, w, b, mean, inv_std, go, "reference")
+    for a, b_ in zip(got, want):
+        torch.testing.assert_close(a, b_, rtol=1e-12, atol=1e-12)
+
+
+@needs_cpp
+def test_the_op_compiles_with_its_fake_and_autograd():
+    """The custom op in a torch.compile graph (fullgraph): value and weight gradient as eager."""
+    x, w, b, mean, inv_std = _inputs(6, 40, 9, seed=12)
+    nz = x.nonzero()   # CSR parts built without a sparse tensor (dynamo does not take those)
+    crow = torch.cat([torch.zeros(1, dtype=torch.int64), torch.bincount(nz[:, 0], minlength=6)
+                      .cumsum(0)])
+    parts = (crow, nz[:, 1].contiguous(), x[nz[:, 0], nz[:, 1]])
+
+    def layer(crow, col, values, weight, bias):
+        return torch.ops.samsvae.log1p_standardize_linear_csr(crow, col, values, weight, bias,
+                                                              mean, inv_std)[0]
+
+    results = []
+    for fn in (layer, torch.compile(layer, fullgraph=True, backend="aot_eager")):
+        weight = w.clone().requires_grad_(True)
+        out = fn(*parts, weight, b)
+        out.square().sum().backward()
+        results.append((out.detach(), weight.grad))
+    for a, b_ in zip(*results):
+        torch.testing.assert_close(a, b_, rtol=1e-12, atol=1e-12)
