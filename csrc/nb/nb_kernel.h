@@ -51,7 +51,7 @@ template <class T>
 struct NbScratch {  // one per thread; rows of Gp elements unless noted
   T* xrow = nullptr;           // backward: counts of the current cell; all zero between cells
   T* aux = nullptr;            // exp(logit - max) of the current row; forward: then log1p(y)
-  T* biased = nullptr;         // logits row + logit bias of the current row (with a bias)
+  const T* zeros = nullptr;    // a row of zeros: the logit bias of a call without one
   T* bias_part = nullptr;      // backward with a bias: dL/dbias of the last few rows, in T
                                // (flushed with theta_part)
   T* theta_part = nullptr;     // backward: dL/dlog(theta) of the last few rows except the

@@ -215,18 +215,25 @@ SV_INLINE int64_t nb_cell_entries(const NbCounts<T>& cnt, int64_t c, int64_t G,
 
 // A logits row read in vector steps: full vectors straight from memory, the last partial
 // vector from a copy padded with -inf (whose softmax weight is exactly 0).
-template <class T>
+// A logits row plus the logit bias (added as it is read; no biased copy is written), padded
+// with -inf to whole vectors. HasBias = false: the row alone.
+template <class T, bool HasBias>
 struct NbRow {
   typedef Lanes<T> L;
   typedef typename L::V V;
   const T* row;
+  const T* bias;
   int64_t Gfull;
   alignas(64) T tail[Lanes<T>::W];
-  SV_INLINE NbRow(const T* r, int64_t G) : row(r), Gfull(G - G % L::W) {
+  SV_INLINE NbRow(const T* r, const T* b, int64_t G) : row(r), bias(b), Gfull(G - G % L::W) {
     for (int i = 0; i < L::W; ++i)
-      tail[i] = Gfull + i < G ? r[Gfull + i] : (T)-__builtin_inf();
+      tail[i] = Gfull + i < G ? r[Gfull + i] + (HasBias ? b[Gfull + i] : (T)0)
+                              : (T)-__builtin_inf();
   }
-  SV_INLINE V load(int64_t g) const { return g < Gfull ? L::load(row + g) : L::load(tail); }
+  SV_INLINE V load(int64_t g) const {
+    if (g >= Gfull) return L::load(tail);
+    return HasBias ? L::load(row + g) + L::load(bias + g) : L::load(row + g);
+  }
   SV_INLINE T max(int64_t Gp) const {
     V m = L::splat((T)-__builtin_inf());
     for (int64_t g = 0; g < Gp; g += L::W) m = L::vmax(m, load(g));
@@ -234,18 +241,18 @@ struct NbRow {
   }
 };
 
-// The logits row r, or with a logit bias the row plus the bias, written to scratch.
+// sum over a cell's stored entries of count * logit bias, in float64 (0 without a bias): the
+// bias part of x . logits, the same for every particle row of the cell
 template <class T>
-SV_INLINE const T* nb_logits_row(const T* logits, const T* bias, int64_t r, int64_t G,
-                                 T* scratch) {
-  typedef Lanes<T> L;
-  const T* lrow = logits + r * G;
-  if (bias == nullptr) return lrow;
-  int64_t g = 0;
-  for (; g + L::W <= G; g += L::W)
-    L::store(scratch + g, L::load(lrow + g) + L::load(bias + g));
-  for (; g < G; ++g) scratch[g] = lrow[g] + bias[g];
-  return scratch;
+SV_INLINE double nb_entries_bias_dot(const int64_t* ecol, const T* ex, int64_t n,
+                                     const T* bias) {
+  if (bias == nullptr) return 0.0;
+  double part[4] = {0.0, 0.0, 0.0, 0.0};
+  int64_t k = 0;
+  for (; k + 4 <= n; k += 4)
+    for (int j = 0; j < 4; ++j) part[j] += (double)ex[k + j] * (double)bias[ecol[k + j]];
+  for (; k < n; ++k) part[0] += (double)ex[k] * (double)bias[ecol[k]];
+  return (part[0] + part[1]) + (part[2] + part[3]);
 }
 
 // Rows are numbered q = c * P + p (cell-major): a thread's range holds runs of particles of the
@@ -258,17 +265,14 @@ SV_INLINE const T* nb_next_row(const T* logits, int64_t q, int64_t q1, int64_t P
   return logits + ((qn % P) * C + qn / P) * G;
 }
 
-// Row r of the logits (plus the bias): stores exp(logit_g - max) in s.aux and returns the row
-// read (the logits themselves or the biased copy), its max and sum_g exp(logit_g - max).
-// next: the row to prefetch meanwhile.
-template <class T>
-SV_INLINE const T* nb_row_exp(const T* logits, const T* bias, int64_t r, int64_t G, int64_t Gp,
-                              const T* next, const NbScratch<T>& s, T* max_out,
-                              double* sum_out) {
+// exp(logit_g + bias_g - max) of row r into s.aux; its max and sum_g exp(logit_g + bias_g - max)
+template <class T, bool HasBias>
+SV_INLINE void nb_row_exp_pass(const T* lrow, const T* bias, int64_t G, int64_t Gp,
+                               const T* next, const NbScratch<T>& s, T* max_out,
+                               double* sum_out) {
   typedef Lanes<T> L;
   typedef typename L::V V;
-  const T* lrow = nb_logits_row(logits, bias, r, G, s.biased);
-  const NbRow<T> row(lrow, G);
+  const NbRow<T, HasBias> row(lrow, bias, G);
   const T m_s = row.max(Gp);
   const V m = L::splat(m_s);
   typename L::BlockSum se;
@@ -280,6 +284,18 @@ SV_INLINE const T* nb_row_exp(const T* logits, const T* bias, int64_t r, int64_t
   }
   *max_out = m_s;
   *sum_out = se.sum();
+}
+
+// Row r of the logits plus the bias: stores exp(logit_g + bias_g - max) in s.aux and returns
+// the logits row (without the bias), its max and sum_g exp(logit_g + bias_g - max).
+// next: the row to prefetch meanwhile.
+template <class T>
+SV_INLINE const T* nb_row_exp(const T* logits, const T* bias, int64_t r, int64_t G, int64_t Gp,
+                              const T* next, const NbScratch<T>& s, T* max_out,
+                              double* sum_out) {
+  const T* lrow = logits + r * G;
+  if (bias != nullptr) nb_row_exp_pass<T, true>(lrow, bias, G, Gp, next, s, max_out, sum_out);
+  else nb_row_exp_pass<T, false>(lrow, bias, G, Gp, next, s, max_out, sum_out);
   return lrow;
 }
 
@@ -298,6 +314,7 @@ NbStatus nb_forward_rows(const NbFwdArgs<T>& a, const NbScratch<T>& s, int64_t q
     double X;
     const int64_t n = nb_cell_entries(a.counts, c, G, s, &ecol, &ex, &X, st);
     const double tsum = nb_entries_term_sum(ecol, ex, n, gn, bad);
+    const double xbias = nb_entries_bias_dot(ecol, ex, n, a.bias);
     const double log_lib = (double)a.log_library[c];
     const double lib = std::exp(log_lib);
     for (int64_t p = p0; p < p1; ++p, ++q) {
@@ -322,7 +339,7 @@ NbStatus nb_forward_rows(const NbFwdArgs<T>& a, const NbScratch<T>& s, int64_t q
       }
       // x (logit - s) per stored entry in float64: the products are exact there, and the
       // terms are large (hundreds of nats) where they cancel against X (log_library - lse)
-      const double lin = gather_diff_dot(ecol, ex, n, lrow, s.aux);
+      const double lin = gather_diff_dot(ecol, ex, n, lrow, s.aux) + xbias;
       a.out[r] = (T)(tsum + lin + X * (log_lib - lse) - zero_part.sum());
       a.lse[r] = lse;
     }
@@ -372,8 +389,8 @@ NbStatus nb_backward_rows(const NbBwdArgs<T>& a, const NbScratch<T>& s, double* 
         std::memset(grow, 0, sizeof(T) * G);
         continue;
       }
-      const T* lrow = nb_logits_row(a.logits, a.bias, r, G, s.biased);
-      const NbRow<T> row(lrow, G);
+      // the bias (or the scratch row of zeros) added as the row is read
+      const NbRow<T, true> row(a.logits + r * G, a.bias != nullptr ? a.bias : s.zeros, G);
       const T m_s = row.max(Gp);
       const double sum = std::exp(a.lse[r] - (double)m_s);
       const T* next = nb_next_row(a.logits, q, q1, P, C, G);
@@ -462,6 +479,7 @@ NbStatus nb_forward_grad_rows(const NbFwdGradArgs<T>& a, const NbScratch<T>& s,
     double X;
     const int64_t n = nb_cell_entries(a.counts, c, G, s, &ecol, &ex, &X, st);
     const double tsum = nb_entries_term_sum(ecol, ex, n, gn, bad);
+    const double xbias = nb_entries_bias_dot(ecol, ex, n, a.bias);
     nb_entries_dterm(ecol, ex, n, dgn, s.ent_t, bad);
     for (int64_t k = 0; k < n; ++k)
       s.xrow[ecol[k]] += ex[k];  // duplicate columns add up, as in the reference
@@ -498,7 +516,7 @@ NbStatus nb_forward_grad_rows(const NbFwdGradArgs<T>& a, const NbScratch<T>& s,
                  L::load(s.theta_part + g) + (x * v - L::load(gn.theta + g) * f));
       }
       // read the logits at the entries before the row is overwritten below
-      const double lin = gather_diff_dot(ecol, ex, n, lrow, s.sp);
+      const double lin = gather_diff_dot(ecol, ex, n, lrow, s.sp) + xbias;
       a.out[r] = (T)(tsum + lin + X * (log_lib - lse) - zero_part.sum());
       a.lse[r] = lse;
       const double Sd = S.sum();

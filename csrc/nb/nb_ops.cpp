@@ -173,7 +173,7 @@ struct Scratch {
     s.xrow = rows.data();
     s.aux = rows.data() + Gp;
     s.theta_part = rows.data() + 2 * Gp;
-    s.biased = rows.data() + 3 * Gp;
+    s.zeros = rows.data() + 3 * Gp;  // never written
     s.bias_part = rows.data() + 4 * Gp;
     s.sp = rows.data() + 5 * Gp;
     s.dl = rows.data() + 6 * Gp;
