@@ -38,9 +38,9 @@ namespace {
 constexpr const char* kOp = "samsvae::log1p_standardize_linear_csr";
 constexpr const char* kBwd = "samsvae::log1p_standardize_linear_csr_bwd";
 
-// Genes per tile: one chunk of it (gene_block x 8 vectors) takes ~64 KiB, L1 plus the nearest
-// L2 (measured at 512 x 8,000, hidden 400: 128 float genes beat 16-64, which spend more on the
-// per-cell, per-block bookkeeping than they gain in L1 hits, and 512-2048).
+// Genes per tile: one chunk of it (gene_block x 8 vectors) takes ~64 KiB (128 float genes at
+// 16 lanes). Measured at 512 x 8,000, hidden 400: 32 to 256 genes and chunks of 2 to 8 vectors
+// ran within the machine's noise of each other; 16 genes and 1,024 or more were slower.
 int64_t gene_block(int64_t vec_width, size_t elem) {
   const int64_t gb = (int64_t)(64 * 1024 / (elem * 8 * (size_t)vec_width));
   return std::min<int64_t>(512, std::max<int64_t>(8, gb));
