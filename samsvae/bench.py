@@ -485,7 +485,8 @@ def markdown_report(result: dict) -> str:
     for b in names:
         r = result["backends"][b]
         cells = [_fmt_ms(r["times"][c]["median_s"]) if c in r["times"] else "-" for c in comps]
-        sparse = " [encoder input: sparse kernel]" if r.get("floor") == "matmul_floor_sparse_input" else ""
+        sparse = (" [encoder input: sparse kernel]"
+                  if r.get("floor") == "matmul_floor_sparse_input" else "")
         lines.append(f"| {b} ({r['resolved']}){sparse} | " + " | ".join(cells)
                      + f" | {result['ratios'][b]['step_over_matmul_floor']:.2f} | "
                      f"{result['ratios'][b]['step_over_matmul_floor_min']:.2f} |")

@@ -299,6 +299,26 @@ SV_INLINE const T* nb_row_exp(const T* logits, const T* bias, int64_t r, int64_t
   return lrow;
 }
 
+// What the forward kernels need of cell c once for all its particle rows: its stored entries
+// (n of them; total count X), the sum of their count-only terms and the bias part of
+// x . logits, in float64, and its library size.
+template <class T>
+struct NbCellForward {
+  const int64_t* ecol;
+  const T* ex;
+  int64_t n;
+  double X, tsum, xbias, log_lib, lib;
+  SV_INLINE NbCellForward(const NbCounts<T>& counts, int64_t c, const NbGenes<T>& gn,
+                          const T* bias, const T* log_library, const NbScratch<T>& s,
+                          NbStatus& st) {
+    n = nb_cell_entries(counts, c, gn.G, s, &ecol, &ex, &X, st);
+    tsum = nb_entries_term_sum(ecol, ex, n, gn, st.bad_counts);
+    xbias = nb_entries_bias_dot(ecol, ex, n, bias);
+    log_lib = (double)log_library[c];
+    lib = std::exp(log_lib);
+  }
+};
+
 template <class T>
 NbStatus nb_forward_rows(const NbFwdArgs<T>& a, const NbScratch<T>& s, int64_t q0, int64_t q1) {
   typedef Lanes<T> L;
@@ -306,17 +326,10 @@ NbStatus nb_forward_rows(const NbFwdArgs<T>& a, const NbScratch<T>& s, int64_t q
   const NbGenes<T>& gn = a.genes;
   const int64_t G = gn.G, Gp = gn.Gp, C = a.C, P = a.P;
   NbStatus st;
-  int64_t& bad = st.bad_counts;
   for (int64_t q = q0; q < q1;) {
     const int64_t c = q / P, p0 = q % P, p1 = p0 + (q1 - q) < P ? p0 + (q1 - q) : P;
-    const int64_t* ecol;
-    const T* ex;
-    double X;
-    const int64_t n = nb_cell_entries(a.counts, c, G, s, &ecol, &ex, &X, st);
-    const double tsum = nb_entries_term_sum(ecol, ex, n, gn, bad);
-    const double xbias = nb_entries_bias_dot(ecol, ex, n, a.bias);
-    const double log_lib = (double)a.log_library[c];
-    const double lib = std::exp(log_lib);
+    const NbCellForward<T> cell(a.counts, c, gn, a.bias, a.log_library, s, st);
+    const double lib = cell.lib;
     for (int64_t p = p0; p < p1; ++p, ++q) {
       const int64_t r = p * C + c;
       T m_s;
@@ -339,8 +352,8 @@ NbStatus nb_forward_rows(const NbFwdArgs<T>& a, const NbScratch<T>& s, int64_t q
       }
       // x (logit - s) per stored entry in float64: the products are exact there, and the
       // terms are large (hundreds of nats) where they cancel against X (log_library - lse)
-      const double lin = gather_diff_dot(ecol, ex, n, lrow, s.aux) + xbias;
-      a.out[r] = (T)(tsum + lin + X * (log_lib - lse) - zero_part.sum());
+      const double lin = gather_diff_dot(cell.ecol, cell.ex, cell.n, lrow, s.aux) + cell.xbias;
+      a.out[r] = (T)(cell.tsum + lin + cell.X * (cell.log_lib - lse) - zero_part.sum());
       a.lse[r] = lse;
     }
   }
@@ -474,17 +487,14 @@ NbStatus nb_forward_grad_rows(const NbFwdGradArgs<T>& a, const NbScratch<T>& s,
   int rows_in_part = 0;
   for (int64_t q = q0; q < q1;) {
     const int64_t c = q / P, p0 = q % P, p1 = p0 + (q1 - q) < P ? p0 + (q1 - q) : P;
-    const int64_t* ecol;
-    const T* ex;
-    double X;
-    const int64_t n = nb_cell_entries(a.counts, c, G, s, &ecol, &ex, &X, st);
-    const double tsum = nb_entries_term_sum(ecol, ex, n, gn, bad);
-    const double xbias = nb_entries_bias_dot(ecol, ex, n, a.bias);
+    const NbCellForward<T> cell(a.counts, c, gn, a.bias, a.log_library, s, st);
+    const int64_t* ecol = cell.ecol;
+    const T* ex = cell.ex;
+    const int64_t n = cell.n;
+    const double lib = cell.lib;
     nb_entries_dterm(ecol, ex, n, dgn, s.ent_t, bad);
     for (int64_t k = 0; k < n; ++k)
       s.xrow[ecol[k]] += ex[k];  // duplicate columns add up, as in the reference
-    const double log_lib = (double)a.log_library[c];
-    const double lib = std::exp(log_lib);
     const double rows_cell = (double)(p1 - p0);  // unit weight of each of the cell's rows here
     for (int64_t p = p0; p < p1; ++p, ++q) {
       const int64_t r = p * C + c;
@@ -516,8 +526,8 @@ NbStatus nb_forward_grad_rows(const NbFwdGradArgs<T>& a, const NbScratch<T>& s,
                  L::load(s.theta_part + g) + (x * v - L::load(gn.theta + g) * f));
       }
       // read the logits at the entries before the row is overwritten below
-      const double lin = gather_diff_dot(ecol, ex, n, lrow, s.sp) + xbias;
-      a.out[r] = (T)(tsum + lin + X * (log_lib - lse) - zero_part.sum());
+      const double lin = gather_diff_dot(ecol, ex, n, lrow, s.sp) + cell.xbias;
+      a.out[r] = (T)(cell.tsum + lin + cell.X * (cell.log_lib - lse) - zero_part.sum());
       a.lse[r] = lse;
       const double Sd = S.sum();
       a.row_dlog_library[r] = Sd;

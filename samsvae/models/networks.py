@@ -5,8 +5,8 @@ Both are written so the expensive parts run on sparse inputs and once per cell:
 * the encoder's first layer is :func:`samsvae.ops.log1p_standardize_linear`: on the ``cpp``
   backend sparse batches never form the (B, G) standardised features (the cost is that of the
   non-zeros; denser batches use one dense product, which is faster there); extra inputs (a
-  CSR dosage, a per-particle latent) enter as additional terms of the same pre-activation, so the gene part is computed once per
-  cell even when the extra input has a particle dimension;
+  CSR dosage, a per-particle latent) enter as additional terms of the same pre-activation, so
+  the gene part is computed once per cell even when the extra input has a particle dimension;
 * the decoder stops at its hidden layer: the last Linear is applied by the model inside the
   fused NB likelihood (``NBLikelihood.forward_linear``) so the (particles, cells, genes) logits
   are never stored during training.
