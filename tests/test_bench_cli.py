@@ -29,6 +29,10 @@ def test_bench_writes_expected_json(tmp_path, capsys):
         assert all(t["median_s"] > 0 and len(t["samples_s"]) == 1 for t in rec["times"].values())
         assert result["ratios"][name]["step_over_matmul_floor"] > 0
     assert "speedup_over_reference" in result["ratios"]["auto"]
+    floor_key = result["backends"]["auto"]["floor"]
+    assert result["ratios"]["auto"]["speedup_bound"] == pytest.approx(
+        result["backends"]["reference"]["times"]["step"]["median_s"]
+        / result[floor_key + "_s"])
     # the corr_basal part of the guide adds the z_p conditioning layer to the floor, the
     # corr_embedding part the layers of q(e | m, c) on particles x batch perturbations rows
     shapes = result["machine"]["matmul_shapes"]
@@ -44,6 +48,7 @@ def test_bench_writes_expected_json(tmp_path, capsys):
         result["iwelbo"][1]["iwelbo_mean_nats"], rel=1e-4)
     table = capsys.readouterr().out
     assert "step / matmul floor" in table and "IWELBO backend" in table
+    assert "bound" in table
 
 
 def test_bench_skips_iwelbo_and_selects_components(tmp_path):
