@@ -13,20 +13,32 @@ scripts run each configuration in a fresh worker process started with
 unmaps it on free, instead of pooling it); timings come from a separate worker with glibc's
 default settings. Where ``clear_refs`` is not writable the value is None.
 Peak memory, CUDA: ``torch.cuda.max_memory_allocated`` delta over the call.
+
+Results: every script appends its figures to one table, ``benchmarks/results.csv``
+(:func:`append_results`, columns :data:`CSV_COLUMNS`), besides printing markdown and writing
+``--out JSON``. ``--csv PATH`` or ``$SAMSVAE_BENCH_CSV`` send the rows elsewhere; ``--no-csv``
+(or the variable set to ``""``/``none``) writes none; under pytest nothing is written unless a
+path is given, so test runs never touch the checked-in table.
 """
 from __future__ import annotations
 
+import csv
+import datetime
 import gc
 import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
+RESULTS_CSV = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results.csv")
+CSV_COLUMNS = ("date", "commit", "machine", "op", "implementation", "shape", "metric", "value")
+CSV_ENV = "SAMSVAE_BENCH_CSV"
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
 
 
@@ -52,18 +64,158 @@ def worker_env(threads: Optional[int], *, for_memory: bool) -> Dict[str, str]:
     return env
 
 
+def add_output_args(parser, out_default: Optional[str] = None) -> None:
+    """``--out JSON``, ``--csv PATH`` and ``--no-csv`` (see :func:`csv_path`)."""
+    parser.add_argument("--out", default=out_default,
+                        help="write the rows and metadata as JSON here")
+    parser.add_argument("--csv", default=None,
+                        help=f"append the figures to this CSV (default: ${CSV_ENV}, else "
+                             "benchmarks/results.csv; nothing under pytest)")
+    parser.add_argument("--no-csv", action="store_true", help="append no figures to any CSV")
+
+
 def add_round_robin_args(parser, *, repeats: int = 10, warmup: int = 2, block: int = 5) -> None:
-    """``--repeats --warmup --block --threads --out`` of the round-robin CPU benchmarks."""
+    """``--repeats --warmup --block --threads`` of the round-robin CPU benchmarks, and
+    :func:`add_output_args`."""
     parser.add_argument("--repeats", type=int, default=repeats)
     parser.add_argument("--warmup", type=int, default=warmup)
     parser.add_argument("--block", type=int, default=block)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", default=None, help="write JSON here")
+    add_output_args(parser)
+
+
+def add_worker_args(parser, *, repeats: int, warmup: int, compile_: bool = False) -> None:
+    """``--repeats --warmup --block --in-process`` (and with ``compile_`` ``--compile-backend
+    --no-compile --no-check``), :func:`add_output_args` and the hidden ``--worker`` of the
+    scripts that measure in fresh worker processes (:func:`measure_both`)."""
+    import argparse
+    parser.add_argument("--repeats", type=int, default=repeats)
+    parser.add_argument("--warmup", type=int, default=warmup)
+    parser.add_argument("--block", type=int, default=5,
+                        help="consecutive timed calls of one implementation per round (after "
+                             "one untimed call); 1 = strict alternation, every call cold")
+    if compile_:
+        parser.add_argument("--compile-backend", default="inductor",
+                            help="torch.compile backend of the compile_* baselines (aot_eager: "
+                                 "no codegen)")
+        parser.add_argument("--no-compile", action="store_true",
+                            help="skip the torch.compile baselines")
+        parser.add_argument("--no-check", action="store_true",
+                            help="skip the float64 accuracy check")
+    parser.add_argument("--in-process", action="store_true",
+                        help="run every point in this process (no fresh workers; memory less "
+                             "exact)")
+    add_output_args(parser)
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+
+
+def require_device(device: str) -> None:
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda requested but torch.cuda.is_available() is False")
+
+
+def merge_time_memory(time_rows: List[Dict], mem_rows: List[Dict], baseline: str) -> List[Dict]:
+    """Time rows with the memory worker's ``peak_bytes`` and ``speedup_vs_<baseline>`` (the
+    baseline's median over this row's, same mode; None where the baseline was not run)."""
+    mem = {(r["impl"], r["mode"]): r["peak_bytes"] for r in mem_rows}
+    base = {r["mode"]: r["median_s"] for r in time_rows if r["impl"] == baseline}
+    return [dict(r, peak_bytes=mem.get((r["impl"], r["mode"])),
+                 **{f"speedup_vs_{baseline}": base[r["mode"]] / r["median_s"]
+                    if r["mode"] in base else None})
+            for r in time_rows]
+
+
+def csv_path(args) -> Optional[str]:
+    """Where a run appends its figures: ``--no-csv`` -> nowhere; ``--csv PATH``; else
+    ``$SAMSVAE_BENCH_CSV`` (``""``, ``none`` or ``0``: nowhere); else nowhere under pytest,
+    :data:`RESULTS_CSV` otherwise."""
+    if getattr(args, "no_csv", False):
+        return None
+    if getattr(args, "csv", None):
+        return args.csv
+    env = os.environ.get(CSV_ENV)
+    if env is not None:
+        return None if env.strip().lower() in ("", "none", "0") else env
+    return None if "PYTEST_CURRENT_TEST" in os.environ else RESULTS_CSV
+
+
+def git_commit() -> str:
+    """``git rev-parse --short HEAD`` of this checkout, or ``unknown``."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, cwd=os.path.dirname(os.path.abspath(__file__)), timeout=10)
+        return out.stdout.strip() or "unknown" if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def cpu_label() -> str:
+    """``"<CPU model> (<n> vCPU)"``."""
+    info = device_info("cpu")
+    return f"{info.get('cpu_model', 'unknown')} ({info['cpu_count']} vCPU)"
+
+
+def machine_label(device: str = "cpu", threads: Optional[int] = None) -> str:
+    """``"<CPU model> (<n> vCPU) t<threads>"``, or the GPU name on CUDA."""
+    if device == "cuda" and torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return f"{cpu_label()} t{torch.get_num_threads() if threads is None else threads}"
+
+
+def shape_str(**dims) -> str:
+    """``shape_str(B=256, G=8000)`` -> ``"B=256,G=8000"`` (the CSV's shape column)."""
+    return ",".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
+                    for k, v in dims.items())
+
+
+def result(op: str, implementation: str, shape: str, metric: str, value, **extra) -> Dict:
+    """One CSV row (date, commit and machine are filled by :func:`append_results` unless
+    given in ``extra``)."""
+    return {"op": op, "implementation": implementation, "shape": shape, "metric": metric,
+            "value": value, **extra}
+
+
+def timing_results(op: str, impl: str, shape: str, mode: str, row: Dict,
+                   speedup_key: Optional[str] = None) -> List[Dict]:
+    """The usual CSV rows of one timed row: ``<mode>_ms``, ``<mode>_peak_mib`` (when measured)
+    and ``<mode>_<speedup_key>``; ``mode`` is ``fwd`` or ``fwd_bwd`` (written ``fwdbwd``)."""
+    m = mode.replace("_", "")
+    out = [result(op, impl, shape, f"{m}_ms", 1e3 * row["median_s"])]
+    if row.get("peak_bytes") is not None:
+        out.append(result(op, impl, shape, f"{m}_peak_mib", row["peak_bytes"] / 2**20))
+    if speedup_key and row.get(speedup_key) is not None:
+        out.append(result(op, impl, shape, f"{m}_{speedup_key}", row[speedup_key]))
+    return out
+
+
+def append_results(rows: Sequence[Dict], path: Optional[str] = RESULTS_CSV, *,
+                   machine: Optional[str] = None, date: Optional[str] = None,
+                   commit: Optional[str] = None) -> int:
+    """Append ``rows`` (dicts with :data:`CSV_COLUMNS` keys; date, commit and machine default
+    to now in UTC, :func:`git_commit` and :func:`machine_label`) to the CSV at ``path``,
+    writing the header when the file is new. ``path=None`` writes nothing. Returns the count."""
+    if not path or not rows:
+        return 0
+    defaults = {"date": date or datetime.datetime.now(datetime.timezone.utc)
+                .strftime("%Y-%m-%dT%H:%MZ"),
+                "commit": commit or git_commit(), "machine": machine or machine_label()}
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    new = not os.path.exists(path) or os.path.getsize(path) == 0
+    with open(path, "a", newline="") as fh:
+        w = csv.writer(fh, lineterminator="\n")
+        if new:
+            w.writerow(CSV_COLUMNS)
+        for r in rows:
+            r = {**defaults, **{k: v for k, v in r.items() if v is not None}}
+            v = r["value"]
+            r["value"] = f"{v:.6g}" if isinstance(v, float) else v
+            w.writerow([r[c] for c in CSV_COLUMNS])
+    return len(rows)
 
 
 def require_cpp_extension() -> None:
     """Exit with the build command when the C++ extension is not built."""
-    from samsvae.ops import _cpp
+    from samsvae.ops import cpp_extension as _cpp
     if not _cpp.ext_available():
         raise SystemExit("the C++ extension is not built: nothing to compare (build it with "
                          "SAMSVAE_BUILD_EXT=1 pip install --no-build-isolation -e .)")
@@ -189,6 +341,14 @@ def write_json(path: str, payload: Dict) -> None:
         json.dump(payload, fh, indent=1)
 
 
+def run_as_worker(args, worker: Callable[[Dict], List[Dict]]) -> bool:
+    """``--worker JSON``: run one configuration, print its rows as one JSON line, return True."""
+    if args.worker is None:
+        return False
+    print(json.dumps(worker(json.loads(args.worker))))
+    return True
+
+
 def run_worker(script: str, config: Dict, threads: Optional[int], *, for_memory: bool) -> List[Dict]:
     """Run ``script --worker JSON`` in a fresh process; it prints one JSON list on its last line."""
     import subprocess
@@ -227,10 +387,16 @@ def run_meta(name: str, argv, args, threads_info: Dict) -> Dict[str, object]:
                       "under no_grad", "backends": ops.available_backends()}
 
 
-def publish(rows: List[Dict], meta: Dict, text: str, out: Optional[str]) -> Dict:
-    """Print the markdown tables and write ``{"meta", "rows", "markdown"}`` JSON to ``out``."""
+def publish(rows: List[Dict], meta: Dict, text: str, args, results: Sequence[Dict] = (),
+            *, device: str = "cpu", threads: Optional[int] = None) -> Dict:
+    """Print the markdown tables, write ``{"meta", "rows", "markdown"}`` JSON to ``args.out``
+    and append ``results`` (CSV rows) to :func:`csv_path`."""
     print(text)
     payload = {"meta": meta, "rows": rows, "markdown": text}
-    if out:
-        write_json(out, payload)
+    if args.out:
+        write_json(args.out, payload)
+    path = csv_path(args)
+    if path and results:
+        n = append_results(results, path, machine=machine_label(device, threads))
+        print(f"appended {n} rows to {path}")
     return payload

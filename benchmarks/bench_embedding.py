@@ -1,6 +1,6 @@
 """Benchmark masked_embedding_sum (sample e, m for the batch's perturbations and compose z_p).
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_embedding.py --threads 1 --out benchmarks/results/embedding_cpu_t1.json
+    OMP_NUM_THREADS=1 python benchmarks/bench_embedding.py --threads 1
     python benchmarks/bench_embedding.py --device cuda    # same on a GPU (+ the triton backend)
 
 Default point: T = 10,000 perturbations, L = 100 latent dims, P = 5 particles, a batch of 512
@@ -22,7 +22,6 @@ CUDA) on the CSR dosage.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from typing import Callable, Dict, List
@@ -36,7 +35,7 @@ import _harness as H  # noqa: E402
 import references as R  # noqa: E402
 from samsvae import ops  # noqa: E402
 from samsvae.ops import masked_embedding_sum  # noqa: E402
-from samsvae.ops.masked_embedding import masked_embedding_sum_reference  # noqa: E402
+from samsvae.ops.embedding import masked_embedding_sum_reference  # noqa: E402
 
 MODES = ("fwd", "fwd_bwd")
 BASELINE = "dense_all_t"
@@ -166,17 +165,6 @@ def worker(cfg: Dict) -> List[Dict]:
     return rows
 
 
-def merge(time_rows, mem_rows):
-    mem = {(r["impl"], r["mode"]): r["peak_bytes"] for r in mem_rows}
-    base = {r["mode"]: r["median_s"] for r in time_rows if r["impl"] == BASELINE}
-    out = []
-    for r in time_rows:
-        r = dict(r, peak_bytes=mem.get((r["impl"], r["mode"])))
-        r["speedup_vs_dense_all_t"] = base[r["mode"]] / r["median_s"]
-        out.append(r)
-    return out
-
-
 def tables(rows: List[Dict]) -> str:
     impls = list(dict.fromkeys(r["impl"] for r in rows))
     by = {(r["impl"], r["mode"]): r for r in rows}
@@ -216,29 +204,25 @@ def parse_args(argv=None):
     ap.add_argument("--max-per-cell", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="fewer repeats, no torch.compile")
     ap.add_argument("--impls", nargs="*", help=f"only these implementations (+ {BASELINE})")
-    ap.add_argument("--repeats", type=int, default=15)
-    ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--block", type=int, default=5,
-                    help="consecutive timed calls of one implementation per round (after one "
-                         "untimed call); 1 = strict alternation, every call cold")
-    ap.add_argument("--compile-backend", default="inductor",
-                    help="torch.compile backend of the compile_* baselines (aot_eager: no codegen)")
-    ap.add_argument("--no-compile", action="store_true")
-    ap.add_argument("--no-check", action="store_true")
-    ap.add_argument("--in-process", action="store_true",
-                    help="run in this process (no fresh workers; memory less exact)")
-    ap.add_argument("--out", default=None)
-    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    H.add_worker_args(ap, repeats=15, warmup=3, compile_=True)
     return ap.parse_args(argv)
+
+
+def csv_rows(rows) -> List[Dict]:
+    """The results.csv rows of :func:`main`'s rows (op ``masked_embedding_sum``)."""
+    out = []
+    for r in rows:
+        shape = H.shape_str(T=r["perturbations"], L=r["latent"], P=r["particles"], C=r["cells"])
+        out += H.timing_results("masked_embedding_sum", r["impl"], shape, r["mode"], r,
+                                f"speedup_vs_{BASELINE}")
+    return out
 
 
 def main(argv=None) -> Dict:
     args = parse_args(argv)
-    if args.worker is not None:
-        print(json.dumps(worker(json.loads(args.worker))))
+    if H.run_as_worker(args, worker):
         return {}
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda requested but torch.cuda.is_available() is False")
+    H.require_device(args.device)
     if args.quick:
         args.repeats, args.warmup, args.no_compile = min(args.repeats, 3), 1, True
     threads_info = H.set_threads(args.threads)
@@ -248,9 +232,10 @@ def main(argv=None) -> Dict:
            "compile_backend": args.compile_backend, "impls": args.impls,
            "repeats": args.repeats, "warmup": args.warmup, "block": args.block, "check": not args.no_check}
     t_rows, m_rows = H.measure_both(__file__, worker, cfg, args)
-    rows = merge(t_rows, m_rows)
+    rows = H.merge_time_memory(t_rows, m_rows, BASELINE)
     meta = H.run_meta("bench_embedding", argv, args, threads_info)
-    return H.publish(rows, meta, tables(rows), args.out)
+    return H.publish(rows, meta, tables(rows), args, csv_rows(rows), device=args.device,
+                     threads=threads_info["torch_threads"])
 
 
 if __name__ == "__main__":

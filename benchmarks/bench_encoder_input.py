@@ -57,7 +57,7 @@ def _calls(cells: int, genes: int, hidden: int, mean_count: float):
             fn().backward(go)
         return run
 
-    from samsvae.ops import _cpp_encoder  # needs the built extension
+    from samsvae.ops.encoder import cpp as _cpp_encoder  # needs the built extension
 
     def cpp(sparse: bool):
         def fn():
@@ -79,6 +79,17 @@ def _calls(cells: int, genes: int, hidden: int, mean_count: float):
     }
 
 
+def csv_rows(rows, cells: int, genes: int, hidden: int) -> list:
+    """The results.csv rows (op ``log1p_standardize_linear``, forward + backward)."""
+    out = []
+    for r in rows:
+        shape = H.shape_str(C=cells, G=genes, H=hidden, density=round(r["density"], 3))
+        out += [H.result("log1p_standardize_linear", r["impl"], shape, "fwdbwd_ms", r["ms"]),
+                H.result("log1p_standardize_linear", r["impl"], shape,
+                         "fwdbwd_speedup_vs_reference", r["vs_reference"])]
+    return out
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--cells", type=int, default=512)
@@ -89,7 +100,7 @@ def main(argv=None) -> dict:
     H.add_round_robin_args(p)
     args = p.parse_args(argv)
     H.require_cpp_extension()
-    from samsvae.ops import _cpp_encoder
+    from samsvae.ops.encoder import cpp as _cpp_encoder
     threads = H.set_threads(args.threads)
     rows = []
     for mean_count in args.mean_counts:
@@ -110,7 +121,9 @@ def main(argv=None) -> dict:
             f"to the sparse kernel at <= {_cpp_encoder.SPARSE_BELOW} stored entries")
     meta = {"command": " ".join([Path(sys.executable).name] + sys.argv),
             **H.device_info("cpu"), **threads, "args": vars(args)}
-    return H.publish(rows, meta, head + "\n\n" + text, args.out)
+    return H.publish(rows, meta, head + "\n\n" + text, args,
+                     csv_rows(rows, args.cells, args.genes, args.hidden),
+                     threads=threads["torch_threads"])
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Benchmark the NB log-likelihood: every baseline of ``references.py`` against samsvae's backends.
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_nb.py --threads 1 --out benchmarks/results/nb_cpu_t1.json
+    OMP_NUM_THREADS=1 python benchmarks/bench_nb.py --threads 1
     python benchmarks/bench_nb.py --quick                 # small subset
     python benchmarks/bench_nb.py --device cuda           # same on a GPU (+ the triton backend)
 
@@ -25,7 +25,6 @@ caches and allocator pools of one point never leak into another.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from typing import Callable, Dict, List
@@ -145,18 +144,6 @@ def worker(cfg: Dict) -> List[Dict]:
     return rows
 
 
-def merge(time_rows: List[Dict], mem_rows: List[Dict]) -> List[Dict]:
-    mem = {(r["impl"], r["mode"]): r["peak_bytes"] for r in mem_rows}
-    eager = {r["mode"]: r["median_s"] for r in time_rows if r["impl"] == "eager"}
-    out = []
-    for r in time_rows:
-        r = dict(r)
-        r["peak_bytes"] = mem.get((r["impl"], r["mode"]))
-        r["speedup_vs_eager"] = eager[r["mode"]] / r["median_s"] if r["mode"] in eager else None
-        out.append(r)
-    return out
-
-
 def _point(r):
     return (r["rows"], r["genes"], r["zero_fraction"])
 
@@ -205,19 +192,7 @@ def parse_args(argv=None):
     ap.add_argument("--genes", type=int, nargs="*", help="override G")
     ap.add_argument("--zero-fractions", type=float, nargs="*", help="override zero fractions")
     ap.add_argument("--impls", nargs="*", help="only these implementations (+ eager)")
-    ap.add_argument("--repeats", type=int, default=7)
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--block", type=int, default=5,
-                    help="consecutive timed calls of one implementation per round (after one "
-                         "untimed call); 1 = strict alternation, every call cold")
-    ap.add_argument("--compile-backend", default="inductor",
-                    help="torch.compile backend of the compile_* baselines (aot_eager: no codegen)")
-    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile baselines")
-    ap.add_argument("--no-check", action="store_true", help="skip the float64 accuracy check")
-    ap.add_argument("--in-process", action="store_true",
-                    help="run every point in this process (no fresh workers; memory less exact)")
-    ap.add_argument("--out", default=None, help="write the rows and metadata as JSON here")
-    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    H.add_worker_args(ap, repeats=7, warmup=2, compile_=True)
     return ap.parse_args(argv)
 
 
@@ -231,13 +206,23 @@ def grid(args):
     return pts
 
 
+def csv_rows(rows) -> List[Dict]:
+    """The results.csv rows of :func:`main`'s rows (op ``nb_log_prob``)."""
+    out = []
+    for r in rows:
+        shape = H.shape_str(B=r["rows"], G=r["genes"], zeros=r["zero_fraction"])
+        out += H.timing_results("nb_log_prob", r["impl"], shape, r["mode"], r, "speedup_vs_eager")
+        if r["mode"] == "fwd" and r.get("gelem_per_s") is not None:
+            out.append(H.result("nb_log_prob", r["impl"], shape, "fwd_gelem_per_s",
+                                r["gelem_per_s"]))
+    return out
+
+
 def main(argv=None) -> Dict:
     args = parse_args(argv)
-    if args.worker is not None:
-        print(json.dumps(worker(json.loads(args.worker))))
+    if H.run_as_worker(args, worker):
         return {}
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda requested but torch.cuda.is_available() is False")
+    H.require_device(args.device)
     threads_info = H.set_threads(args.threads)
     rows = []
     for b, g, z in grid(args):
@@ -247,10 +232,11 @@ def main(argv=None) -> Dict:
                "repeats": args.repeats, "warmup": args.warmup, "block": args.block,
                "check": not args.no_check}
         t_rows, m_rows = H.measure_both(__file__, worker, cfg, args)
-        rows.extend(merge(t_rows, m_rows))
+        rows.extend(H.merge_time_memory(t_rows, m_rows, "eager"))
         print(f"done B={b} G={g} zeros={z}", file=sys.stderr, flush=True)
     meta = H.run_meta("bench_nb", argv, args, threads_info)
-    return H.publish(rows, meta, tables(rows), args.out)
+    return H.publish(rows, meta, tables(rows), args, csv_rows(rows), device=args.device,
+                     threads=threads_info["torch_threads"])
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Peak memory and time of the fused decoder head ``nb_log_prob_linear`` as particles grow.
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_nb_linear.py --threads 1 --out benchmarks/results/nb_linear_cpu_t1.json
+    OMP_NUM_THREADS=1 python benchmarks/bench_nb_linear.py --threads 1
 
 Default: C = 512 cells, G = 8000 genes, H = 400 hidden units, P in {5, 50, 100} particles,
 float32, CSR counts with 90% zeros. ``fused`` is ``nb_log_prob_linear`` (default chunk, NB
@@ -17,7 +17,6 @@ worker per P timing fused and unfused round-robin.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from typing import Dict, List
@@ -32,7 +31,7 @@ import _harness as H  # noqa: E402
 import references as R  # noqa: E402
 from samsvae import ops  # noqa: E402
 from samsvae.ops import nb_log_prob, nb_log_prob_linear  # noqa: E402
-from samsvae.ops.nb_linear import default_chunk_rows  # noqa: E402
+from samsvae.ops.nb import default_chunk_rows  # noqa: E402
 
 MODES = ("fwd", "fwd_bwd")
 
@@ -117,21 +116,22 @@ def parse_args(argv=None):
     ap.add_argument("--backend", default="auto", help="NB backend used by both forms")
     ap.add_argument("--chunk-rows", type=int, default=None)
     ap.add_argument("--unfused-max-particles", type=int, default=20)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--block", type=int, default=5,
-                    help="consecutive timed calls of one implementation per round (after one "
-                         "untimed call); 1 = strict alternation, every call cold")
-    ap.add_argument("--in-process", action="store_true")
-    ap.add_argument("--out", default=None)
-    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    H.add_worker_args(ap, repeats=3, warmup=1)
     return ap.parse_args(argv)
+
+
+def csv_rows(rows) -> List[Dict]:
+    """The results.csv rows of :func:`main`'s rows (op ``nb_log_prob_linear``)."""
+    out = []
+    for r in rows:
+        shape = H.shape_str(P=r["particles"], C=r["cells"], G=r["genes"], H=r["hidden"])
+        out += H.timing_results("nb_log_prob_linear", r["impl"], shape, r["mode"], r)
+    return out
 
 
 def main(argv=None) -> Dict:
     args = parse_args(argv)
-    if args.worker is not None:
-        print(json.dumps(worker(json.loads(args.worker))))
+    if H.run_as_worker(args, worker):
         return {}
     threads_info = H.set_threads(args.threads)
     rows = []
@@ -172,7 +172,6 @@ def main(argv=None) -> Dict:
                 ("fwd+bwd s", lambda r: cell(r, "fwd_bwd", lambda x: f"{x['median_s']:.2f}")),
                 ("fwd+bwd time / unfused", lambda r: _vs_unfused(by, r, "fwd_bwd")),
             ]))
-    print(text)
     meta = {"command": " ".join([os.path.basename(sys.executable)] + sys.argv)
             if argv is None else "bench_nb_linear.main(" + repr(argv) + ")",
             **H.device_info(args.device), **threads_info, "worker_threads": args.threads,
@@ -180,10 +179,8 @@ def main(argv=None) -> Dict:
                               else "VmHWM - VmRSS around one call in a fresh worker with "
                                    "MALLOC_MMAP_THRESHOLD_=65536"),
             "timing": f"median of {args.repeats} after {args.warmup} warmup calls"}
-    payload = {"meta": meta, "rows": rows, "markdown": text}
-    if args.out:
-        H.write_json(args.out, payload)
-    return payload
+    return H.publish(rows, meta, text, args, csv_rows(rows), device=args.device,
+                     threads=threads_info["torch_threads"])
 
 
 if __name__ == "__main__":

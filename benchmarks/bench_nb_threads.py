@@ -17,6 +17,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Dict, List
 
 import torch
 
@@ -45,6 +46,21 @@ def _calls(rows: int, genes: int, zero_fraction: float):
     return {"fwd": fwd, "fwd_bwd": fwd_bwd}
 
 
+def csv_rows(rows, cpu_label: str) -> List[Dict]:
+    """The results.csv rows (op ``nb_log_prob``, implementation ``cpp_csr``; the machine column
+    names each row's thread count)."""
+    out = []
+    for r in rows:
+        shape = H.shape_str(B=r["rows"], G=r["genes"], zeros=r["zero_fraction"])
+        m = r["mode"].replace("_", "")
+        extra = {"machine": f"{cpu_label} t{r['threads']}"}
+        out += [H.result("nb_log_prob", "cpp_csr", shape, f"{m}_ms", 1e3 * r["median_s"],
+                         **extra),
+                H.result("nb_log_prob", "cpp_csr", shape, f"{m}_speedup_vs_t1",
+                         r["speedup_over_first"], **extra)]
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
@@ -53,7 +69,7 @@ def main(argv=None):
     ap.add_argument("--zero-fraction", type=float, default=0.9)
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--block", type=int, default=5)
-    ap.add_argument("--out", default=None)
+    H.add_output_args(ap)
     args = ap.parse_args(argv)
     omp = int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
     if omp and omp < max(args.threads):
@@ -96,7 +112,7 @@ def main(argv=None):
             "load_before": load_before, "load_after": load_after,
             "timing": f"median of {args.rounds} rounds x {args.block} consecutive calls per "
                       "thread count (after one untimed call), thread counts alternated"}
-    return H.publish(rows, meta, text, args.out)
+    return H.publish(rows, meta, text, args, csv_rows(rows, H.cpu_label()))
 
 
 if __name__ == "__main__":

@@ -80,6 +80,19 @@ def _calls(particles: int, cells: int, genes: int, hidden: int, zero_fraction: f
     return calls
 
 
+def csv_rows(rows, particles: int, cells: int, hidden: int, zero_fraction: float) -> list:
+    """The results.csv rows (op ``nb_train_head``: the training step's decoder head; kernel_*
+    rows are against kernel_fwd_bwd, the others against fwd_then_bwd)."""
+    out = []
+    for r in rows:
+        shape = H.shape_str(P=particles, C=cells, G=r["genes"], H=hidden, zeros=zero_fraction)
+        out += [H.result("nb_train_head", r["impl"], shape, "fwdbwd_ms", r["ms"]),
+                H.result("nb_train_head", r["impl"], shape, "fwdbwd_speedup_vs_fwd_then_bwd"
+                         if not r["impl"].startswith("kernel") else
+                         "fwdbwd_speedup_vs_kernel_fwd_bwd", r["vs_fwd_then_bwd"])]
+    return out
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--particles", type=int, default=5)
@@ -113,7 +126,9 @@ def main(argv=None) -> dict:
             "kernel_fwd_grad includes a copy of the logits (timed alone as kernel_copy_only)")
     meta = {"command": " ".join([Path(sys.executable).name] + sys.argv),
             **H.device_info("cpu"), **threads, "args": vars(args)}
-    return H.publish(rows, meta, head + "\n\n" + text, args.out)
+    return H.publish(rows, meta, head + "\n\n" + text, args,
+                     csv_rows(rows, args.particles, args.cells, args.hidden, args.zero_fraction),
+                     threads=threads["torch_threads"])
 
 
 if __name__ == "__main__":

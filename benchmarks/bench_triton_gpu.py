@@ -33,10 +33,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from samsvae.ops.masked_embedding import (masked_embedding_sum_reference,  # noqa: E402
-                                          relaxed_bernoulli_st)
-from samsvae.ops.nb_log_prob import lgamma_ratio, nb_log_prob_reference  # noqa: E402
+import _harness as H  # noqa: E402
+
+from samsvae.ops.embedding import (masked_embedding_sum_reference,  # noqa: E402
+                                   relaxed_bernoulli_st)
+from samsvae.ops.nb import lgamma_ratio, nb_log_prob_reference  # noqa: E402
 
 DEVICE = "cuda"  # tests of this script set "cpu" to run its logic under the Triton interpreter
 NB_METHODS = ("triton_dense", "triton_csr", "eager", "compile", "compile_sparse")
@@ -48,7 +51,7 @@ EMB_METHODS = ("triton", "reference", "dense_matmul")
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="bench_triton_gpu.json", help="JSON results path")
+    H.add_output_args(p, out_default="bench_triton_gpu.json")
     p.add_argument("--batch", type=int, nargs="+", default=[256, 2560], help="cells B")
     p.add_argument("--genes", type=int, nargs="+", default=[2000, 8000], help="genes G")
     p.add_argument("--zero-fractions", type=float, nargs="+", default=[0.5, 0.9, 0.97])
@@ -162,7 +165,7 @@ def _fwd(fn):
 # ----------------------------------------------------------------------------- NB benchmark
 
 def bench_nb_case(cells, genes, zero_fraction, args, compiled) -> dict:
-    from samsvae.ops._triton_nb_kernels import nb_log_prob_triton
+    from samsvae.ops.nb.triton import nb_log_prob_triton
 
     counts, logits, ll, lt = nb_inputs(cells, genes, zero_fraction, DEVICE, args.seed)
     csr = counts.to_sparse_csr()
@@ -191,7 +194,7 @@ def bench_nb_case(cells, genes, zero_fraction, args, compiled) -> dict:
 def _check_nb(counts, csr, logits, ll, lt) -> dict:
     """Relative error of the Triton outputs and gradients against the float64 reference on the
     first 64 cells (a first-run sanity check on a new GPU)."""
-    from samsvae.ops._triton_nb_kernels import nb_log_prob_triton
+    from samsvae.ops.nb.triton import nb_log_prob_triton
 
     n = min(64, counts.shape[0])
     sub_counts = counts[:n]
@@ -217,7 +220,7 @@ def _check_nb(counts, csr, logits, ll, lt) -> dict:
 
 def bench_nb_sweep(cells, genes, zero_fraction, args) -> list:
     """Times of a few tilings on one case, to tune ``choose_config`` on a new GPU."""
-    from samsvae.ops import _triton_nb_kernels as K
+    from samsvae.ops.nb import triton as K
 
     counts, logits, ll, lt = nb_inputs(cells, genes, zero_fraction, DEVICE, args.seed)
     csr = counts.to_sparse_csr()
@@ -240,7 +243,7 @@ def bench_nb_sweep(cells, genes, zero_fraction, args) -> list:
 # ----------------------------------------------------------------------------- embedding
 
 def bench_embedding(args) -> dict:
-    from samsvae.ops._triton_embedding_kernels import masked_embedding_sum_triton
+    from samsvae.ops.embedding.triton import masked_embedding_sum_triton
 
     T, L, P, C = args.perturbations, args.latent, args.particles, args.cells
     g = torch.Generator(device=DEVICE).manual_seed(args.seed)
@@ -343,6 +346,26 @@ def _compiled_baselines():
             "sparse": torch.compile(nb_sparse_aware, dynamic=True)}
 
 
+def csv_rows(results: dict) -> list:
+    """The results.csv rows: ``<mode>_ms`` per method and case (op ``nb_log_prob``, shape
+    ``B,G,zeros``; op ``masked_embedding_sum``, shape ``T,L,P,C``); failed or skipped
+    measurements (None) are left out."""
+    out = []
+
+    def add(op, shape, record):
+        for mode in ("fwd", "fwd_bwd"):
+            for method, ms in record.get(mode, {}).items():
+                if isinstance(ms, (int, float)):
+                    out.append(H.result(op, method, shape, f"{mode.replace('_', '')}_ms", ms))
+    for r in results["nb_log_prob"]:
+        add("nb_log_prob", H.shape_str(B=r["cells"], G=r["genes"], zeros=r["zero_fraction"]), r)
+    emb = results.get("masked_embedding_sum")
+    if emb is not None:
+        add("masked_embedding_sum", H.shape_str(T=emb["perturbations"], L=emb["latent"],
+                                                P=emb["particles"], C=emb["cells"]), emb)
+    return out
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if not torch.cuda.is_available():
@@ -409,6 +432,10 @@ def main(argv=None) -> int:
               f"P={r['particles']}, cells={r['cells']})\n")
         print(format_embedding_table(r))
     print(f"\nJSON: {out_path.resolve()}")
+    path = H.csv_path(args)
+    if path:
+        n = H.append_results(csv_rows(results), path, machine=meta["device"])
+        print(f"appended {n} rows to {path}")
     return 0
 
 
