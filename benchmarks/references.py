@@ -20,7 +20,7 @@ from typing import Callable, Dict
 import torch
 import torch.nn.functional as F
 
-from samsvae.ops.masked_embedding import batch_perturbations, draw_noise, relaxed_bernoulli_st
+from samsvae.ops.embedding import batch_perturbations, draw_noise, relaxed_bernoulli_st
 
 # ----------------------------------------------------------------------------------------------
 # Negative binomial log-likelihood baselines

@@ -442,8 +442,8 @@ def _encoder_runs_sparse(backend: str, density: float) -> bool:
     from . import ops
     if ops.backends.resolve("log1p_standardize_linear", backend, "cpu")[0] != "cpp":
         return False
-    from .ops import _cpp_encoder
-    return density <= _cpp_encoder.SPARSE_BELOW
+    from .ops.encoder import cpp as encoder_cpp
+    return density <= encoder_cpp.SPARSE_BELOW
 
 
 def _check_args(args) -> None:

@@ -12,12 +12,13 @@ def run(args) -> int:
     import torch
 
     from . import __version__, ops
-    from .ops import _cpp, _load_backends
+    from .ops import backends, cpp_extension
 
     print(f"samsvae {__version__}, torch {torch.__version__}, python {platform.python_version()}")
     print(f"CUDA available: {torch.cuda.is_available()}")
-    print(f"C++ extension: {'loaded' if _cpp.ext_available() else _cpp.EXT_ERROR}")
-    for name, err in _load_backends.LOAD_ERRORS.items():
+    ext = cpp_extension
+    print(f"C++ extension: {'loaded' if ext.ext_available() else ext.EXT_ERROR}")
+    for name, err in backends.LOAD_ERRORS.items():
         print(f"optional backend module {name} failed to load: {err}")
     print("backends available:", ", ".join(ops.available_backends()))
     print(ops.backend_report())

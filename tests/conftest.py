@@ -39,11 +39,11 @@ CPU_ISAS = ("avx512", "avx2", "baseline")
 def isa(request):
     """The C++ kernels of one ISA (parametrise indirectly with a name from ``CPU_ISAS``);
     skipped where the CPU lacks it or the extension is not built; back to auto afterwards."""
-    from samsvae.ops import _cpp
-    if not _cpp.ext_available():
+    from samsvae.ops import cpp_extension
+    if not cpp_extension.ext_available():
         pytest.skip("C++ extension not built")
-    if request.param not in _cpp._C.supported_isas():
+    if request.param not in cpp_extension.supported_isas():
         pytest.skip(f"ISA {request.param} not supported here")
-    _cpp._C.set_cpu_isa(request.param)
+    cpp_extension.set_cpu_isa(request.param)
     yield request.param
-    _cpp._C.set_cpu_isa("auto")
+    cpp_extension.set_cpu_isa("auto")

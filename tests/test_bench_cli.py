@@ -77,7 +77,7 @@ def test_bench_rejects_unknown_backend():
 def test_sparse_counts_get_the_floor_of_the_sparse_encoder(tmp_path, capsys):
     """At a density where the cpp encoder runs its sparse kernel, that backend's step is put
     against the products it runs (no dense genes -> hidden pair), the reference against all."""
-    from samsvae.ops import _cpp
+    from samsvae.ops import cpp_extension as _cpp
     result = _bench(tmp_path, "--iwelbo-particles", "0", "--mean-count", "0.02",
                     "--components", "step")
     assert 0 < result["counts_density"] <= 0.15

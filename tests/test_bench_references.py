@@ -10,7 +10,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import references as R  # noqa: E402
 
 from samsvae.ops import masked_embedding_sum, nb_log_prob_reference  # noqa: E402
-from samsvae.ops.masked_embedding import masked_embedding_sum_reference  # noqa: E402
+from samsvae.ops.embedding import masked_embedding_sum_reference  # noqa: E402
 
 
 @pytest.mark.parametrize("particles", [None, 3])

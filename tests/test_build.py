@@ -3,7 +3,7 @@ import os
 
 import pytest
 
-from samsvae.ops import _cpp, backends
+from samsvae.ops import backends, cpp_extension as _cpp
 
 
 @pytest.mark.skipif(os.environ.get("SAMSVAE_BUILD_EXT") != "1",

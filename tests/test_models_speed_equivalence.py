@@ -73,10 +73,10 @@ def test_same_iwelbo_across_backends(guide):
 def test_stored_logits_and_fused_head_paths_agree(monkeypatch):
     """A training step stores the logits when they fit (3 products), else uses the fused,
     recomputing head: same loss and gradients."""
-    import samsvae.models.base as base
+    import samsvae.ops.nb as nb
     batch = synth_batch(B, G, T, seed=4)
     stored = _loss_and_grads(_model("sams_vae", "corr_both", "auto", batch), batch, seed=9)
-    monkeypatch.setattr(base, "STORED_LOGITS_BYTES", 0)
+    monkeypatch.setattr(nb, "STORED_LOGITS_BYTES", 0)
     fused = _loss_and_grads(_model("sams_vae", "corr_both", "auto", batch), batch, seed=9)
     torch.testing.assert_close(fused[0], stored[0], rtol=1e-6, atol=1e-4)
     for name, g in stored[2].items():
@@ -84,7 +84,7 @@ def test_stored_logits_and_fused_head_paths_agree(monkeypatch):
 
 
 def test_csr_to_dense_matches_torch():
-    from samsvae.ops.log1p_standardize import csr_to_dense
+    from samsvae.ops.encoder import csr_to_dense
     x = torch.poisson(torch.rand(9, 13) * 0.7)
     x[[2, 5]] = 0.0                                    # empty rows
     csr = x.to_sparse_csr()

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from samsvae.nn import MaskedPerturbationEmbedding
-from samsvae.ops.masked_embedding import masked_embedding_sum_reference
+from samsvae.ops.embedding import masked_embedding_sum_reference
 
 
 def _dosage(cells=7, T=12):

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from samsvae.ops.nb_log_prob import nb_log_prob_reference
+from samsvae.ops import nb_log_prob_reference
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_triton_gpu.py"
 pytestmark = pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")

@@ -15,7 +15,7 @@
 // dense (B, G) matrix and two dense products, the work scales with the non-zeros. Columns
 // must ascend within a row (torch's CSR invariant; duplicates add up). No gradient reaches the
 // counts, mean or inv_std (inputs and buffers). Fake implementations and autograd:
-// samsvae/ops/_cpp_encoder.py.
+// samsvae/ops/encoder/cpp.py.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>

@@ -21,7 +21,7 @@
 // (float32 or float64), contiguous, on the CPU. out: logits.shape[:-1] in nats;
 // lse: logits.shape[:-1] float64, the per-row logsumexp (of logits + bias) the backward
 // recomputes from (the only thing saved between the two, besides the inputs).
-// Autograd, fake tensors and the Python-side conversions live in samsvae/ops/_cpp_nb.py.
+// Autograd, fake tensors and the Python-side conversions live in samsvae/ops/nb/cpp.py.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>

@@ -14,9 +14,6 @@ from ..nn import NBLikelihood
 
 # Element budget of one (samples, conditions, genes) block in predict_normalized_expression.
 PREDICT_BLOCK_ELEMENTS = 2 ** 22
-# Training steps keep the (particles, cells, genes) logits for backward up to this size
-# (P=5, B=512, G=8000 float32: 82 MB); above it the fused, recomputing decoder head is used.
-STORED_LOGITS_BYTES = 512 * 2 ** 20
 
 
 def as_torch_csr(matrix, n_cols: int, *, device, dtype=torch.float32, name: str = "dosage"):
@@ -267,17 +264,16 @@ class PerturbationModel(nn.Module):
     def _log_lik(self, counts, hidden, log_library) -> torch.Tensor:
         """log p(x | z) from the decoder's hidden layer (..., B, H) -> (..., B).
 
-        With gradients and logits that fit in ``STORED_LOGITS_BYTES`` (a training step) one
-        (P, B, G) tensor is kept for backward: 3 products of the last layer (forward, input and
-        weight gradients); on the C++ backend the NB forward computes the gradient as well.
-        Otherwise (evaluation, or logits too big) the last Linear is fused with the NB
+        Through ``samsvae.ops.nb_log_prob_linear`` with ``recompute=None``, which decides: with
+        gradients and logits that fit in ``samsvae.ops.nb.STORED_LOGITS_BYTES`` (a training
+        step) one (P, B, G) tensor is kept for backward: 3 products of the last layer (forward,
+        input and weight gradients); on the C++ backend the NB forward computes the gradient as
+        well. Otherwise (evaluation, or logits too big) the last Linear is fused with the NB
         likelihood chunk by chunk, never storing the logits but recomputing them in backward
-        (a 4th product). Both through ``samsvae.ops.nb_log_prob_linear``."""
+        (a 4th product)."""
         out = self.decoder.out
-        logits_bytes = hidden[..., :1].numel() * out.weight.shape[0] * hidden.element_size()
-        store = torch.is_grad_enabled() and logits_bytes <= STORED_LOGITS_BYTES
         return self.likelihood.forward_linear(counts, hidden, out.weight, out.bias, log_library,
-                                              recompute=not store)
+                                              recompute=None)
 
     def _require_counts(self) -> torch.Tensor:
         if not bool(self.perturbation_counts_set):

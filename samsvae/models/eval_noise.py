@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..ops.masked_embedding import _UNIFORM_EPS
+from ..ops.embedding import UNIFORM_EPS
 
 # Perturbation ids are independent streams; BLOCK is the id range tests use to check that ids
 # far apart (other blocks of the former block-wise generator) are keyed independently too.
@@ -83,7 +83,7 @@ def global_noise(seed: int, start: int, n: int, index: torch.Tensor, latent: int
     eps = (radius * torch.cos((2.0 * np.pi) * _uniform(key, _EPS_B))).to(dtype)
     u = None
     if masked:
-        u = _uniform(key, _MASK_U).clamp(_UNIFORM_EPS, 1.0 - _UNIFORM_EPS).to(dtype)
+        u = _uniform(key, _MASK_U).clamp(UNIFORM_EPS, 1.0 - UNIFORM_EPS).to(dtype)
     return eps, u
 
 

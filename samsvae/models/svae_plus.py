@@ -32,7 +32,7 @@ from torch import nn
 from torch.distributions import Beta
 
 from ..ops import draw_noise, relaxed_bernoulli_st
-from ..ops.masked_embedding import _UNIFORM_EPS
+from ..ops.embedding import UNIFORM_EPS
 from .base import PerturbationModel, rng_scope
 from .distributions import bernoulli_log_prob, kl_normal, normal_log_prob
 from .eval_noise import global_noise, local_noise
@@ -217,7 +217,7 @@ class SVAEPlus(PerturbationModel):
         _, present, pos = self._labels(dosage)
         dtype, device = self.shift.dtype, self.shift.device
         u = torch.rand(n_samples, present.numel(), self.n_latent, dtype=dtype, device=device)
-        u = u.clamp(_UNIFORM_EPS, 1 - _UNIFORM_EPS)
+        u = u.clamp(UNIFORM_EPS, 1 - UNIFORM_EPS)
         mask = relaxed_bernoulli_st(self.mask_logits[present], u, self.temperature)
         z = torch.randn(n_samples, 1, self.n_latent, dtype=dtype, device=device) + \
             self._prior_loc(mask, present, pos)

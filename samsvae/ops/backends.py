@@ -4,16 +4,27 @@ Each op (``"nb_log_prob"``, ``"masked_embedding_sum"``, ...) has a ``reference``
 (pure PyTorch, the spec) and optionally ``cpp`` (the compiled ``samsvae._C`` extension, CPU
 tensors) and ``triton`` (CUDA tensors) implementations, registered by the modules that hold them.
 
-Choosing: ``backend="auto"`` (the default, overridable with the ``SAMSVAE_BACKEND`` environment
-variable) takes the fastest implementation available for the device of the inputs and falls back
-silently to the reference; naming a backend explicitly raises :class:`BackendUnavailableError`
-when it cannot run here (Liger-Kernel's rule: silent on auto, loud on request).
+Choosing, per call, first match wins: an explicit ``backend=`` argument other than ``"auto"``;
+the innermost :func:`use_backend` block of this thread / task; the ``SAMSVAE_BACKEND``
+environment variable; ``"auto"``, which takes the fastest implementation available for the
+device of the inputs and falls back silently to the reference. Naming a backend explicitly (by
+any of the three) raises :class:`BackendUnavailableError` when it cannot run here
+(Liger-Kernel's rule: silent on auto, loud on request).
+
+A composite op (``nb_log_prob_linear``) has no implementations of its own: it is declared with
+:func:`follow` and resolves to the backend of the op whose kernels it calls.
+
+Optional tiers register themselves when imported; :func:`load_tier` imports one without letting
+a failure break ``import samsvae`` (the error is kept in ``LOAD_ERRORS`` for ``samsvae info``).
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import importlib
 import os
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Iterator, Optional, Union
 
 import torch
 
@@ -27,41 +38,99 @@ class BackendUnavailableError(RuntimeError):
 
 @dataclass
 class _Impl:
-    fn: Callable
+    target: Union[Callable, str]  # the function, or "module:function" imported on first use
     available: Callable[[], bool]
     devices: tuple  # device types the implementation accepts ("cpu", "cuda")
     why_unavailable: Callable[[], str]
 
+    @property
+    def fn(self) -> Callable:
+        if isinstance(self.target, str):
+            module, name = self.target.split(":")
+            self.target = getattr(importlib.import_module(module), name)
+        return self.target
+
 
 _REGISTRY: Dict[str, Dict[str, _Impl]] = {}
+_FOLLOWS: Dict[str, str] = {}  # composite op -> the op whose backend it uses
+LOAD_ERRORS: Dict[str, str] = {}  # optional tier module -> why it failed to import
+_DEFAULT = contextvars.ContextVar("samsvae_backend", default=None)
 
 
-def register(op: str, backend: str, fn: Callable, *, devices=("cpu", "cuda"),
+def register(op: str, backend: str, fn: Union[Callable, str], *, devices=("cpu", "cuda"),
              available: Optional[Callable[[], bool]] = None,
              why_unavailable: Optional[Callable[[], str]] = None) -> None:
-    """Register ``fn`` as the ``backend`` implementation of ``op``."""
+    """Register ``fn`` as the ``backend`` implementation of ``op``.
+
+    ``fn`` may be a ``"package.module:function"`` string, imported on the first call: the
+    Triton tiers are registered this way so that ``import samsvae`` never imports triton."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+    if op in _FOLLOWS:
+        raise ValueError(f"op {op!r} follows {_FOLLOWS[op]!r} and has no implementations")
     _REGISTRY.setdefault(op, {})[backend] = _Impl(
-        fn=fn,
+        target=fn,
         available=available or (lambda: True),
         devices=tuple(devices),
         why_unavailable=why_unavailable or (lambda: "not available"),
     )
 
 
-def _requested(backend: Optional[str]) -> str:
-    if backend is None or backend == "auto":
-        backend = os.environ.get("SAMSVAE_BACKEND", "auto").strip().lower() or "auto"
+def follow(op: str, kernel_op: str) -> None:
+    """Declare ``op`` a composite that runs on whichever backend ``kernel_op`` resolves to."""
+    if op in _REGISTRY:
+        raise ValueError(f"op {op!r} already has implementations of its own")
+    _FOLLOWS[op] = kernel_op
+
+
+def load_tier(module: str, *, needs: Optional[Callable[[], bool]] = None) -> None:
+    """Import the optional tier ``module`` (which registers itself) unless ``needs()`` is False.
+
+    A failure is recorded in ``LOAD_ERRORS`` instead of raised: the reference stays in charge."""
+    if needs is not None and not needs():
+        return
+    try:
+        importlib.import_module(module)
+    except Exception as exc:  # noqa: BLE001 - a broken optional backend must not break import
+        LOAD_ERRORS[module] = f"{type(exc).__name__}: {exc}"
+
+
+def _check_name(backend: str, source: str) -> str:
+    backend = backend.strip().lower() or "auto"
     if backend != "auto" and backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; choose one of 'auto', "
-                         + ", ".join(repr(b) for b in BACKENDS)
-                         + " (also via the SAMSVAE_BACKEND environment variable)")
+        raise ValueError(f"unknown backend {backend!r} ({source}); choose one of 'auto', "
+                         + ", ".join(repr(b) for b in BACKENDS))
     return backend
 
 
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Within the block, ops called with ``backend="auto"`` use ``name`` (``"auto"`` |
+    ``"reference"`` | ``"cpp"`` | ``"triton"``) instead of the ``SAMSVAE_BACKEND`` environment
+    variable; an explicit ``backend=`` argument still wins. Per thread and per asyncio task;
+    blocks nest."""
+    token = _DEFAULT.set(_check_name(name, "use_backend"))
+    try:
+        yield
+    finally:
+        _DEFAULT.reset(token)
+
+
+def _requested(backend: Optional[str]) -> str:
+    """The backend name in force: the argument, else use_backend(), else the environment."""
+    if backend is not None and backend != "auto":
+        return _check_name(backend, "backend= argument")
+    if _DEFAULT.get() is not None:
+        return _DEFAULT.get()
+    return _check_name(os.environ.get("SAMSVAE_BACKEND", "auto"),
+                       "the SAMSVAE_BACKEND environment variable")
+
+
 def resolve(op: str, backend: Optional[str] = "auto", device: torch.device | str = "cpu") -> tuple:
-    """Return ``(backend_name, fn)`` for ``op`` on tensors living on ``device``."""
+    """Return ``(backend_name, fn)`` for ``op`` on tensors living on ``device``.
+
+    For a composite op (see :func:`follow`) this is the resolution of the op it follows."""
+    op = _FOLLOWS.get(op, op)
     dev = torch.device(device).type
     impls = _REGISTRY.get(op, {})
     if not impls:
@@ -91,7 +160,7 @@ def resolve(op: str, backend: Optional[str] = "auto", device: torch.device | str
 
 def available_backends(op: Optional[str] = None) -> list:
     """Backends usable on this machine (for ``op``, or for any op when ``op`` is None)."""
-    ops = [op] if op is not None else list(_REGISTRY)
+    ops = [_FOLLOWS.get(op, op)] if op is not None else list(_REGISTRY)
     out = []
     for b in BACKENDS:
         if any(b in _REGISTRY.get(o, {}) and _REGISTRY[o][b].available() for o in ops):
@@ -100,23 +169,21 @@ def available_backends(op: Optional[str] = None) -> list:
 
 
 def backend_report() -> str:
-    """One line per op saying which backend ``auto`` picks on CPU and on CUDA tensors."""
+    """One line per op saying which backend ``auto`` picks on CPU and on CUDA tensors; a
+    composite op says which op it follows."""
     lines = []
-    for op in sorted(_REGISTRY):
+    for op in sorted(set(_REGISTRY) | set(_FOLLOWS)):
         cpu = resolve(op, "auto", "cpu")[0]
         cuda = resolve(op, "auto", "cuda")[0] if torch.cuda.is_available() else "n/a (no CUDA)"
-        lines.append(f"{op}: cpu -> {cpu}, cuda -> {cuda}")
+        follows = f" (follows {_FOLLOWS[op]})" if op in _FOLLOWS else ""
+        lines.append(f"{op}: cpu -> {cpu}, cuda -> {cuda}{follows}")
     return "\n".join(lines)
 
 
-KERNEL_OPS = ("nb_log_prob", "masked_embedding_sum", "log1p_standardize",
-              "log1p_standardize_linear")  # cpp/triton tiers
-
-
 def require_backend(backend: str, device: torch.device | str = "cpu") -> None:
-    """Raise :class:`BackendUnavailableError` unless every kernel op can run on ``backend``.
+    """Raise :class:`BackendUnavailableError` unless every op can run on ``backend``.
 
-    Composite ops (e.g. ``nb_log_prob_linear``) follow the backend of the kernels they call."""
-    for op in KERNEL_OPS:
-        if op in _REGISTRY:
-            resolve(op, backend, device)
+    Composite ops (e.g. ``nb_log_prob_linear``) follow the backend of the kernels they call, so
+    the kernel ops are the ones checked."""
+    for op in _REGISTRY:
+        resolve(op, backend, device)

@@ -1,7 +1,11 @@
-"""The decoder's last linear layer fused with the NB log-likelihood, without storing the logits.
+"""The recomputing form of :func:`samsvae.ops.nb_log_prob_linear`: the decoder's last linear
+layer fused with the NB log-likelihood, without storing the logits.
 
-    nb_log_prob_linear(counts, hidden, weight, bias, log_library, log_theta)
-        == nb_log_prob(counts, hidden @ weight.T + bias, log_library, log_theta)
+    nb_log_prob_linear_chunked(counts, hidden, weight, bias, log_library, log_theta, nb_fn)
+        == nb_fn(counts, hidden @ weight.T + bias, log_library, log_theta)
+
+``nb_fn`` is the resolved ``nb_log_prob`` implementation of any tier (this module is
+backend-agnostic).
 
 With P importance particles, C cells and G genes the unfused form keeps the (P, C, G) logits and
 several same-sized intermediates alive for backward (at P=100, C=512, G=8000 that is 1.6 GB per
@@ -21,10 +25,8 @@ from __future__ import annotations
 from typing import Iterator, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 
-from . import backends
-from .nb_log_prob import _check_nb_inputs
+from .reference import check_nb_inputs
 
 DEFAULT_CHUNK_BYTES = 32 * 2**20  # one chunk's logits; NB intermediates add a few times this
 
@@ -128,7 +130,8 @@ class _NBLinearFunction(torch.autograd.Function):
         return None, grad_h, grad_w, grad_b, grad_lib, grad_theta, None, None
 
 
-def _check_linear_inputs(counts, hidden, weight, bias, log_library, log_theta, chunk_rows):
+def check_linear_inputs(counts, hidden, weight, bias, log_library, log_theta, chunk_rows) -> None:
+    """Raise ValueError / TypeError naming the argument of ``nb_log_prob_linear`` that is wrong."""
     if counts.dim() != 2:
         raise ValueError(f"counts must be (cells, genes), got shape {tuple(counts.shape)}")
     cells, genes = counts.shape
@@ -156,81 +159,20 @@ def _check_linear_inputs(counts, hidden, weight, bias, log_library, log_theta, c
                                    or chunk_rows < 1):
         raise ValueError(f"chunk_rows must be a positive int or None (automatic), got {chunk_rows!r}")
     # the NB inputs proper, with logits shape standing in for what hidden @ weight.T would give
-    _check_nb_inputs(counts, torch.empty(hidden.shape[:-1] + (genes,), device="meta",
+    check_nb_inputs(counts, torch.empty(hidden.shape[:-1] + (genes,), device="meta",
                                          dtype=hidden.dtype),
                      log_library, log_theta)
 
 
-def nb_log_prob_linear_reference(counts, hidden, weight, bias, log_library, log_theta, *,
-                                 backend: str = "auto", chunk_rows: Optional[int] = None):
-    """Chunked implementation (registered as the ``reference`` of op ``nb_log_prob_linear``);
-    ``backend`` picks the ``nb_log_prob`` backend evaluated on each chunk."""
-    _, nb_fn = backends.resolve("nb_log_prob", backend, hidden.device)
+def nb_log_prob_linear_chunked(counts, hidden, weight, bias, log_library, log_theta, nb_fn,
+                               chunk_rows: Optional[int] = None):
+    """``nb_fn(counts, F.linear(hidden, weight, bias), log_library, log_theta)`` evaluated
+    ``chunk_rows`` logit rows at a time (default :func:`default_chunk_rows`: ~32 MiB of logits),
+    logits recomputed in backward. hidden ``(C, H)`` or ``(P, C, H)`` -> ``hidden.shape[:-1]``
+    nats; first-order gradients in hidden, weight, bias, log_library and log_theta."""
     if chunk_rows is None:
         chunk_rows = default_chunk_rows(weight.shape[0], hidden.dtype)
     h3 = hidden.unsqueeze(0) if hidden.dim() == 2 else hidden
     out = _NBLinearFunction.apply(counts, h3, weight, bias, log_library, log_theta,
                                   nb_fn, chunk_rows)
     return out.squeeze(0) if hidden.dim() == 2 else out
-
-
-def nb_log_prob_linear_stored_reference(counts, hidden, weight, bias, log_library, log_theta,
-                                        nb_fn):
-    """``recompute=False`` on backends without a dedicated form: the whole logits, then
-    ``nb_fn`` (the resolved ``nb_log_prob``) with the bias passed as its ``logit_bias``."""
-    return nb_fn(counts, F.linear(hidden, weight), log_library, log_theta, logit_bias=bias)
-
-
-def _stored(counts, hidden, weight, bias, log_library, log_theta, backend):
-    name, nb_fn = backends.resolve("nb_log_prob", backend, hidden.device)
-    try:
-        _, fn = backends.resolve("nb_log_prob_linear_stored", name, hidden.device)
-    except backends.BackendUnavailableError:
-        fn = nb_log_prob_linear_stored_reference
-    return fn(counts, hidden, weight, bias, log_library, log_theta, nb_fn=nb_fn)
-
-
-def nb_log_prob_linear(counts, hidden, weight, bias, log_library, log_theta, *,
-                       backend: str = "auto", chunk_rows: Optional[int] = None,
-                       recompute: bool = True):
-    """NB log-likelihood of ``counts`` under ``logits = hidden @ weight.T + bias``.
-
-    Same value and gradients as ``nb_log_prob(counts, F.linear(hidden, weight, bias),
-    log_library, log_theta)``. With ``recompute=True`` (default) the logits are never stored:
-    memory is that of one chunk of ``chunk_rows`` logit rows instead of all
-    ``particles * cells`` rows (backward recomputes each chunk's logits; the evaluation form).
-    With ``recompute=False`` one ``(particles, cells, genes)`` tensor is kept for backward and
-    nothing is recomputed (the training form, when it fits in memory); on the ``cpp`` backend
-    the NB forward then also computes the gradient, which backward only combines with the
-    per-row upstream gradient (see ``samsvae/ops/_cpp_nb_head.py``).
-
-    Args:
-        counts: ``(cells, genes)`` counts, dense or ``torch.sparse_csr``; shared by every
-            particle (never copied).
-        hidden: ``(cells, H)`` or ``(particles, cells, H)`` input of the decoder's last layer.
-        weight: ``(genes, H)`` (``nn.Linear(H, genes).weight``), same dtype as ``hidden``.
-        bias: ``(genes,)`` or None.
-        log_library: ``(cells,)`` log library size.
-        log_theta: ``(genes,)`` log inverse dispersion.
-        backend: the ``nb_log_prob`` backend used on each chunk (``"auto"`` | ``"reference"`` |
-            ``"cpp"`` | ``"triton"``); an explicitly requested unavailable one raises.
-        chunk_rows: logit rows per chunk; default :func:`default_chunk_rows` (~32 MiB of logits).
-        recompute: False keeps the whole logits (or their gradient) for backward instead.
-
-    Returns:
-        ``hidden.shape[:-1]`` log-likelihoods in nats summed over genes, differentiable in
-        ``hidden``, ``weight``, ``bias``, ``log_library`` and ``log_theta`` (first order only).
-    """
-    _check_linear_inputs(counts, hidden, weight, bias, log_library, log_theta, chunk_rows)
-    if not recompute:
-        return _stored(counts, hidden, weight, bias, log_library, log_theta, backend)
-    _, fn = backends.resolve("nb_log_prob_linear", "reference", hidden.device)
-    return fn(counts, hidden, weight, bias, log_library, log_theta, backend=backend,
-              chunk_rows=chunk_rows)
-
-
-backends.register("nb_log_prob_linear", "reference", nb_log_prob_linear_reference)
-backends.register("nb_log_prob_linear_stored", "reference", nb_log_prob_linear_stored_reference)
-
-__all__ = ["nb_log_prob_linear", "nb_log_prob_linear_reference", "default_chunk_rows"]
-

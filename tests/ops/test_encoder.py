@@ -1,22 +1,105 @@
-"""``samsvae.ops.log1p_standardize_linear``: the encoder's first layer on raw counts.
-
-The C++ sparse kernel must equal the float64 definition ``standardise(log1p x) @ W.T + b`` and
-its gradients for W and b on fresh random batches, on every ISA, at hidden widths that do and
-do not fill the kernel's register chunks and gene blocks, with empty rows, a full row, stored
-zeros, counts to 1e5 and non-integer counts; float32 must stay within float32 error of it; the
-backend switch (sparse kernel below SPARSE_BELOW, dense product above) must not change the
-result; bad input must be refused with a message that names the fix.
+"""The encoder-input ops: log1p_standardize (the encoder's dense standardised log1p input) and
+log1p_standardize_linear (the encoder's first layer on raw counts), on every tier.
 """
 import numpy as np
 import pytest
 import scipy.sparse as sp
 import torch
-
 from conftest import CPU_ISAS as ISAS
-from samsvae.ops import _cpp, log1p_standardize_linear
-from samsvae.ops.log1p_standardize_linear import log1p_standardize_linear_reference
 
-needs_cpp = pytest.mark.skipif(not _cpp.ext_available(), reason="C++ extension not built")
+from samsvae.ops import cpp_extension, log1p_standardize, log1p_standardize_linear
+from samsvae.ops.encoder import cpp as encoder_cpp
+from samsvae.ops.encoder import log1p_standardize_reference
+
+needs_cpp = pytest.mark.skipif(not cpp_extension.ext_available(), reason="C++ extension not built")
+
+
+# ------------------------------------------------------------ ops_log1p_standardize
+
+
+def _batch(cells=30, genes=57, seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.poisson(torch.rand(cells, genes, generator=g, dtype=torch.float64) * 2.0)
+    x[3] = 0.0                                            # an empty row
+    x[5, :4] = torch.tensor([1e5, 63.0, 64.0, 2.5])       # past the table, non-integer
+    mean = torch.rand(genes, generator=g, dtype=torch.float64)
+    inv_std = 1.0 / (0.1 + torch.rand(genes, generator=g, dtype=torch.float64))
+    return x, mean.to(dtype), inv_std.to(dtype)
+
+
+def _definition(x, mean, inv_std):
+    return (torch.log1p(x.double()) - mean.double()) * inv_std.double()
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("layout", ["csr", "dense"])
+def test_matches_the_definition(backend, dtype, layout):
+    if backend == "cpp" and not cpp_extension.ext_available():
+        pytest.skip("C++ extension not built")
+    x, mean, inv_std = _batch(dtype=dtype)
+    counts = x.to(dtype).to_sparse_csr() if layout == "csr" else x.to(dtype)
+    got = log1p_standardize(counts, mean, inv_std, backend=backend)
+    assert got.dtype == dtype and got.shape == x.shape
+    tol = 1e-12 if dtype == torch.float64 else 2e-6
+    want = _definition(x, mean, inv_std)
+    assert (got.double() - want).abs().max().item() <= tol * want.abs().max().item()
+
+
+@pytest.mark.skipif(not cpp_extension.ext_available(), reason="C++ extension not built")
+def test_cpp_equals_reference_on_a_training_batch_shape():
+    from samsvae.bench import synth_batch
+    b = synth_batch(64, 500, 10, seed=3)
+    mean = torch.rand(500)
+    inv_std = 1.0 / (0.5 + torch.rand(500))
+    got = log1p_standardize(b.counts, mean, inv_std, backend="cpp")
+    want = log1p_standardize_reference(b.counts, mean, inv_std)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.skipif(not cpp_extension.ext_available(), reason="C++ extension not built")
+def test_bad_column_index_is_refused():
+    crow = torch.tensor([0, 1, 2])
+    col = torch.tensor([0, 7])
+    val = torch.tensor([1.0, 2.0])
+    with pytest.raises(RuntimeError, match="col_indices must lie in"):
+        torch.ops.samsvae.log1p_standardize_csr(crow, col, val, torch.zeros(5), torch.ones(5))
+
+
+def test_shape_mismatch_is_refused():
+    x, mean, inv_std = _batch()
+    with pytest.raises(ValueError, match="mean / inv_std"):
+        log1p_standardize(x, mean[:-1], inv_std)
+
+
+def test_triton_kernel_matches_the_definition():
+    """Under TRITON_INTERPRET=1 (conftest) on CPU tensors, or on the GPU when present."""
+    pytest.importorskip("triton")
+    from samsvae.ops.encoder.triton import log1p_standardize_triton
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    x, mean, inv_std = _batch(cells=9, genes=21, dtype=torch.float32)
+    x[0, 0] = 1e-9  # below half an ulp of 1: the log1p guard
+    counts = x.float().to_sparse_csr().to(device)
+    got = log1p_standardize_triton(counts, mean.to(device), inv_std.to(device), block=16)
+    want = _definition(x, mean, inv_std)
+    assert (got.cpu().double() - want).abs().max().item() <= 2e-6 * want.abs().max().item()
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+@pytest.mark.parametrize("bad", [-1.0, float("nan"), float("inf")])
+def test_invalid_counts_are_refused(backend, bad):
+    if backend == "cpp" and not cpp_extension.ext_available():
+        pytest.skip("C++ extension not built")
+    x, mean, inv_std = _batch(dtype=torch.float32)
+    x[2, 3] = bad
+    with pytest.raises((ValueError, RuntimeError), match="finite and non-negative"):
+        log1p_standardize(x.float().to_sparse_csr(), mean, inv_std, backend=backend)
+
+
+# ------------------------------------------------------------ ops_log1p_standardize_linear
+
+
+
 
 
 def _inputs(cells, genes, hidden, *, density=0.3, seed=0, dtype=torch.float64, bias=True):
@@ -35,7 +118,7 @@ def _inputs(cells, genes, hidden, *, density=0.3, seed=0, dtype=torch.float64, b
     return x, w.to(dtype), None if b is None else b.to(dtype), mean.to(dtype), inv_std.to(dtype)
 
 
-def _definition(x, w, b, mean, inv_std):
+def _lin_definition(x, w, b, mean, inv_std):
     """Value and (d W, d b) of sum(out * go) in float64, straight from the formula."""
     w = w.double().detach().requires_grad_(True)
     b = None if b is None else b.double().detach().requires_grad_(True)
@@ -55,8 +138,7 @@ def _run(counts, w, b, mean, inv_std, go, backend):
 
 
 def _force_sparse(monkeypatch, on: bool):
-    from samsvae.ops import _cpp_encoder
-    monkeypatch.setattr(_cpp_encoder, "SPARSE_BELOW", 1.0 if on else -1.0)
+    monkeypatch.setattr(encoder_cpp, "SPARSE_BELOW", 1.0 if on else -1.0)
 
 
 @needs_cpp
@@ -67,7 +149,7 @@ def _force_sparse(monkeypatch, on: bool):
 def test_float64_kernel_matches_the_definition(isa, shape, bias, monkeypatch):
     _force_sparse(monkeypatch, True)
     x, w, b, mean, inv_std = _inputs(*shape, bias=bias, seed=sum(shape))
-    want, go, dw, db = _definition(x, w, b, mean, inv_std)
+    want, go, dw, db = _lin_definition(x, w, b, mean, inv_std)
     got, gw, gb = _run(x.to_sparse_csr(), w, b, mean, inv_std, go, "cpp")
     scale = want.abs().max().item()
     assert (got - want).abs().max().item() <= 1e-12 * scale
@@ -84,7 +166,7 @@ def test_float32_error_is_that_of_float32(sparse, monkeypatch):
     """Both cpp paths within a few float32 ulps of the output scale, like the reference."""
     _force_sparse(monkeypatch, sparse)
     x, w, b, mean, inv_std = _inputs(64, 500, 400, density=0.2, seed=3, dtype=torch.float32)
-    want, go, dw, db = _definition(x, w, b, mean, inv_std)
+    want, go, dw, db = _lin_definition(x, w, b, mean, inv_std)
     got, gw, gb = _run(x.float().to_sparse_csr(), w, b, mean, inv_std, go, "cpp")
     ref, rw, rb = _run(x.float().to_sparse_csr(), w, b, mean, inv_std, go, "reference")
     for mine, theirs, exact in ((got, ref, want), (gw, rw, dw), (gb, rb, db)):
@@ -185,7 +267,7 @@ def test_malformed_csr_is_refused_with_the_fix():
            inv_std)
 
 
-def test_shape_mismatch_is_refused():
+def test_lin_shape_mismatch_is_refused():
     x, w, b, mean, inv_std = _inputs(4, 10, 3)
     with pytest.raises(ValueError, match="weight"):
         log1p_standardize_linear(x, w[:, :-1], b, mean, inv_std)
@@ -197,7 +279,7 @@ def test_shape_mismatch_is_refused():
 
 def test_reference_is_the_definition_for_dense_and_csr_counts():
     x, w, b, mean, inv_std = _inputs(8, 30, 5, seed=4)
-    want, go, dw, db = _definition(x, w, b, mean, inv_std)
+    want, go, dw, db = _lin_definition(x, w, b, mean, inv_std)
     for counts in (x, x.to_sparse_csr()):
         got, gw, gb = _run(counts, w, b, mean, inv_std, go, "reference")
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
@@ -216,10 +298,10 @@ def test_no_gradient_reaches_the_statistics():
 def test_triton_tier_matches_the_definition():
     """Under TRITON_INTERPRET=1 (conftest) on CPU tensors, or on the GPU when present."""
     pytest.importorskip("triton")
-    from samsvae.ops._triton_encoder import log1p_standardize_linear_triton
+    from samsvae.ops.encoder.triton import log1p_standardize_linear_triton
     device = "cuda" if torch.cuda.is_available() else "cpu"
     x, w, b, mean, inv_std = _inputs(9, 21, 6, dtype=torch.float32, seed=6)
-    want, go, dw, db = _definition(x, w, b, mean, inv_std)
+    want, go, dw, db = _lin_definition(x, w, b, mean, inv_std)
     w = w.to(device).requires_grad_(True)
     got = log1p_standardize_linear_triton(x.float().to_sparse_csr().to(device), w, b.to(device),
                                           mean.to(device), inv_std.to(device))

@@ -1,4 +1,4 @@
-"""The training head's kept logits buffer (``samsvae.ops._workspace``): reused only when free.
+"""The training head's kept logits buffer (``samsvae.ops.workspace``): reused only when free.
 
 A reused buffer must never overwrite a tensor some autograd graph (or caller) still holds:
 two heads in one graph, a graph kept with ``retain_graph`` and a new shape must all get a
@@ -7,8 +7,8 @@ fresh buffer, and the gradients must equal the reference's.
 import pytest
 import torch
 
-from samsvae.ops import _cpp, nb_log_prob_linear
-from samsvae.ops._workspace import Workspace
+from samsvae.ops import cpp_extension, nb_log_prob_linear
+from samsvae.ops.workspace import Workspace
 
 
 def test_a_released_buffer_is_reused():
@@ -69,7 +69,7 @@ def _grads(backend, calls):
     return [t.grad.clone() for t in (hidden, weight, bias, lt)]
 
 
-@pytest.mark.skipif(not _cpp.ext_available(), reason="C++ extension not built")
+@pytest.mark.skipif(not cpp_extension.ext_available(), reason="C++ extension not built")
 def test_two_heads_in_one_graph_get_their_own_buffers():
     got = _grads("cpp", 2)
     want = _grads("reference", 2)
@@ -77,7 +77,7 @@ def test_two_heads_in_one_graph_get_their_own_buffers():
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.skipif(not _cpp.ext_available(), reason="C++ extension not built")
+@pytest.mark.skipif(not cpp_extension.ext_available(), reason="C++ extension not built")
 def test_a_retained_graph_keeps_its_buffer_through_the_next_step():
     counts, hidden, weight, bias, lib, lt = _head_inputs(1)
     first = nb_log_prob_linear(counts, hidden, weight, bias, lib, lt, backend="cpp",

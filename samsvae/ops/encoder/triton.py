@@ -1,4 +1,5 @@
-"""Triton kernel of :func:`samsvae.ops.log1p_standardize` (CSR counts on the GPU).
+"""The ``triton`` tier of :func:`samsvae.ops.log1p_standardize` (CSR counts on the GPU) and of
+:func:`samsvae.ops.log1p_standardize_linear`; imported on the first call (it imports triton).
 
 The dense output starts as the template ``-mean * inv_std`` in every row (a broadcast copy);
 one program per block of stored entries then adds ``log1p(x) * inv_std[col]`` at
@@ -11,6 +12,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from ..csr import csr_rows
+from .reference import check_counts, log1p_standardize_reference
 
 BLOCK = 1024
 
@@ -32,13 +36,16 @@ def _add_log1p_entries(out_ptr, rows_ptr, cols_ptr, vals_ptr, inv_ptr, nnz, G,
 
 
 def log1p_standardize_triton(counts, mean, inv_std, *, block: int = BLOCK):
-    """(B, G) CSR counts -> dense (B, G) standardised log1p features (mean's dtype)."""
+    """(B, G) CSR counts -> dense (B, G) standardised log1p features (mean's dtype); dense
+    counts and ``torch.compile`` tracing go to the reference."""
+    if counts.layout != torch.sparse_csr or torch.compiler.is_compiling():
+        return log1p_standardize_reference(counts, mean, inv_std)
+    check_counts(counts.values())
     dtype = mean.dtype
     B, G = counts.shape
     inv = inv_std.to(dtype).contiguous()
     out = (-(mean * inv)).expand(B, G).contiguous()
-    crow = counts.crow_indices()
-    rows = torch.repeat_interleave(torch.arange(B, device=crow.device), crow.diff())
+    rows = csr_rows(counts)
     cols = counts.col_indices().contiguous()
     vals = counts.values().detach().to(dtype).contiguous()
     nnz = vals.numel()
@@ -46,3 +53,12 @@ def log1p_standardize_triton(counts, mean, inv_std, *, block: int = BLOCK):
         _add_log1p_entries[(triton.cdiv(nnz, block),)](out, rows, cols, vals, inv, nnz, G,
                                                       BLOCK=block)
     return out
+
+
+def log1p_standardize_linear_triton(counts, weight, bias, mean, inv_std):
+    """The Triton features and one cuBLAS product: on a GPU the dense product is the fast
+    path, so there is no sparse product kernel here."""
+    with torch.no_grad():
+        features = log1p_standardize_triton(counts, mean.to(weight.dtype),
+                                            inv_std.to(weight.dtype))
+    return torch.nn.functional.linear(features, weight, bias)

@@ -1,18 +1,18 @@
-"""The ``cpp`` backends of :func:`samsvae.ops.log1p_standardize` and
-:func:`samsvae.ops.log1p_standardize_linear` (``csrc/encoder``)."""
+"""The ``cpp`` tier of :func:`samsvae.ops.log1p_standardize` and
+:func:`samsvae.ops.log1p_standardize_linear` (kernels in ``csrc/encoder``)."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from . import backends
-from ._cpp import ext_available, why_unavailable
-from ._cpp_nb import _COMPUTE_DTYPES as _DTYPES
-from .log1p_standardize import log1p_standardize_reference
+from .. import backends
+from ..cpp_extension import CPP_DTYPES, ext_available, why_unavailable
+from ..csr import kernel_parts
+from .reference import log1p_standardize_reference
 
 # Above this fraction of stored entries one dense product beats the sparse kernel (forward +
 # backward, 512 cells x 8,000 genes, hidden 400, one thread: crossover 0.17-0.25;
-# benchmarks/bench_encoder_input.py, benchmarks/RESULTS.md "Encoder input layer").
+# benchmarks/bench_encoder_input.py, benchmarks/README.md "Encoder input").
 SPARSE_BELOW = 0.15
 
 
@@ -51,21 +51,14 @@ torch.library.register_autograd("samsvae::log1p_standardize_linear_csr", _linear
                                 setup_context=_linear_setup)
 
 
-def csr_parts(counts, dtype):
-    """(crow, col, values) of a CSR batch as the C++ ops take them."""
-    return (counts.crow_indices().to(torch.int64).contiguous(),
-            counts.col_indices().to(torch.int64).contiguous(),
-            counts.values().detach().to(dtype).contiguous())
-
-
 def log1p_standardize_cpp(counts, mean, inv_std):
     """CSR counts on the CPU in float32/float64 through the C++ op; anything else (dense
     counts, other dtypes, torch.compile tracing) through the reference."""
-    if (counts.layout != torch.sparse_csr or mean.dtype not in _DTYPES
+    if (counts.layout != torch.sparse_csr or mean.dtype not in CPP_DTYPES
             or torch.compiler.is_compiling()):
         return log1p_standardize_reference(counts, mean, inv_std)
     dtype = mean.dtype
-    return torch.ops.samsvae.log1p_standardize_csr(*csr_parts(counts, dtype), mean.contiguous(),
+    return torch.ops.samsvae.log1p_standardize_csr(*kernel_parts(counts, dtype), mean.contiguous(),
                                                    inv_std.to(dtype).contiguous())
 
 
@@ -73,7 +66,7 @@ def log1p_standardize_linear_cpp(counts, weight, bias, mean, inv_std):
     """The sparse kernel for CSR batches of at most ``SPARSE_BELOW`` stored entries in
     float32/float64; otherwise the C++ features and one dense product."""
     dtype = weight.dtype
-    sparse = (counts.layout == torch.sparse_csr and dtype in _DTYPES
+    sparse = (counts.layout == torch.sparse_csr and dtype in CPP_DTYPES
               and not torch.compiler.is_compiling()
               and counts.values().numel() <= SPARSE_BELOW * counts.numel())
     if not sparse:
@@ -81,7 +74,7 @@ def log1p_standardize_linear_cpp(counts, weight, bias, mean, inv_std):
             features = log1p_standardize_cpp(counts, mean.to(dtype), inv_std.to(dtype))
         return F.linear(features, weight, bias)
     out, _ = torch.ops.samsvae.log1p_standardize_linear_csr(
-        *csr_parts(counts, dtype), weight.contiguous(),
+        *kernel_parts(counts, dtype), weight.contiguous(),
         None if bias is None else bias.contiguous(), mean.to(dtype).contiguous(),
         inv_std.to(dtype).contiguous())
     return out

@@ -95,13 +95,18 @@ def softplus_pair(y):
 
 
 @triton.jit
-def sigmoid_pair(y):
-    """(sigmoid(y), sigmoid(-y)) = (q, 1 - q), each with small relative error."""
-    t = exp_acc(-tl.abs(y))
+def _sigmoid_pair_from_t(y, t):
+    """(sigmoid(y), sigmoid(-y)) given t = exp(-|y|)."""
     a = 1.0 / (1.0 + t)
     b = t * a
     pos = y >= 0.0
     return tl.where(pos, a, b), tl.where(pos, b, a)
+
+
+@triton.jit
+def sigmoid_pair(y):
+    """(sigmoid(y), sigmoid(-y)) = (q, 1 - q), each with small relative error."""
+    return _sigmoid_pair_from_t(y, exp_acc(-tl.abs(y)))
 
 
 @triton.jit
@@ -128,21 +133,16 @@ def softplus_sigmoid(y):
     """(softplus(y), softplus(-y), sigmoid(y), sigmoid(-y)) from one exp."""
     t = exp_acc(-tl.abs(y))
     common = _log1p_unit(t)
-    a = 1.0 / (1.0 + t)
-    b = t * a
-    pos = y >= 0.0
-    return (tl.maximum(y, 0.0) + common, tl.maximum(-y, 0.0) + common,
-            tl.where(pos, a, b), tl.where(pos, b, a))
+    q, qc = _sigmoid_pair_from_t(y, t)
+    return tl.maximum(y, 0.0) + common, tl.maximum(-y, 0.0) + common, q, qc
 
 
 @triton.jit
 def sigmoid_pair_sms(y):
     """(sigmoid(y), sigmoid(-y), sigmoid(y) - softplus(y)) from one exp."""
     t = exp_acc(-tl.abs(y))
-    a = 1.0 / (1.0 + t)
-    b = t * a
-    pos = y >= 0.0
-    return tl.where(pos, a, b), tl.where(pos, b, a), _sms_from_t(y, t)
+    q, qc = _sigmoid_pair_from_t(y, t)
+    return q, qc, _sms_from_t(y, t)
 
 
 @triton.jit
@@ -184,15 +184,35 @@ def digamma_stirling(z):
 
 
 @triton.jit
-def lgamma_pos(z):
-    """lgamma(z) for z > 0 (float32, absolute error ~1e-6 near the zeros at 1 and 2,
-    relative ~1e-7 elsewhere)."""
-    p = tl.full(z.shape, 1.0, tl.float32)
+def _shift_product(z, p):
+    """(zs, p * z (z + 1) ... (zs - 1)): z raised by unit steps to >= ASYMPTOTIC_MIN (at most 8
+    steps, enough for any z > 0), so that lgamma(z) = lgamma(zs) - log(product)."""
     zs = z
     for _ in tl.static_range(8):
         small = zs < ASYMPTOTIC_MIN
         p = tl.where(small, p * zs, p)
         zs = tl.where(small, zs + 1.0, zs)
+    return zs, p
+
+
+@triton.jit
+def _shift_reciprocals(z, acc):
+    """(zs, acc - 1/z - 1/(z + 1) - ... - 1/(zs - 1)): the shift of :func:`_shift_product`, so
+    that digamma(z) = digamma(zs) - sum of the reciprocals."""
+    zs = z
+    for _ in tl.static_range(8):
+        small = zs < ASYMPTOTIC_MIN
+        acc = tl.where(small, acc - 1.0 / zs, acc)
+        zs = tl.where(small, zs + 1.0, zs)
+    return zs, acc
+
+
+@triton.jit
+def lgamma_pos(z):
+    """lgamma(z) for z > 0 (float32, absolute error ~1e-6 near the zeros at 1 and 2,
+    relative ~1e-7 elsewhere)."""
+    p = tl.full(z.shape, 1.0, tl.float32)
+    zs, p = _shift_product(z, p)
     # any z > 0 ends at zs >= 8 after at most 8 shifts, where the series is accurate
     return lgamma_stirling(zs) - tl.log(p)
 
@@ -201,11 +221,7 @@ def lgamma_pos(z):
 def digamma_pos(z):
     """digamma(z) for z > 0 (float32)."""
     acc = tl.zeros(z.shape, tl.float32)
-    zs = z
-    for _ in tl.static_range(8):
-        small = zs < ASYMPTOTIC_MIN
-        acc = tl.where(small, acc - 1.0 / zs, acc)
-        zs = tl.where(small, zs + 1.0, zs)
+    zs, acc = _shift_reciprocals(z, acc)
     return acc + digamma_stirling(zs)
 
 
@@ -287,11 +303,7 @@ def stirling_correction_deriv_f64(z):
 def lgamma_pos_f64(z):
     """lgamma(z) for float64 z > 0."""
     p = tl.full(z.shape, 1.0, tl.float64)
-    zs = z
-    for _ in tl.static_range(8):
-        small = zs < ASYMPTOTIC_MIN
-        p = tl.where(small, p * zs, p)
-        zs = tl.where(small, zs + 1.0, zs)
+    zs, p = _shift_product(z, p)
     return ((zs - 0.5) * log_f64(zs) - zs + HALF_LOG_2PI + stirling_correction_f64(zs)
             - log_f64(p))
 
@@ -300,9 +312,5 @@ def lgamma_pos_f64(z):
 def digamma_pos_f64(z):
     """digamma(z) for float64 z > 0."""
     acc = tl.zeros(z.shape, tl.float64)
-    zs = z
-    for _ in tl.static_range(8):
-        small = zs < ASYMPTOTIC_MIN
-        acc = tl.where(small, acc - 1.0 / zs, acc)
-        zs = tl.where(small, zs + 1.0, zs)
+    zs, acc = _shift_reciprocals(z, acc)
     return acc + log_f64(zs) - 0.5 / zs + stirling_correction_deriv_f64(zs)

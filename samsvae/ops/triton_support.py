@@ -2,7 +2,8 @@
 
 This module must stay importable without importing triton: ``import samsvae`` imports the
 backend modules on every machine, and on a CPU-only one importing triton costs time and would
-pin ``TRITON_INTERPRET`` before the tests set it. Only the ``*_kernels`` modules import triton.
+pin ``TRITON_INTERPRET`` before the tests set it. Only the ``<op>/triton.py`` modules import
+triton, on an op's first call on the ``triton`` backend.
 """
 from __future__ import annotations
 
@@ -11,6 +12,15 @@ import importlib.util
 import os
 
 import torch
+
+try:  # torch >= 2.6: kernels launched through wrap_triton are traceable by torch.compile
+    from torch.library import triton_op, wrap_triton  # (importing these does not import triton)
+except ImportError:  # pragma: no cover - older torch: the tiers use a plain autograd.Function
+    triton_op = None
+
+    def wrap_triton(kernel):
+        """Identity: without ``torch.library.wrap_triton`` kernels are launched directly."""
+        return kernel
 
 
 @functools.lru_cache(maxsize=None)

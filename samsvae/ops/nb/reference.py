@@ -1,4 +1,5 @@
-"""Negative binomial log-likelihood from decoder logits: the public op and its reference.
+"""The ``reference`` tier of :func:`samsvae.ops.nb_log_prob` (pure PyTorch: the spec) and the
+input checks every tier relies on.
 
     nb_log_prob(counts, logits, log_library, log_theta)[..., i]
         = sum_g log NB(x_ig | mu_ig = exp(log_library_i) * softmax(logits_i)_g,
@@ -19,12 +20,10 @@ Stirling's series in log1p form, which avoids the ~1 nat per element that float3
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
-from . import backends
+from ..csr import csr_rows
 
 _STIRLING_MIN_THETA = 10.0
 
@@ -51,17 +50,9 @@ def lgamma_ratio(x: torch.Tensor, theta: torch.Tensor, log_theta: torch.Tensor) 
     return torch.where(big, stirling, direct)
 
 
-def _csr_parts(counts: torch.Tensor):
-    crow = counts.crow_indices()
-    col = counts.col_indices()
-    val = counts.values()
-    rows = torch.repeat_interleave(torch.arange(crow.numel() - 1, device=crow.device),
-                                   crow[1:] - crow[:-1])
-    return rows, col, val
-
-
 def nb_log_prob_reference(counts, logits, log_library, log_theta, logit_bias=None):
-    """Pure-PyTorch NB log-likelihood (the spec). Shapes as :func:`nb_log_prob`."""
+    """Pure-PyTorch NB log-likelihood (the spec); shapes and units as
+    :func:`samsvae.ops.nb_log_prob`. Differentiable to any order."""
     if logit_bias is not None:
         logits = logits + logit_bias.to(logits.dtype)
     dtype = logits.dtype
@@ -71,8 +62,7 @@ def nb_log_prob_reference(counts, logits, log_library, log_theta, logit_bias=Non
     s = F.softplus(log_mu - log_theta)                        # log1p(mu / theta)
     zero_part = -(theta * s).sum(-1)                          # the x = 0 term of every gene
     if counts.layout == torch.sparse_csr:
-        rows, col, x = _csr_parts(counts)
-        x = x.to(dtype)
+        rows, col, x = csr_rows(counts), counts.col_indices(), counts.values().to(dtype)
         lt, th = log_theta[col], theta[col]
         term = (lgamma_ratio(x, th, lt) - torch.lgamma(x + 1.0)
                 + x * (log_mu[..., rows, col] - s[..., rows, col]))
@@ -84,7 +74,8 @@ def nb_log_prob_reference(counts, logits, log_library, log_theta, logit_bias=Non
     return zero_part + nz_part
 
 
-def _check_nb_inputs(counts, logits, log_library, log_theta, logit_bias=None):
+def check_nb_inputs(counts, logits, log_library, log_theta, logit_bias=None) -> None:
+    """Raise ValueError / TypeError naming the argument whose shape, dtype or layout is wrong."""
     if counts.dim() != 2:
         raise ValueError(f"counts must be (cells, genes), got shape {tuple(counts.shape)}")
     cells, genes = counts.shape
@@ -102,35 +93,3 @@ def _check_nb_inputs(counts, logits, log_library, log_theta, logit_bias=None):
                          f"logits row), got {tuple(logit_bias.shape)}")
     if counts.layout not in (torch.strided, torch.sparse_csr):
         raise ValueError(f"counts must be dense or torch.sparse_csr, got layout {counts.layout}")
-
-
-def nb_log_prob(counts, logits, log_library, log_theta, *, logit_bias=None, backend="auto"):
-    """Per-row NB log-likelihood of ``counts`` under decoder ``logits``.
-
-    Args:
-        counts: ``(cells, genes)`` non-negative counts, dense or ``torch.sparse_csr``; shared by
-            every particle (never copied per particle).
-        logits: ``(cells, genes)`` or ``(particles, cells, genes)`` unnormalised decoder outputs;
-            ``softmax`` over genes gives each cell's expression proportions.
-        log_library: ``(cells,)`` log library size (total counts); mean = library * softmax.
-        log_theta: ``(genes,)`` log inverse dispersion.
-        logit_bias: optional ``(genes,)`` added to every logits row: a decoder's last bias,
-            whose Linear layer then runs without it. The ``cpp`` backend adds it inside the
-            kernel and accumulates its gradient there (no broadcast copy, no sum over rows);
-            the other backends add it first.
-        backend: ``"auto"`` | ``"reference"`` | ``"cpp"`` | ``"triton"``.
-
-    Returns:
-        ``logits.shape[:-1]``: log-likelihood in nats summed over genes. Differentiable in
-        ``logits``, ``log_library``, ``log_theta`` and ``logit_bias``.
-    """
-    _check_nb_inputs(counts, logits, log_library, log_theta, logit_bias)
-    _, fn = backends.resolve("nb_log_prob", backend, logits.device)
-    if logit_bias is None:
-        return fn(counts, logits, log_library, log_theta)
-    return fn(counts, logits, log_library, log_theta, logit_bias)
-
-
-backends.register("nb_log_prob", "reference", nb_log_prob_reference)
-
-LOG_2PI = math.log(2.0 * math.pi)

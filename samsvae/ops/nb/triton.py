@@ -1,4 +1,7 @@
-"""Triton kernels for :func:`samsvae.ops.nb_log_prob` (imported lazily: it imports triton).
+"""The ``triton`` tier of :func:`samsvae.ops.nb_log_prob`: kernels, launchers, autograd.
+
+Imported on the first call (it imports triton): :mod:`samsvae.ops.nb` registers
+:func:`nb_log_prob_triton` by name.
 
 Per row r (a (particle, cell) pair), gene g, with ``a = log mu = log_library + logit - lse``,
 ``y = a - log_theta``, ``s = softplus(y)``, ``q = sigmoid(y)``::
@@ -32,7 +35,7 @@ compute the x = 0 part and a per-row loop over the row's nonzeros adds the rest.
 Math is float32 whatever the logits dtype (float32/bfloat16/float16), except per-row
 statistics (lse, log_library - lse) in float64; log mu and y are carried as float32 (hi, lo)
 pairs and exp is ``exp_acc``, not the approximate ``tl.exp``, so that the kernel's error stays
-below twice that of float32 PyTorch (tests/test_triton_nb.py).
+below twice that of float32 PyTorch (tests/ops/test_nb.py).
 """
 import contextlib
 import math
@@ -43,8 +46,10 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _triton_math as tm
-from ._triton_utils import interpreting, multiprocessor_count, next_power_of_2
+from .. import triton_math as tm
+from ..triton_support import (interpreting, multiprocessor_count, next_power_of_2, triton_op,
+                              wrap_triton)
+from .reference import nb_log_prob_reference
 
 X_TAB = 64  # integer counts below this use the per-gene tables
 STIRLING_THETA = tl.constexpr(10.0)  # theta from which N uses the E form (and Stirling in theta)
@@ -252,14 +257,30 @@ def _tile_rows(pid, n_rows, n_cells, n_genes, ROWS: tl.constexpr):
 
 
 @triton.jit
-def _csr_row(crow_ptr, pid, r, n_rows, n_cells, ROWS: tl.constexpr):
-    """(row, start, end) of tile row r in the CSR arrays; an empty range for tail rows."""
+def _csr_row(crow_ptr, pid, r, n_rows, n_cells, base, base_lo, ridx, ROWS: tl.constexpr):
+    """(row, start, end, base_r, base_lo_r) of tile row r: its range in the CSR arrays (empty
+    for tail rows) and its entries of the per-row (hi, lo) statistics ``base``."""
     row = tl.minimum(pid * ROWS + r, n_rows - 1)
     cell = row % n_cells
     start = tl.load(crow_ptr + cell).to(tl.int64)
     end = tl.load(crow_ptr + cell + 1).to(tl.int64)
     end = tl.where(pid * ROWS + r < n_rows, end, start)
-    return row.to(tl.int64), start, end
+    return row.to(tl.int64), start, end, _pick(base, ridx, r), _pick(base_lo, ridx, r)
+
+
+@triton.jit
+def _csr_entries(col_ptr, x_ptr, logits_ptr, lt_ptr, theta_ptr, row, k0, end, n_genes,
+                 BLOCK_NNZ: tl.constexpr):
+    """One block of a CSR row's stored entries k0 .. k0 + BLOCK_NNZ (masked at ``end``):
+    (mask, gene, count, logit, log_theta, theta)."""
+    k = k0 + tl.arange(0, BLOCK_NNZ)
+    km = k < end
+    c = tl.load(col_ptr + k, mask=km, other=0).to(tl.int64)
+    x = tl.load(x_ptr + k, mask=km, other=0).to(tl.float32)
+    z = tl.load(logits_ptr + row * n_genes + c, mask=km, other=0.0).to(tl.float32)
+    lt = tl.load(lt_ptr + c, mask=km, other=0.0)
+    theta = tl.load(theta_ptr + c, mask=km, other=1.0)
+    return km, c, x, z, lt, theta
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -323,18 +344,13 @@ def _nb_fwd_kernel(logits_ptr, ll_ptr, lt_ptr, theta_ptr, tab_ptr,
 
     if IS_CSR:
         for r in range(ROWS):
-            row, start, end = _csr_row(crow_ptr, pid, r, n_rows, n_cells, ROWS)
-            base_r = _pick(base, ridx, r)
-            lo_r = _pick(base_lo, ridx, r)
+            row, start, end, base_r, lo_r = _csr_row(crow_ptr, pid, r, n_rows, n_cells, base,
+                                                     base_lo, ridx, ROWS)
             part = tl.zeros([ROWS], tl.float64)
             for k0 in range(start, end, BLOCK_NNZ):
-                k = k0 + tl.arange(0, BLOCK_NNZ)
-                km = k < end
-                c = tl.load(col_ptr + k, mask=km, other=0).to(tl.int64)
-                x = tl.load(x_ptr + k, mask=km, other=0).to(tl.float32)
-                z = tl.load(logits_ptr + row * n_genes + c, mask=km, other=0.0).to(tl.float32)
-                lt = tl.load(lt_ptr + c, mask=km, other=0.0)
-                theta = tl.load(theta_ptr + c, mask=km, other=1.0)
+                km, c, x, z, lt, theta = _csr_entries(col_ptr, x_ptr, logits_ptr, lt_ptr,
+                                                      theta_ptr, row, k0, end, n_genes,
+                                                      BLOCK_NNZ)
                 a, a_lo, y, y_lo = _log_mu(base_r, lo_r, z, lt)
                 s, a_minus_s, s_neg = _softplus_terms(a, a_lo, y, y_lo)
                 n = _nonzero_term(x, km & (x > 0.0), c, theta, a, a_lo, s, a_minus_s, s_neg,
@@ -388,20 +404,15 @@ def _nb_bwd_kernel(grad_ptr, logits_ptr, ll_ptr, lt_ptr, theta_ptr, dtab_ptr,
         if NEED_DLT:
             tl.debug_barrier()  # the partial row stored above is added to below
         for r in range(ROWS):
-            row, start, end = _csr_row(crow_ptr, pid, r, n_rows, n_cells, ROWS)
-            base_r = _pick(base, ridx, r)
-            lo_r = _pick(base_lo, ridx, r)
+            row, start, end, base_r, lo_r = _csr_row(crow_ptr, pid, r, n_rows, n_cells, base,
+                                                     base_lo, ridx, ROWS)
             go_r = _pick(go, ridx, r)
             hpart = tl.zeros([ROWS], tl.float64)
             for k0 in range(start, end, BLOCK_NNZ):
-                k = k0 + tl.arange(0, BLOCK_NNZ)
-                km = k < end
-                c = tl.load(col_ptr + k, mask=km, other=0).to(tl.int64)
-                x = tl.load(x_ptr + k, mask=km, other=0).to(tl.float32)
+                km, c, x, z, lt, theta = _csr_entries(col_ptr, x_ptr, logits_ptr, lt_ptr,
+                                                      theta_ptr, row, k0, end, n_genes,
+                                                      BLOCK_NNZ)
                 nz = km & (x > 0.0)
-                z = tl.load(logits_ptr + row * n_genes + c, mask=km, other=0.0).to(tl.float32)
-                lt = tl.load(lt_ptr + c, mask=km, other=0.0)
-                theta = tl.load(theta_ptr + c, mask=km, other=1.0)
                 _, _, y, y_lo = _log_mu(base_r, lo_r, z, lt)
                 q, qc = _sigmoids(y, y_lo)
                 hpart += tl.sum(tl.where(nz, x * qc, 0.0)).to(tl.float64)
@@ -433,17 +444,13 @@ def _nb_bwd_kernel(grad_ptr, logits_ptr, ll_ptr, lt_ptr, theta_ptr, dtab_ptr,
     if IS_CSR:
         tl.debug_barrier()  # the dense d logits above must land before the sparse additions
         for r in range(ROWS):
-            row, start, end = _csr_row(crow_ptr, pid, r, n_rows, n_cells, ROWS)
-            base_r = _pick(base, ridx, r)
-            lo_r = _pick(base_lo, ridx, r)
+            row, start, end, base_r, lo_r = _csr_row(crow_ptr, pid, r, n_rows, n_cells, base,
+                                                     base_lo, ridx, ROWS)
             go_r = _pick(go, ridx, r)
             for k0 in range(start, end, BLOCK_NNZ):
-                k = k0 + tl.arange(0, BLOCK_NNZ)
-                km = k < end
-                c = tl.load(col_ptr + k, mask=km, other=0).to(tl.int64)
-                x = tl.load(x_ptr + k, mask=km, other=0).to(tl.float32)
-                z = tl.load(logits_ptr + row * n_genes + c, mask=km, other=0.0).to(tl.float32)
-                lt = tl.load(lt_ptr + c, mask=km, other=0.0)
+                # theta is not used here (its load is dead code to the compiler)
+                km, c, x, z, lt, _ = _csr_entries(col_ptr, x_ptr, logits_ptr, lt_ptr,
+                                                  theta_ptr, row, k0, end, n_genes, BLOCK_NNZ)
                 _, _, y, y_lo = _log_mu(base_r, lo_r, z, lt)
                 _, qc = _sigmoids(y, y_lo)
                 tl.atomic_add(dlogits_ptr + row * n_genes + c, go_r * x * qc,
@@ -504,14 +511,6 @@ def choose_config(n_rows: int, n_genes: int, device: torch.device,
 
 # ----------------------------------------------------------------------------- launchers
 
-try:  # torch >= 2.6: kernels launched through wrap_triton are traceable by torch.compile
-    from torch.library import triton_op as _triton_op, wrap_triton as _wrap_triton
-except ImportError:  # pragma: no cover - older torch: plain autograd.Function below
-    _triton_op = None
-
-    def _wrap_triton(kernel):
-        return kernel
-
 
 def nb_tables(theta: torch.Tensor):
     """Per-gene tables ``(tab, dtab)``, each (X_TAB + 1, G) float32 for theta (G,) float32.
@@ -523,7 +522,7 @@ def nb_tables(theta: torch.Tensor):
     dtab = torch.empty_like(tab)
     if n_genes > 0:
         block = 64 if interpreting() else 32  # (X_TAB, block) float64 tiles
-        _wrap_triton(_nb_tables_kernel)[(triton.cdiv(n_genes, block),)](
+        wrap_triton(_nb_tables_kernel)[(triton.cdiv(n_genes, block),)](
             theta, tab, dtab, n_genes, X_TAB=X_TAB, BLOCK_G=block)
     return tab, dtab
 
@@ -539,19 +538,23 @@ def _count_args(counts, crow, col, values, device):
     return False, counts, _dummy(device), _dummy(device)
 
 
+def _kernel_inputs(logits: torch.Tensor, log_theta: torch.Tensor):
+    """(logits as (rows, G), log_theta (G,) float32, theta (G,) float32) for the kernels."""
+    logits2 = logits.reshape(math.prod(logits.shape[:-1]), logits.shape[-1])
+    lt = log_theta.to(torch.float32).contiguous()
+    return logits2, lt, lt.exp()
+
+
 def _forward_impl(logits: torch.Tensor, log_library: torch.Tensor, log_theta: torch.Tensor,
                   counts: Optional[torch.Tensor], crow: Optional[torch.Tensor],
                   col: Optional[torch.Tensor], values: Optional[torch.Tensor],
                   ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (loglik logits.shape[:-1] in logits dtype, lse (rows,) float64,
     dtab (X_TAB + 1, G) float32); lse and dtab are saved for the backward."""
-    n_genes = logits.shape[-1]
+    logits2, lt, theta = _kernel_inputs(logits, log_theta)
+    n_rows, n_genes = logits2.shape
     n_cells = log_library.shape[0]
-    logits2 = logits.reshape(math.prod(logits.shape[:-1]), n_genes)
-    n_rows = logits2.shape[0]
     device = logits.device
-    lt = log_theta.to(torch.float32).contiguous()
-    theta = lt.exp()
     tab, dtab = nb_tables(theta)
     out = torch.zeros(n_rows, dtype=torch.float32, device=device)  # zeros if no genes
     lse = torch.full((n_rows,), float("-inf"), dtype=torch.float64, device=device)
@@ -559,7 +562,7 @@ def _forward_impl(logits: torch.Tensor, log_library: torch.Tensor, log_theta: to
         is_csr, xs, crow_, col_ = _count_args(counts, crow, col, values, device)
         cfg = choose_config(n_rows, n_genes, device, is_csr)
         grid = (triton.cdiv(n_rows, cfg.rows),)
-        _wrap_triton(_nb_fwd_kernel)[grid](
+        wrap_triton(_nb_fwd_kernel)[grid](
             logits2, log_library, lt, theta, tab, xs, crow_, col_, out, lse,
             n_rows, n_cells, n_genes,
             IS_CSR=is_csr, ROWS=cfg.rows, BLOCK_G=cfg.block_g, BLOCK_NNZ=cfg.block_nnz,
@@ -574,13 +577,10 @@ def _backward_impl(grad: torch.Tensor, logits: torch.Tensor, log_library: torch.
                    need_dlt: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (d logits, d log_library, d log_theta) in the dtypes of those inputs
     (d log_theta is zeros when ``need_dlt`` is False)."""
-    n_genes = logits.shape[-1]
+    logits2, lt, theta = _kernel_inputs(logits, log_theta)
+    n_rows, n_genes = logits2.shape
     n_cells = log_library.shape[0]
-    logits2 = logits.reshape(math.prod(logits.shape[:-1]), n_genes)
-    n_rows = logits2.shape[0]
     device = logits.device
-    lt = log_theta.to(torch.float32).contiguous()
-    theta = lt.exp()
     grad = grad.reshape(-1).to(torch.float32).contiguous()
     dlogits = torch.empty(n_rows, n_genes, dtype=torch.float32, device=device)
     dll_rows = torch.empty(n_rows, dtype=torch.float32, device=device)
@@ -592,7 +592,7 @@ def _backward_impl(grad: torch.Tensor, logits: torch.Tensor, log_library: torch.
     n_prog = triton.cdiv(n_rows, cfg.rows)
     dlt_part = (torch.empty(n_prog, n_genes, dtype=torch.float32, device=device) if need_dlt
                 else _dummy(device))
-    _wrap_triton(_nb_bwd_kernel)[(n_prog,)](
+    wrap_triton(_nb_bwd_kernel)[(n_prog,)](
         grad, logits2, log_library, lt, theta, dtab, xs, crow_, col_, lse,
         dlogits, dll_rows, dlt_part, n_rows, n_cells, n_genes,
         IS_CSR=is_csr, NEED_DLT=need_dlt, ROWS=cfg.rows, BLOCK_G=cfg.block_g,
@@ -603,9 +603,9 @@ def _backward_impl(grad: torch.Tensor, logits: torch.Tensor, log_library: torch.
     return dlogits.reshape(logits.shape).to(logits.dtype), dll, dlt
 
 
-if _triton_op is not None:
-    _nb_fwd_op = _triton_op("samsvae::triton_nb_log_prob", mutates_args=())(_forward_impl)
-    _nb_bwd_op = _triton_op("samsvae::triton_nb_log_prob_backward",
+if triton_op is not None:
+    _nb_fwd_op = triton_op("samsvae::triton_nb_log_prob", mutates_args=())(_forward_impl)
+    _nb_bwd_op = triton_op("samsvae::triton_nb_log_prob_backward",
                             mutates_args=())(_backward_impl)
 
     def _setup_context(ctx, inputs, output):
@@ -647,20 +647,22 @@ else:  # pragma: no cover
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def nb_log_prob_triton(counts, logits, log_library, log_theta):
+def nb_log_prob_triton(counts, logits, log_library, log_theta, logit_bias=None):
     """Triton NB log-likelihood; same contract as :func:`samsvae.ops.nb_log_prob`.
 
     Args:
         counts: (C, G) dense or ``torch.sparse_csr`` non-negative counts (any real dtype).
         logits: (C, G) or (P, C, G) float32/bfloat16/float16 (float32 math inside).
         log_library: (C,); log_theta: (G,).
+        logit_bias: optional (G,), added to the logits before the kernel (not fused here).
 
     Returns:
         ``logits.shape[:-1]`` log-likelihoods (nats), differentiable in logits, log_library
         and log_theta. float64 logits are not run in float32: they go to the reference.
     """
+    if logit_bias is not None:
+        logits = logits + logit_bias.to(logits.dtype)
     if logits.dtype not in _KERNEL_DTYPES:
-        from .nb_log_prob import nb_log_prob_reference
         return nb_log_prob_reference(counts, logits, log_library, log_theta)
     tensors = {"logits": logits, "log_library": log_library, "log_theta": log_theta}
     devices = {t.device for t in tensors.values()} | {counts.device}

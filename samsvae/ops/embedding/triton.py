@@ -1,4 +1,7 @@
-"""Triton kernels for :func:`samsvae.ops.masked_embedding_sum` (imported lazily: imports triton).
+"""The ``triton`` tier of :func:`samsvae.ops.masked_embedding_sum`: kernels, launchers, autograd.
+
+Imported on the first call (it imports triton): :mod:`samsvae.ops.embedding` registers
+:func:`masked_embedding_sum_triton` by name.
 
 For the U perturbations present in a batch (``index``), particles p and latent dims l::
 
@@ -14,7 +17,7 @@ batch's few non-zeros, so no atomics and a deterministic result), adds the direc
 e and m, reduces over particles and writes the perturbation's rows of d loc, d log_scale and
 d mask_logits (the ids in ``index`` are unique, so each row has a single writer).
 
-The noise is drawn outside, by :func:`samsvae.ops.masked_embedding.draw_noise`, exactly as the
+The noise is drawn outside, by :func:`samsvae.ops.embedding.draw_noise`, exactly as the
 reference draws it. Math is float32.
 """
 from typing import Optional, Tuple
@@ -23,10 +26,10 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _triton_math as tm
-from ._triton_utils import next_power_of_2
-from .masked_embedding import (EmbeddingSample, batch_perturbations, draw_noise,
-                               masked_embedding_sum_reference)
+from .. import triton_math as tm
+from ..triton_support import next_power_of_2, triton_op, wrap_triton
+from .reference import (EmbeddingSample, batch_perturbations, draw_noise,
+                        masked_embedding_sum_reference)
 
 
 @triton.jit
@@ -140,14 +143,6 @@ def _embedding_bwd_kernel(gz_ptr, gemb_ptr, gmask_ptr,
 
 # ----------------------------------------------------------------------------- launchers
 
-try:  # torch >= 2.6: kernels launched through wrap_triton are traceable by torch.compile
-    from torch.library import triton_op as _triton_op, wrap_triton as _wrap_triton
-except ImportError:  # pragma: no cover - older torch: plain autograd.Function below
-    _triton_op = None
-
-    def _wrap_triton(kernel):
-        return kernel
-
 
 def _block_l(latent: int) -> int:
     return min(next_power_of_2(latent), 1024)
@@ -175,14 +170,14 @@ def _forward_impl(index: torch.Tensor, local_col: torch.Tensor, crow: torch.Tens
     block = _block_l(latent)
     n_lblk = triton.cdiv(latent, block)
     if n_particles * n_pert * latent > 0:
-        _wrap_triton(_sample_kernel)[(n_particles * n_pert, n_lblk)](
+        wrap_triton(_sample_kernel)[(n_particles * n_pert, n_lblk)](
             index, emb_loc, emb_log_scale if emb_log_scale is not None else _dummy(device),
             mask_logits if has_mask else _dummy(device), eps,
             noise_u if has_mask else _dummy(device), emb, mask if has_mask else _dummy(device),
             n_pert, latent, temperature,
             HAS_SCALE=emb_log_scale is not None, HAS_MASK=has_mask, BLOCK_L=block)
     if n_particles * n_cells * latent > 0:
-        _wrap_triton(_compose_kernel)[(n_cells, n_particles, n_lblk)](
+        wrap_triton(_compose_kernel)[(n_cells, n_particles, n_lblk)](
             crow, local_col, dose, emb, mask if has_mask else _dummy(device), z,
             n_cells, n_pert, latent, HAS_MASK=has_mask, BLOCK_L=block)
     return z, emb, mask
@@ -224,7 +219,7 @@ def _backward_impl(grad_z: Optional[torch.Tensor], grad_emb: Optional[torch.Tens
     ccol, csc_rows, csc_dose = _csc(local_col, crow, dose, n_pert)
     block = _block_l(latent)
     dummy = _dummy(device)
-    _wrap_triton(_embedding_bwd_kernel)[(n_pert, triton.cdiv(latent, block))](
+    wrap_triton(_embedding_bwd_kernel)[(n_pert, triton.cdiv(latent, block))](
         grad_z if grad_z is not None else dummy,
         grad_emb if grad_emb is not None else dummy,
         grad_mask if grad_mask is not None else dummy,
@@ -239,9 +234,9 @@ def _backward_impl(grad_z: Optional[torch.Tensor], grad_emb: Optional[torch.Tens
     return dloc, dscale, dlogit
 
 
-if _triton_op is not None:
-    _fwd_op = _triton_op("samsvae::triton_masked_embedding_sum", mutates_args=())(_forward_impl)
-    _bwd_op = _triton_op("samsvae::triton_masked_embedding_sum_backward",
+if triton_op is not None:
+    _fwd_op = triton_op("samsvae::triton_masked_embedding_sum", mutates_args=())(_forward_impl)
+    _bwd_op = triton_op("samsvae::triton_masked_embedding_sum_backward",
                          mutates_args=())(_backward_impl)
 
     def _setup_context(ctx, inputs, output):

@@ -1,4 +1,7 @@
-"""Sparse masked embedding composition with sampling of only the perturbations in a batch.
+"""The ``reference`` tier of :func:`samsvae.ops.masked_embedding_sum` (pure PyTorch: the spec)
+and the pieces every tier shares (batch perturbation ids, noise, the returned tuple).
+
+Sparse masked embedding composition with sampling of only the perturbations in a batch.
 
 For a minibatch with CSR dosage ``d`` (cells x T) the perturbation latent of particle k is
 
@@ -20,9 +23,10 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from . import backends
+from ..csr import csr_rows
 
-_UNIFORM_EPS = 1e-6
+# uniform noise is clamped to [UNIFORM_EPS, 1 - UNIFORM_EPS] so its logit stays finite
+UNIFORM_EPS = 1e-6
 
 
 class EmbeddingSample(NamedTuple):
@@ -49,11 +53,8 @@ def batch_perturbations(dosage: torch.Tensor):
     if dosage.layout != torch.sparse_csr:
         raise ValueError(f"dosage must be a torch.sparse_csr tensor (cells x perturbations), "
                          f"got layout {dosage.layout}")
-    crow, col, val = dosage.crow_indices(), dosage.col_indices(), dosage.values()
-    index, local_col = torch.unique(col, sorted=True, return_inverse=True)
-    rows = torch.repeat_interleave(torch.arange(crow.numel() - 1, device=crow.device),
-                                   crow[1:] - crow[:-1])
-    return index, local_col, rows, val
+    index, local_col = torch.unique(dosage.col_indices(), sorted=True, return_inverse=True)
+    return index, local_col, csr_rows(dosage), dosage.values()
 
 
 def draw_noise(particles: int, n: int, latent: int, *, dtype, device, generator=None,
@@ -63,7 +64,7 @@ def draw_noise(particles: int, n: int, latent: int, *, dtype, device, generator=
     u = None
     if masked:
         u = torch.rand(particles, n, latent, dtype=dtype, device=device, generator=generator)
-        u = u.clamp(_UNIFORM_EPS, 1.0 - _UNIFORM_EPS)
+        u = u.clamp(UNIFORM_EPS, 1.0 - UNIFORM_EPS)
     return eps, u
 
 
@@ -90,6 +91,8 @@ def perturbation_sum(dosage: torch.Tensor, index: torch.Tensor, values: torch.Te
 
 def masked_embedding_sum_reference(dosage, emb_loc, emb_log_scale, mask_logits, *, particles,
                                    temperature=1.0, generator=None, noise=None):
+    """Pure-PyTorch :func:`samsvae.ops.masked_embedding_sum` (the spec); ``noise`` optionally
+    gives the ``(eps, u)`` of :func:`draw_noise` instead of drawing them."""
     index, local_col, rows, val = batch_perturbations(dosage)
     dtype, device = emb_loc.dtype, emb_loc.device
     latent = emb_loc.shape[-1]
@@ -110,41 +113,3 @@ def masked_embedding_sum_reference(dosage, emb_loc, emb_log_scale, mask_logits, 
     contrib = values[:, local_col, :] * val.to(dtype)[None, :, None]
     z_p = values.new_zeros(particles, dosage.shape[0], latent).index_add(1, rows, contrib)
     return EmbeddingSample(z_p, index, emb, mask)
-
-
-def masked_embedding_sum(dosage, emb_loc, emb_log_scale, mask_logits, *, particles,
-                         temperature=1.0, generator=None, backend="auto"):
-    """Sample embeddings and masks for the batch's perturbations and compose them per cell.
-
-    Args:
-        dosage: ``(cells, T)`` ``torch.sparse_csr`` dosage matrix of the batch (real values ok).
-        emb_loc: ``(T, latent)`` guide mean of the perturbation embeddings.
-        emb_log_scale: ``(T, latent)`` guide log standard deviation, or None for a point value.
-        mask_logits: ``(T, latent)`` guide logits of the Bernoulli masks, or None for masks
-            fixed to one (CPA-VAE).
-        particles: number of samples P.
-        temperature: Gumbel-sigmoid relaxation temperature.
-        generator: optional ``torch.Generator`` for the noise.
-
-    Returns:
-        :class:`EmbeddingSample` ``(z_p (P, cells, L), index (U,), embedding (P, U, L),
-        mask (P, U, L) or None)``. Gradients flow to ``emb_loc``, ``emb_log_scale`` and
-        ``mask_logits`` through every output.
-    """
-    if emb_loc.dim() != 2:
-        raise ValueError(f"emb_loc must be (perturbations, latent), got {tuple(emb_loc.shape)}")
-    if dosage.dim() != 2 or dosage.shape[1] != emb_loc.shape[0]:
-        raise ValueError(f"dosage must be (cells, {emb_loc.shape[0]}) to match emb_loc, "
-                         f"got {tuple(dosage.shape)}")
-    for name, t in (("emb_log_scale", emb_log_scale), ("mask_logits", mask_logits)):
-        if t is not None and t.shape != emb_loc.shape:
-            raise ValueError(f"{name} must have the shape of emb_loc {tuple(emb_loc.shape)}, "
-                             f"got {tuple(t.shape)}")
-    if particles < 1:
-        raise ValueError(f"particles must be >= 1, got {particles}")
-    _, fn = backends.resolve("masked_embedding_sum", backend, emb_loc.device)
-    return fn(dosage, emb_loc, emb_log_scale, mask_logits, particles=particles,
-              temperature=temperature, generator=generator)
-
-
-backends.register("masked_embedding_sum", "reference", masked_embedding_sum_reference)

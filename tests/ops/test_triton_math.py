@@ -1,4 +1,4 @@
-"""Device math of the Triton kernels (samsvae/ops/_triton_math.py) against float64 torch.
+"""Device math of the Triton kernels (samsvae/ops/triton_math.py) against float64 torch.
 
 Runs under the Triton CPU interpreter (TRITON_INTERPRET=1, set by conftest.py without CUDA)."""
 import pytest
@@ -7,7 +7,7 @@ import torch
 triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
 
-from samsvae.ops import _triton_math as tm  # noqa: E402
+from samsvae.ops import triton_math as tm  # noqa: E402
 
 EPS32 = torch.finfo(torch.float32).eps
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the interpreter runs CPU tensors

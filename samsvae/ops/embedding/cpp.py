@@ -1,4 +1,4 @@
-"""The ``cpp`` backend of :func:`samsvae.ops.masked_embedding_sum`: fused C++ CPU kernels.
+"""The ``cpp`` tier of :func:`samsvae.ops.masked_embedding_sum`: fused C++ CPU kernels.
 
 The kernels (``csrc/embedding/``) are registered by ``samsvae._C`` as the custom ops
 
@@ -17,11 +17,10 @@ from __future__ import annotations
 
 import torch
 
-from . import backends
-from ._cpp import ext_available, why_unavailable
-from .masked_embedding import EmbeddingSample, draw_noise
-
-_COMPUTE_DTYPES = (torch.float32, torch.float64)
+from .. import backends
+from ..cpp_extension import CPP_DTYPES, ext_available, why_unavailable
+from ..csr import kernel_parts
+from .reference import EmbeddingSample, draw_noise
 
 
 @torch.library.register_fake("samsvae::masked_embedding_fwd")
@@ -97,9 +96,9 @@ def masked_embedding_sum_cpp(dosage, emb_loc, emb_log_scale, mask_logits, *, par
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     out_dtype = emb_loc.dtype
-    dtype = out_dtype if out_dtype in _COMPUTE_DTYPES else torch.float32
-    col = dosage.col_indices()
-    index, local_col = torch.unique(col, sorted=True, return_inverse=True)
+    dtype = out_dtype if out_dtype in CPP_DTYPES else torch.float32
+    crow, _, dose = kernel_parts(dosage, dtype)
+    index, local_col = torch.unique(dosage.col_indices(), sorted=True, return_inverse=True)
     masked = mask_logits is not None
     eps, unif = draw_noise(particles, index.numel(), emb_loc.shape[-1], dtype=out_dtype,
                            device=emb_loc.device, generator=generator, masked=masked)
@@ -107,12 +106,8 @@ def masked_embedding_sum_cpp(dosage, emb_loc, emb_log_scale, mask_logits, *, par
     def prep(t):
         return None if t is None else t.to(dtype).contiguous()
 
-    # values() is a view of the sparse tensor; detach() drops that link (no copy), which
-    # torch.compile cannot trace through
-    dose = dosage.values().detach().to(dtype).contiguous()
     z, emb, mask, _soft = torch.ops.samsvae.masked_embedding_fwd(
-        dosage.crow_indices().to(torch.int64).contiguous(), local_col.to(torch.int64).contiguous(),
-        dose, index.to(torch.int64).contiguous(), prep(emb_loc), prep(emb_log_scale),
+        crow, local_col.to(torch.int64).contiguous(), dose, index.to(torch.int64).contiguous(), prep(emb_loc), prep(emb_log_scale),
         prep(mask_logits), prep(eps), prep(unif), float(temperature))
     if dtype != out_dtype:
         z, emb, mask = z.to(out_dtype), emb.to(out_dtype), mask.to(out_dtype)

@@ -1,0 +1,41 @@
+"""Input makers shared by the test modules of several ops (tests/ops/)."""
+import torch
+
+
+def make_inputs(cells, genes, particles=None, *, seed=0, zero_fraction=0.9, theta=(-4, 6),
+                max_count=None, integer=True, logit_scale=1.5):
+    """float64 (counts (C, G), logits, log_library (C,), log_theta (G,)); log10 theta uniform
+    in `theta`; counts 1 + Poisson(lognormal) on a random (1 - zero_fraction) of the entries,
+    a few of them up to `max_count`."""
+    g = torch.Generator().manual_seed(seed)
+    f64 = torch.float64
+    keep = torch.rand(cells, genes, generator=g, dtype=f64) >= zero_fraction
+    rate = torch.exp(torch.randn(cells, genes, generator=g, dtype=f64) * 1.2)
+    x = 1.0 + torch.poisson(rate, generator=g)
+    if max_count is not None:
+        big = torch.rand(cells, genes, generator=g, dtype=f64) < 0.05
+        wide = torch.randint(0, max_count + 1, (cells, genes), generator=g).to(f64)
+        x = torch.where(big, wide, x)
+    if not integer:
+        x = x * torch.rand(cells, genes, generator=g, dtype=f64) * 1.7
+    counts = x * keep
+    shape = (cells, genes) if particles is None else (particles, cells, genes)
+    logits = torch.randn(*shape, generator=g, dtype=f64) * logit_scale
+    log_library = torch.log(counts.sum(1).clamp_min(1.0) + 50.0)
+    lo, hi = theta
+    log_theta = (torch.rand(genes, generator=g, dtype=f64) * (hi - lo) + lo) * 2.302585092994046
+    return counts, logits, log_library, log_theta
+
+
+def random_inputs(cells=5, genes=9, particles=None, dtype=torch.float64, seed=0,
+                  zero_frac=0.6):
+    """(counts (C, G) float64 Poisson with `zero_frac` zeros, logits (C, G) or (P, C, G),
+    log_library (C,), log_theta (G,)) for the NB reference tests."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.poisson(torch.rand(cells, genes, generator=g, dtype=torch.float64) * 8, generator=g)
+    x[torch.rand(cells, genes, generator=g) < zero_frac] = 0
+    shape = (cells, genes) if particles is None else (particles, cells, genes)
+    logits = torch.randn(*shape, generator=g, dtype=dtype)
+    log_library = (torch.rand(cells, generator=g, dtype=dtype) * 3 + 5)
+    log_theta = torch.randn(genes, generator=g, dtype=dtype) * 2
+    return x, logits, log_library, log_theta
