@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import _harness as H  # noqa: E402
-from samsvae.bench import synth_batch  # noqa: E402
+from samsvae.data import synth_batch  # noqa: E402
 from samsvae.ops import log1p_standardize_linear  # noqa: E402
 
 

@@ -39,9 +39,9 @@ from samsvae.data import MinibatchLoader, gene_log1p_stats, load_screen, make_sp
 from samsvae.data.stream_stats import load_backed_screen  # noqa: E402
 from samsvae.data.streaming import StreamingLoader  # noqa: E402
 from samsvae.train import Trainer, TrainConfig  # noqa: E402
-from samsvae.train.build import build_model_for_screen, split_indices  # noqa: E402
-from samsvae.train.distributed import (DistributedTrainer, distributed_test_iwelbo,  # noqa: E402
-                                       init_from_env, shutdown)
+from samsvae.train.prepare import build_model_for_screen, split_indices  # noqa: E402
+from samsvae.infer.iwelbo import cells_iwelbo  # noqa: E402
+from samsvae.train.distributed import DistributedTrainer, init_from_env, shutdown  # noqa: E402
 
 
 def _peak_rss_gib() -> float:
@@ -159,9 +159,8 @@ def main(argv=None) -> int:
         rows = np.sort(np.random.default_rng(args.seed).choice(
             test, min(args.eval_cells, test.size), replace=False))
         t_eval = time.perf_counter()
-        iw = distributed_test_iwelbo(model, screen, rows, batch_size=args.batch_size,
-                                     particles=args.eval_particles, global_seed=args.seed,
-                                     comm=comm)
+        iw = cells_iwelbo(model, screen, rows, batch_size=args.batch_size,
+                          particles=args.eval_particles, global_seed=args.seed, comm=comm)
         record.update(eval_cells=int(rows.size), eval_particles=args.eval_particles,
                       test_iwelbo=float(iw.mean()), eval_s=time.perf_counter() - t_eval)
         say(f"test IWELBO of {rows.size:,} cells ({args.eval_particles} particles): "

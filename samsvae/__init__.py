@@ -1,5 +1,5 @@
 """samsvae: fast SAMS-VAE for genetic perturbation screens."""
-__version__ = "0.1.0"
+from .version import __version__  # noqa: F401
 
 from . import ops  # noqa: F401
 

@@ -21,10 +21,18 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from . import ops
+from .data import MinibatchLoader, check_indices, load_screen, make_split, parse_labels
+from .data.perturbations import read_label_column
+from .infer import data_ate, model_ate, pearson, test_iwelbo
+from .infer.ate import condition_dosage
+from .train import TrainConfig, fit
+from .train.prepare import build_model_for_screen, split_indices
+from .train.run_dir import align_screen, load_run, read_config, run_config, save_run
+
 UNS_KEY = "_samsvae"
 _SETUP_FIELDS = ("perturbation_key", "layer", "control_label", "separator", "drop_labels",
                  "dosage_key")
-_CONTROL_ALIASES = ("control", "ctrl", "non-targeting", "NT", "")
 
 
 class SAMSVAE:
@@ -39,8 +47,6 @@ class SAMSVAE:
         n_hidden: hidden units of the encoder/decoder MLPs.
         split: ``"random"`` | ``"ood_combinations"`` | an obs column holding train/val/test.
         seed: seeds the split, the initial weights and the training noise.
-        backend: kernel backend of the fused ops (``"auto"``, ``"reference"``, ``"cpp"``,
-            ``"triton"``).
         **model_kwargs: further ``build_model`` options.
 
     Attributes:
@@ -52,11 +58,9 @@ class SAMSVAE:
 
     def __init__(self, adata, model: str = "sams_vae", guide: str = "mean_field",
                  n_latent: int = 100, n_hidden: int = 400, split: str = "random", seed: int = 0,
-                 backend: str = "auto", **model_kwargs):
+                 **model_kwargs):
         import torch
 
-        from .data import load_screen, make_split
-        from .train.build import build_model_for_screen, split_indices
         setup = _registered(adata)
         self.adata = adata
         self.screen = load_screen(adata, **_load_options(setup))
@@ -64,9 +68,9 @@ class SAMSVAE:
         torch.manual_seed(seed)
         self.module = build_model_for_screen(self.screen, split_indices(self.split, "train"),
                                              model=model, guide=guide, n_latent=n_latent,
-                                             n_hidden=n_hidden, backend=backend, **model_kwargs)
+                                             n_hidden=n_hidden, **model_kwargs)
         self.init_params = dict(model=model, guide=guide, n_latent=n_latent, n_hidden=n_hidden,
-                                split=split, seed=seed, backend=backend, **model_kwargs)
+                                split=split, seed=seed, **model_kwargs)
         self.setup = setup
         self.history: dict = {}
         self.is_trained = False
@@ -103,8 +107,6 @@ class SAMSVAE:
                 raise ValueError(f"obsm has no dosage matrix {dosage_key!r}; available obsm "
                                  f"keys: {list(adata.obsm.keys()) or 'none'}")
         else:
-            from .data import parse_labels
-            from .data.perturbations import read_label_column
             labels = read_label_column(adata.obs, perturbation_key).to_numpy()
             keep = ~np.isin(labels, np.asarray(list(drop_labels), dtype=object))
             parse_labels(labels[keep], separator=separator, control_label=control_label)
@@ -120,8 +122,9 @@ class SAMSVAE:
               batch_size: int = 512, particles: int = 5, lr: float = 3e-4,
               weight_decay: float = 1e-6, grad_clip: Optional[float] = None,
               val_every: Optional[int] = None, val_particles: int = 1, device: str = "cpu",
-              progress: bool = True, checkpoint_dir=None, checkpoint_every: int = 1000,
-              resume: bool = False, restore_best: bool = True, log=print) -> "SAMSVAE":
+              backend: str = "auto", progress: bool = True, checkpoint_dir=None,
+              checkpoint_every: int = 1000, resume: bool = False, restore_best: bool = True,
+              log=print) -> "SAMSVAE":
         """Fit the model with Adam on the training cells, validating on the ``val`` cells.
 
         Args:
@@ -130,36 +133,26 @@ class SAMSVAE:
             batch_size, particles, lr, weight_decay, grad_clip: see ``TrainConfig``.
             val_every: steps between validations (default: each epoch).
             device: ``"cpu"`` or ``"cuda"``; the model stays there afterwards.
+            backend: kernel backend of the fused ops for this training (``"auto"``,
+                ``"reference"``, ``"cpp"``, ``"triton"``); not saved with the model (other
+                calls take ``samsvae.ops.use_backend``).
+            restore_best: end with the weights of the best validation ELBO.
             checkpoint_dir: write a run directory with ``checkpoints/`` there (enables
                 ``resume=True`` after an interruption).
-            restore_best: end with the weights of the best validation ELBO.
             log: called with progress lines when no bar is shown (None: silent).
         """
-        from .train import Trainer, TrainConfig
-        from .train.build import make_loaders
-        from .train.run_dir import save_run, write_history, write_model
         config = TrainConfig(max_steps=max_steps, max_epochs=max_epochs, batch_size=batch_size,
                              particles=particles, lr=lr, weight_decay=weight_decay,
                              grad_clip=grad_clip, val_every=val_every,
                              val_particles=val_particles, checkpoint_every=checkpoint_every,
                              seed=self.init_params["seed"], device=device, progress=progress)
-        train_loader, val_loader = make_loaders(self.screen, self.split, batch_size=batch_size,
-                                                seed=config.seed, device=device)
-        run_config = self._run_config(config.to_dict())
-        if checkpoint_dir is not None:
-            save_run(checkpoint_dir, config=run_config, screen=self.screen, split=self.split)
-        trainer = Trainer(self.module, train_loader, val_loader, config, run_dir=checkpoint_dir,
-                          run_config=run_config, n_train_cells=int((self.split == "train").sum()),
-                          log=log)
-        trainer.fit(resume=resume)
-        if restore_best:
-            trainer.load_best_weights()
+        with ops.use_backend(backend):
+            trainer = fit(self.module, self.screen, self.split, config, run_dir=checkpoint_dir,
+                          run_config=self._run_config(config.to_dict()), resume=resume,
+                          restore_best=restore_best, log=log)
         self.history = trainer.history
         self.train_config = config.to_dict()
         self.is_trained = True
-        if checkpoint_dir is not None:
-            write_model(checkpoint_dir, self.module, step=trainer.best_step)
-            write_history(checkpoint_dir, self.history)
         self.module.eval()
         return self
 
@@ -210,7 +203,6 @@ class SAMSVAE:
                         seed: int = 0):
         """Importance-weighted lower bound of log p(x) (nats): the mean over cells, or
         (n_cells,) per cell with ``return_mean=False``. Deterministic for a given ``seed``."""
-        from .infer import test_iwelbo
         screen = self._screen_for(adata)
         idx = self._rows(screen, indices)
         self.module.eval()
@@ -267,7 +259,6 @@ class SAMSVAE:
         import anndata
         import pandas as pd
 
-        from .infer import data_ate, model_ate
         idx = (np.arange(self.screen.n_cells) if split == "all"
                else np.flatnonzero(self.split == split))
         if idx.size:
@@ -295,7 +286,7 @@ class SAMSVAE:
                 data[i] = d_ate[row[lab]]
         counts = pd.Series(np.asarray(self.screen.labels)[idx]).value_counts()
         obs = pd.DataFrame({"n_cells": [int(counts.get(lab, 0)) for lab in labels],
-                            "pearson": [_pearson(m_ate[i], data[i]) for i in range(len(labels))]},
+                            "pearson": [pearson(m_ate[i], data[i]) for i in range(len(labels))]},
                            index=pd.Index(labels, dtype=str))
         var = pd.DataFrame(index=pd.Index(self.screen.gene_names, dtype=str))
         out = anndata.AnnData(X=m_ate, obs=obs, var=var)
@@ -327,7 +318,6 @@ class SAMSVAE:
 
     def save(self, dir_path, overwrite: bool = False) -> Path:
         """Write the model as a run directory (config.json, split.csv, model.pt, history)."""
-        from .train.run_dir import save_run
         dir_path = Path(dir_path)
         if dir_path.exists() and any(dir_path.iterdir()):
             if not overwrite:
@@ -342,7 +332,6 @@ class SAMSVAE:
     @classmethod
     def load(cls, dir_path, adata, map_location=None) -> "SAMSVAE":
         """Rebuild a saved model for ``adata`` (which must have the model's genes, in order)."""
-        from .train.run_dir import load_run, read_config
         config = read_config(dir_path)
         setup = {k: config["data"].get(k) for k in _SETUP_FIELDS}
         setup["drop_labels"] = list(setup.get("drop_labels") or [])
@@ -358,6 +347,7 @@ class SAMSVAE:
         self.module = loaded.model
         self.init_params = dict(config.get("api") or {"model": config["model"]["name"],
                                                       "guide": config["model"]["guide"]})
+        self.init_params.pop("backend", None)  # stored by earlier versions; chosen per call now
         self.setup = _registered(adata)
         self.history = loaded.history
         if config.get("train"):
@@ -373,7 +363,6 @@ class SAMSVAE:
     # -- helpers ----------------------------------------------------------------------------
 
     def _run_config(self, train_config) -> dict:
-        from .train.run_dir import run_config
         counts = {k: int((self.split == k).sum()) for k in ("train", "val", "test")}
         config = run_config(model_name=self.init_params["model"],
                             guide=self.init_params["guide"], model_config=self.module.config,
@@ -388,22 +377,16 @@ class SAMSVAE:
     def _screen_for(self, adata):
         if adata is None or adata is self.adata:
             return self.screen
-        from .train.run_dir import align_screen
         return align_screen(_registered_screen(adata, self.setup), self.screen.gene_names,
                             self.screen.perturbations)
 
     @staticmethod
     def _rows(screen, indices) -> np.ndarray:
-        if indices is None:
-            return np.arange(screen.n_cells, dtype=np.int64)
-        idx = np.asarray(indices)
-        if idx.dtype == np.bool_:
-            idx = np.flatnonzero(idx)
-        return idx.astype(np.int64)
+        return (np.arange(screen.n_cells, dtype=np.int64) if indices is None
+                else check_indices(screen, indices))
 
     @staticmethod
     def _loader(screen, idx, batch_size):
-        from .data import MinibatchLoader
         return MinibatchLoader(screen, idx, batch_size, shuffle=False)
 
     def _control_label(self) -> str:
@@ -411,33 +394,7 @@ class SAMSVAE:
 
     def _dosage_rows(self, labels):
         """(n, T) scipy CSR dosage of condition labels and their canonical spellings."""
-        import scipy.sparse as sp
-        vocab = {p: i for i, p in enumerate(self.perturbations)}
-        sep = self.screen.separator
-        controls = set(_CONTROL_ALIASES) | {self._control_label()}
-        rows, cols, vals, canonical = [], [], [], []
-        for r, label in enumerate(labels):
-            counts: dict = {}
-            for part in (s.strip() for s in str(label).split(sep)):
-                if part in controls:
-                    continue
-                if part not in vocab:
-                    shown = ", ".join(self.perturbations[:8])
-                    raise ValueError(
-                        f"unknown perturbation {part!r} in {label!r}: the model knows "
-                        f"{len(vocab)} perturbations ({shown}{', ...' if len(vocab) > 8 else ''}"
-                        f"); see model.perturbations for the full list. Compose seen ones with "
-                        f"{sep!r}, e.g. {sep.join(self.perturbations[:2])!r}")
-                counts[vocab[part]] = counts.get(vocab[part], 0) + 1
-            for c in sorted(counts):
-                rows.append(r)
-                cols.append(c)
-                vals.append(float(counts[c]))
-            canonical.append(sep.join(self.perturbations[c] for c in sorted(counts)
-                                      for _ in range(counts[c])) or self._control_label())
-        dosage = sp.csr_matrix((np.asarray(vals, np.float32), (rows, cols)),
-                               shape=(len(labels), len(vocab)))
-        return dosage, canonical
+        return condition_dosage(self.screen, labels)
 
 
 def _registered(adata) -> dict:
@@ -459,7 +416,6 @@ def _load_options(setup: dict) -> dict:
 def _registered_screen(adata, setup: Optional[dict] = None):
     import warnings
 
-    from .data import load_screen
     if setup is None or UNS_KEY in adata.uns:
         setup = _registered(adata)
     with warnings.catch_warnings():
@@ -475,12 +431,3 @@ def _as_label_list(perturbations) -> list:
     if not labels:
         raise ValueError("give at least one perturbation label")
     return labels
-
-
-def _pearson(a, b) -> float:
-    ok = np.isfinite(a) & np.isfinite(b)
-    if ok.sum() < 2:
-        return float("nan")
-    a, b = a[ok] - a[ok].mean(), b[ok] - b[ok].mean()
-    d = np.sqrt((a * a).sum() * (b * b).sum())
-    return float((a * b).sum() / d) if d > 0 else float("nan")

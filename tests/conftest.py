@@ -25,14 +25,7 @@ def shared_data():
     return SHARED_DATA
 
 
-def shared_file(name: str) -> Path:
-    path = SHARED_DATA / name
-    if not path.exists():
-        pytest.skip(f"{path} not present")
-    return path
-
-
-CPU_ISAS = ("avx512", "avx2", "baseline")
+from helpers import CPU_ISAS  # noqa: E402,F401  (the isa fixture below parametrises over it)
 
 
 @pytest.fixture

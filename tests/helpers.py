@@ -1,5 +1,12 @@
-"""Input makers shared by the test modules of several ops (tests/ops/)."""
+"""Helpers shared by several test modules (input makers of the ops tests, the ISA list).
+
+Imported as ``helpers`` (``pythonpath = ["tests"]`` in pyproject.toml), never from a test
+module or conftest.
+"""
 import torch
+
+# the C++ kernels' instruction sets, best first (the ``isa`` fixture of conftest.py)
+CPU_ISAS = ("avx512", "avx2", "baseline")
 
 
 def make_inputs(cells, genes, particles=None, *, seed=0, zero_fraction=0.9, theta=(-4, 6),

@@ -19,7 +19,7 @@ def test_bench_writes_expected_json(tmp_path, capsys):
     result = _bench(tmp_path, "--guide", "corr_both", "--iwelbo-particles", "6",
                     "--iwelbo-cells", "4", "--iwelbo-chunk", "4",
                     "--iwelbo-memory-particles", "12")
-    from samsvae.bench import JSON_KEYS
+    from samsvae.cli.bench import JSON_KEYS
     assert set(JSON_KEYS) <= set(result)
     assert result["config"]["guide"] == "corr_both"
     assert result["matmul_floor_s"] > 0

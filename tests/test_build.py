@@ -15,7 +15,7 @@ def test_extension_was_built_and_registered():
 
 
 def test_package_reports_its_backend(capsys):
-    from samsvae import info
+    from samsvae.cli import info
     assert info.run(None) == 0
     out = capsys.readouterr().out
     assert "nb_log_prob: cpu -> " in out and "C++ extension:" in out

@@ -33,6 +33,8 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from .loader import Batch, csr_to_torch
+
 BLOCK_CELLS = 1024
 LIBRARY_RANGE = (1e3, 1e4)
 THETA_MEDIAN = 5.0
@@ -291,3 +293,34 @@ def write_simulated_screen(path, n_cells: int, n_genes: int, n_perturbations: in
             "n_combinations": len(plan.condition_labels) - 1 - len(plan.names),
             "nnz": int(nnz), "bytes": os.path.getsize(path),
             "seconds": time.perf_counter() - t0}
+
+
+def synth_batch(n_cells: int, n_genes: int, n_perturbations: int, *, seed: int = 0,
+                control_fraction: float = 0.1, mean_count: float = 0.5):
+    """A synthetic :class:`samsvae.data.Batch`.
+
+    counts (n_cells, G) CSR float32 NB(theta=5) counts with log-normal gene proportions and a
+    mean of ``mean_count`` UMIs per gene and cell (about 20-30% non-zeros); dosage (n_cells, T)
+    CSR with one random perturbation of dosage 1 per non-control cell; library = row sums.
+    """
+    import scipy.sparse as sp
+    import torch
+
+
+    rng = np.random.default_rng(seed)
+    prop = np.exp(rng.normal(0.0, 1.0, n_genes))
+    prop /= prop.sum()
+    library = mean_count * n_genes * np.exp(rng.normal(0.0, 0.3, n_cells))
+    mu = library[:, None] * prop[None, :]
+    theta = 5.0
+    counts = rng.poisson(rng.gamma(theta, mu / theta)).astype(np.float32)
+    counts[:, 0] += (counts.sum(1) == 0)          # no empty cell (library >= 1)
+    control = rng.random(n_cells) < control_fraction
+    cols = rng.integers(0, n_perturbations, n_cells)
+    rows = np.nonzero(~control)[0]
+    dosage = sp.csr_matrix((np.ones(rows.size, np.float32), (rows, cols[rows])),
+                           shape=(n_cells, n_perturbations))
+    csr = sp.csr_matrix(counts)
+    return Batch(counts=csr_to_torch(csr), dosage=csr_to_torch(dosage),
+                 library=torch.from_numpy(counts.sum(1).astype(np.float32)),
+                 index=torch.arange(n_cells, dtype=torch.int64))

@@ -21,7 +21,9 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from ..data import CONTROL_CANDIDATES
 from ..data.loader import check_indices
+from .spread import gather_in_order, my_items
 
 NORMALIZED_LIBRARY = 1e4
 _ROWS_PER_CHUNK = 8192
@@ -78,27 +80,59 @@ def data_ate(screen, indices) -> Tuple[List[str], np.ndarray]:
     return labels, means[:-1] - means[-1]
 
 
+def condition_dosage(screen, labels: Sequence[str]) -> Tuple[sp.csr_matrix, List[str]]:
+    """(n_labels, T) dosage rows of condition labels, and their canonical spellings.
+
+    A label joins perturbations of the screen with its separator (``"A"``, ``"A+B"``; a part
+    repeated counts as dosage 2); control labels (the screen's, or any of
+    ``samsvae.data.CONTROL_CANDIDATES``, or an empty part) add nothing, so ``"A+ctrl"`` is
+    ``"A"`` and ``"control"`` an empty row. The canonical label joins the parts in vocabulary
+    order (the control label for an empty row). An unknown part raises a ValueError listing
+    the vocabulary.
+    """
+    perturbations = [str(p) for p in screen.perturbations]
+    vocab = {p: i for i, p in enumerate(perturbations)}
+    sep = getattr(screen, "separator", "+") or "+"
+    control = screen.control_label or "control"
+    controls = set(CONTROL_CANDIDATES) | {control, ""}
+    rows, cols, vals, canonical = [], [], [], []
+    for r, label in enumerate(labels):
+        counts: dict = {}
+        for part in (s.strip() for s in str(label).split(sep)):
+            if part in controls:
+                continue
+            if part not in vocab:
+                shown = ", ".join(perturbations[:8])
+                raise ValueError(
+                    f"unknown perturbation {part!r} in {label!r}: the model knows "
+                    f"{len(vocab)} perturbations ({shown}{', ...' if len(vocab) > 8 else ''}); "
+                    f"see model.perturbations for the full list. Compose seen ones with "
+                    f"{sep!r}, e.g. {sep.join(perturbations[:2])!r}")
+            counts[vocab[part]] = counts.get(vocab[part], 0) + 1
+        for c in sorted(counts):
+            rows.append(r)
+            cols.append(c)
+            vals.append(float(counts[c]))
+        canonical.append(sep.join(perturbations[c] for c in sorted(counts)
+                                  for _ in range(counts[c])) or control)
+    dosage = sp.csr_matrix((np.asarray(vals, np.float32), (rows, cols)),
+                           shape=(len(labels), len(vocab)), dtype=np.float32)
+    return dosage, canonical
+
+
 def label_dosage(screen, labels: Sequence[str]) -> sp.csr_matrix:
-    """(n_labels, T) dosage rows of labels: the row of a cell carrying the label, or, for a
-    label no cell carries, its components (split on the screen's separator) at dosage 1."""
+    """(n_labels, T) dosage rows of labels: the row of a cell carrying the label (its measured
+    dosage), or, for a label no cell carries, the row :func:`condition_dosage` composes from
+    its parts."""
     labels_all = np.asarray(screen.labels).astype(str)
     uniq, first = np.unique(labels_all, return_index=True)
     first_row = dict(zip(uniq.tolist(), first.tolist()))
-    vocab = {p: i for i, p in enumerate(screen.perturbations)}
-    sep = getattr(screen, "separator", "+")
     out = []
     for lab in labels:
         if lab in first_row:
-            out.append(sp.csr_matrix(screen.dosage[first_row[lab]]))
-            continue
-        parts = lab.split(sep)
-        missing = [p for p in parts if p not in vocab]
-        if missing:
-            raise ValueError(f"label {lab!r} is not carried by any cell and its parts {missing} "
-                             f"are not perturbations of the screen")
-        cols = sorted(vocab[p] for p in parts)
-        out.append(sp.csr_matrix((np.ones(len(cols)), (np.zeros(len(cols), dtype=int), cols)),
-                                 shape=(1, screen.n_perturbations)))
+            out.append(sp.csr_matrix(screen.dosage[first_row[lab]], dtype=np.float32))
+        else:
+            out.append(condition_dosage(screen, [lab])[0])
     if not out:
         return sp.csr_matrix((0, screen.n_perturbations), dtype=np.float32)
     return sp.vstack(out).tocsr().astype(np.float32)
@@ -130,12 +164,14 @@ def group_ate(model, dosage, start: int, group: int, gi: int, *, n_samples: int,
 
 
 def model_ate(model, screen, labels: Sequence[str], *, n_samples: int = 2500,
-              seed: int = 0) -> np.ndarray:
+              seed: int = 0, comm=None) -> np.ndarray:
     """Model ATE of each label: predicted normalised expression under the label minus under
     control, from ``n_samples`` simulated cells each at library 1e4.
 
     Vectorised over labels: labels are processed in groups (each group with its own control
     row, sharing the group's random draws) so that one group's simulated cells fit in memory.
+    Each group's seed depends on ``seed`` and its position only, so with a process group
+    ``comm`` the groups are dealt to the ranks and every rank gets the single-process result.
 
     Returns:
         (n_labels, G) float64.
@@ -144,13 +180,19 @@ def model_ate(model, screen, labels: Sequence[str], *, n_samples: int = 2500,
     if not labels:
         return np.zeros((0, screen.n_genes))
     dosage, starts, group = ate_label_groups(screen, labels)
-    return np.concatenate([group_ate(model, dosage, start, group, gi, n_samples=n_samples,
-                                     seed=seed) for gi, start in enumerate(starts)], axis=0)
+    local = {gi: group_ate(model, dosage, starts[gi], group, gi, n_samples=n_samples, seed=seed)
+             for gi in my_items(len(starts), comm)}
+    return np.concatenate(gather_in_order(comm, local, len(starts)), axis=0)
 
 
-def _pearson(a: np.ndarray, b: np.ndarray) -> float:
-    a = a - a.mean()
-    b = b - b.mean()
+def pearson(a, b) -> float:
+    """Pearson correlation of two vectors over the entries finite in both (NaN when fewer than
+    two remain or either side is constant)."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    ok = np.isfinite(a) & np.isfinite(b)
+    if ok.sum() < 2:
+        return float("nan")
+    a, b = a[ok] - a[ok].mean(), b[ok] - b[ok].mean()
     den = np.sqrt((a * a).sum() * (b * b).sum())
     return float((a * b).sum() / den) if den > 0 else float("nan")
 
@@ -175,11 +217,11 @@ def ate_pearson(model_ate, data_ate, *, top_k: int = 20) -> dict:
     if top_k < 2:
         raise ValueError(f"top_k must be >= 2 for a correlation, got {top_k}")
     k = min(top_k, m.shape[1])
-    full = [_pearson(m[i], d[i]) for i in range(m.shape[0])]
+    full = [pearson(m[i], d[i]) for i in range(m.shape[0])]
     top = []
     for i in range(m.shape[0]):
         sel = np.argsort(-np.abs(d[i]), kind="stable")[:k]
-        top.append(_pearson(m[i, sel], d[i, sel]))
+        top.append(pearson(m[i, sel], d[i, sel]))
 
     def _mean(v):
         v = np.asarray(v, dtype=np.float64)

@@ -5,7 +5,7 @@ import numpy as np
 
 from ..data.loader import check_indices
 from .ate import ate_pearson, data_ate, label_dosage, model_ate
-from .iwelbo import _model_device, test_iwelbo
+from .iwelbo import cells_iwelbo
 from .masks import mask_recovery
 
 
@@ -23,7 +23,8 @@ def _true_masks(screen, ground_truth) -> np.ndarray:
 
 
 def evaluate_model(model, screen, indices, *, iwelbo_particles: int = 100,
-                   ate_particles: int = 2500, seed: int = 0, batch_size: int = 512) -> dict:
+                   ate_particles: int = 2500, seed: int = 0, batch_size: int = 512,
+                   comm=None) -> dict:
     """Test IWELBO, ATE Pearson and (simulated screens) mask recovery on the cells ``indices``.
 
     Args:
@@ -34,6 +35,9 @@ def evaluate_model(model, screen, indices, *, iwelbo_particles: int = 100,
         iwelbo_particles: importance samples per cell. ate_particles: simulated cells per
             condition for the model ATE. seed: seed of every Monte Carlo estimate.
         batch_size: cells per IWELBO batch.
+        comm: a process group (``samsvae.train.distributed.init_from_env``) over which the
+            IWELBO batches and the model-ATE label groups are spread; every rank calls this and
+            gets the same dict, equal to the single-process one. None: one process.
 
     Returns:
         ``test_iwelbo`` (mean nats per cell), ``n_cells`` (cells evaluated),
@@ -47,12 +51,9 @@ def evaluate_model(model, screen, indices, *, iwelbo_particles: int = 100,
         ``mask_f1``, ``mask_precision``, ``mask_recall`` (None for models without masks:
         cvae, cpa_vae).
     """
-    from ..data import MinibatchLoader
-
     rows = check_indices(screen, indices)
     if rows.size == 0:
         raise ValueError("no cells to evaluate: indices is empty (is the split empty?)")
-    device = _model_device(model)
     all_rows = rows
     known = model.known_conditions(screen.dosage[rows])
     out = {"n_cells_unpredictable": int((~known).sum())}
@@ -60,8 +61,8 @@ def evaluate_model(model, screen, indices, *, iwelbo_particles: int = 100,
     if rows.size == 0:
         raise ValueError("the model cannot evaluate any of these cells (SVAE+ with "
                          "perturbation combinations it was not built with)")
-    loader = MinibatchLoader(screen, rows, batch_size=batch_size, shuffle=False, device=device)
-    iw = test_iwelbo(model, loader, particles=iwelbo_particles, global_seed=seed)
+    iw = cells_iwelbo(model, screen, rows, batch_size=batch_size, particles=iwelbo_particles,
+                      global_seed=seed, comm=comm)
     out.update(test_iwelbo=float(np.mean(iw)), n_cells=int(rows.size))
 
     out.update(ate_pearson=None, ate_pearson_top20=None, n_ate_labels=0)
@@ -73,7 +74,8 @@ def evaluate_model(model, screen, indices, *, iwelbo_particles: int = 100,
             labels = [l for l, k in zip(labels, known) if k]
             d_ate = d_ate[np.asarray(known, dtype=bool)]
         if labels:
-            m_ate = model_ate(model, screen, labels, n_samples=ate_particles, seed=seed)
+            m_ate = model_ate(model, screen, labels, n_samples=ate_particles, seed=seed,
+                              comm=comm)
             r = ate_pearson(m_ate, d_ate, top_k=20)
             out.update(ate_pearson=r["ate_pearson"], ate_pearson_top20=r["ate_pearson_top20"],
                        n_ate_labels=len(labels), ate_labels=list(labels), data_ate=d_ate,

@@ -9,7 +9,7 @@
 """
 from .base import PerturbationModel
 from .cvae import ConditionalVAE
-from .global_terms import per_cell_global_term
+from .spread_globals import per_cell_global_term
 from .labels import svae_plus_labels
 from .registry import MODEL_GUIDES, build_model
 from .sams import SAMSVAE

@@ -80,7 +80,7 @@ class PerturbationModel(nn.Module):
     has_masks = False
 
     def __init__(self, *, model: str, guide: str, n_genes: int, n_perturbations: int,
-                 n_latent: int, n_hidden: int, backend: str = "auto",
+                 n_latent: int, n_hidden: int,
                  perturbation_counts=None, extra_config: Optional[dict] = None):
         super().__init__()
         for name, v in (("n_genes", n_genes), ("n_perturbations", n_perturbations),
@@ -89,11 +89,10 @@ class PerturbationModel(nn.Module):
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
         self.n_genes, self.n_perturbations = int(n_genes), int(n_perturbations)
         self.n_latent, self.n_hidden = int(n_latent), int(n_hidden)
-        self.backend = backend
         self.config = dict(model=model, guide=guide, n_genes=self.n_genes,
                            n_perturbations=self.n_perturbations, n_latent=self.n_latent,
-                           n_hidden=self.n_hidden, backend=backend, **(extra_config or {}))
-        self.likelihood = NBLikelihood(self.n_genes, backend=backend)
+                           n_hidden=self.n_hidden, **(extra_config or {}))
+        self.likelihood = NBLikelihood(self.n_genes)
         self.register_buffer("perturbation_counts", torch.zeros(self.n_perturbations))
         self.register_buffer("perturbation_counts_set", torch.zeros((), dtype=torch.bool))
         if perturbation_counts is not None:
@@ -217,14 +216,6 @@ class PerturbationModel(nn.Module):
     def perturbation_masks(self) -> Optional[torch.Tensor]:
         """(T, L) guide probabilities q(m_tk = 1); None for models without masks."""
         return None
-
-    @property
-    def checkpoint_selectable(self) -> bool:
-        """Whether the current weights may be kept as the "best" checkpoint. False while a
-        model's training schedule still reshapes its guide (SAMS-VAE during its rotation
-        phase, ``sparse_rotation_until``); a trainer selecting by validation ELBO should only
-        consider steps where this is True. Always True here."""
-        return True
 
     def known_conditions(self, dosage) -> np.ndarray:
         """(n,) bool: which dosage rows the model can predict (all of them, except for models

@@ -15,7 +15,7 @@ import torch
 
 from .base import PerturbationModel
 from .distributions import kl_normal, normal_log_prob, std_normal_log_prob
-from .eval_noise import local_noise
+from .counter_noise import local_noise
 from .networks import DecoderBody, GaussianEncoder, sparse_rows_matmul
 
 
@@ -25,24 +25,24 @@ class ConditionalVAE(PerturbationModel):
 
     def __init__(self, *, model: str = "cvae", guide: str = "mean_field", n_genes: int,
                  n_perturbations: int, n_latent: int = 100, n_hidden: int = 400,
-                 backend: str = "auto", gene_log1p_mean=None, gene_log1p_std=None,
+                 gene_log1p_mean=None, gene_log1p_std=None,
                  perturbation_counts=None):
         if model != "cvae" or guide != "mean_field":
             raise ValueError(f"ConditionalVAE is model 'cvae' with guide 'mean_field', got "
                              f"{model!r}/{guide!r}")
         super().__init__(model=model, guide=guide, n_genes=n_genes,
                          n_perturbations=n_perturbations, n_latent=n_latent, n_hidden=n_hidden,
-                         backend=backend, perturbation_counts=perturbation_counts)
+                         perturbation_counts=perturbation_counts)
         T, L = self.n_perturbations, self.n_latent
         self.encoder = GaussianEncoder(self.n_genes, self.n_hidden, L,
                                        gene_log1p_mean=gene_log1p_mean,
-                                       gene_log1p_std=gene_log1p_std, n_dosage=T,
-                                       backend=self.backend)
+                                       gene_log1p_std=gene_log1p_std, n_dosage=T)
         self.decoder = DecoderBody(L, self.n_hidden, self.n_genes, n_dosage=T)
 
     def _encode(self, batch):
         pre = self.encoder.gene_part(batch.counts) + self.encoder.dosage_part(batch.dosage)
-        return self.encoder.head(pre)
+        q = self.encoder.posterior(pre)
+        return q.loc, q.scale
 
     def _decoder_dosage(self, dosage):
         return sparse_rows_matmul(dosage, self.decoder.dosage_weight)          # (B, H)

@@ -6,7 +6,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .fused_terms import diag_gaussian_sample_kl
+from .fused_autograd import diag_gaussian_sample_kl
 
 HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
 
@@ -74,7 +74,7 @@ class GaussianPosterior:
 
     def sample_and_kl(self, eps: torch.Tensor):
         """``(sample(eps), kl_normal())`` in one pass; the diagonal case is a single fused
-        autograd node (``samsvae.models.fused_terms.diag_gaussian_sample_kl``)."""
+        autograd node (``samsvae.models.fused_autograd.diag_gaussian_sample_kl``)."""
         if self.full:
             return self.sample(eps), self.kl_normal()
         return diag_gaussian_sample_kl(self.loc, self.scale, eps)

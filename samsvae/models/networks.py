@@ -63,14 +63,12 @@ class GaussianEncoder(nn.Module):
         n_conditioning: width of an extra dense input with optional particle dimension
             (the correlated z_basal guide reads the perturbation latent z_p).
         covariance: ``"diagonal"`` or ``"full"``.
-        backend: of the input layer (:func:`samsvae.ops.log1p_standardize_linear`).
     """
 
     def __init__(self, n_genes: int, n_hidden: int, n_latent: int, *, gene_log1p_mean=None,
                  gene_log1p_std=None, n_dosage: int = 0, n_conditioning: int = 0,
-                 covariance: str = "diagonal", backend: str = "auto"):
+                 covariance: str = "diagonal"):
         super().__init__()
-        self.backend = backend  # of the input layer (samsvae.ops.log1p_standardize_linear)
         if covariance not in ("diagonal", "full"):
             raise ValueError(f"covariance must be 'diagonal' or 'full', got {covariance!r}")
         self.covariance = covariance
@@ -114,8 +112,7 @@ class GaussianEncoder(nn.Module):
         std = self.gene_log1p_std
         std = torch.where(std > STD_FLOOR, std, torch.ones_like(std)).to(dtype)
         return ops.log1p_standardize_linear(counts, self.gene_weight, self.bias,
-                                            self.gene_log1p_mean.to(dtype), 1.0 / std,
-                                            backend=self.backend)
+                                            self.gene_log1p_mean.to(dtype), 1.0 / std)
 
     def dosage_part(self, dosage: torch.Tensor) -> torch.Tensor:
         """(B, T) CSR dosage -> (B, H)."""
@@ -124,12 +121,6 @@ class GaussianEncoder(nn.Module):
     def conditioning_part(self, cond: torch.Tensor) -> torch.Tensor:
         """(..., B, n_conditioning) -> (..., B, H)."""
         return self.conditioning(cond)
-
-    def head(self, pre: torch.Tensor):
-        """Pre-activation (..., H) -> ``loc, scale`` each (..., L) (diagonal covariance)."""
-        out = self.out(F.leaky_relu(pre, LEAKY_SLOPE))
-        loc, raw = out[..., :2 * self.n_latent].split(self.n_latent, dim=-1)
-        return loc, F.softplus(raw) + SCALE_FLOOR
 
     def posterior(self, pre: torch.Tensor) -> GaussianPosterior:
         """Pre-activation (..., H) -> the Gaussian guide (diagonal or full covariance)."""

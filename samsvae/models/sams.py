@@ -33,7 +33,7 @@ Guides:
 Masks are sampled as Gumbel-sigmoid at ``temperature`` rounded with a straight-through gradient;
 log q(m) is the exact Bernoulli log-probability of the rounded sample. Global terms
 (log p(e) + log p(m) - log q(e | .) - log q(m)) are computed only for the perturbations present
-in the batch and spread over cells with weight 1/N_t (``global_terms.per_cell_global_term``).
+in the batch and spread over cells with weight 1/N_t (``spread_globals.per_cell_global_term``).
 
 Options that matter for recovering the masks (all default to the paper's model; see
 ``benchmarks/sim_recovery.py`` for the measurements behind them):
@@ -72,13 +72,23 @@ import torch
 from torch import nn
 
 from .. import ops
-from ..ops import batch_perturbations, draw_noise, perturbation_sum, relaxed_bernoulli_st
+from ..ops import (
+    batch_perturbations,
+    draw_noise,
+    perturbation_sum,
+    relaxed_bernoulli_st,
+)
 from .base import PerturbationModel
-from .distributions import GaussianPosterior, bernoulli_log_prob_const, std_normal_log_prob
-from .eval_noise import global_noise, local_noise
-from .global_terms import per_cell_global_term
-from .fused_terms import global_log_ratio
+from .counter_noise import global_noise, local_noise
+from .distributions import (
+    GaussianPosterior,
+    bernoulli_log_prob_const,
+    std_normal_log_prob,
+)
+from .fused_autograd import global_log_ratio
 from .networks import LEAKY_SLOPE, DecoderBody, GaussianEncoder
+from .rotation import sparse_rotation
+from .spread_globals import per_cell_global_term
 
 SAMS_GUIDES = ("mean_field", "corr_embedding", "corr_basal", "corr_both")
 CPA_GUIDES = ("mean_field", "corr_basal")
@@ -114,11 +124,11 @@ class SAMSVAE(PerturbationModel):
             A diagonal guide favours the latent basis in which cells' posteriors are closest to
             diagonal, which competes with the sparse masks for the orientation of the latent
             axes; a full covariance leaves sparsity as the only thing that orients them.
-        sparse_rotation_every: N >= 0; every N training steps (calls of ``loss`` in train mode
-            with gradients on, counted in the ``train_steps`` buffer) rotate the latent axes
-            to the sparsest orientation of the perturbation effects before the step
-            (:meth:`rotate_to_sparse_basis`). 0 (default): never; the model then has neither
-            the ``latent_basis`` nor the ``train_steps`` buffer. sams_vae only.
+        sparse_rotation_every: N >= 0; every N training steps rotate the latent axes to the
+            sparsest orientation of the perturbation effects before the step
+            (:meth:`rotate_to_sparse_basis`, called by the trainer's
+            ``samsvae.train.callbacks.SparseRotation``: the model does not train itself).
+            0 (default): never; the model then has no ``latent_basis`` buffer. sams_vae only.
         sparse_rotation_until: last training step at which a rotation may happen (0: no
             limit). Leave a few hundred steps after it for the masks to settle.
         sparse_rotation_reopen: after each rotation every q(m_tk = 1) is raised to at least
@@ -127,7 +137,7 @@ class SAMSVAE(PerturbationModel):
 
     def __init__(self, *, model: str = "sams_vae", guide: str = "mean_field", n_genes: int,
                  n_perturbations: int, n_latent: int = 100, n_hidden: int = 400,
-                 backend: str = "auto", gene_log1p_mean=None, gene_log1p_std=None,
+                 gene_log1p_mean=None, gene_log1p_std=None,
                  perturbation_counts=None, mask_prior_prob: float = 0.01,
                  embedding_prior_scale: float = 1.0, temperature: float = 1.0,
                  mask_init_logit: float = 0.0, embedding_init_scale: float = 0.1,
@@ -179,7 +189,7 @@ class SAMSVAE(PerturbationModel):
                      sparse_rotation_reopen=float(sparse_rotation_reopen))
         super().__init__(model=model, guide=guide, n_genes=n_genes,
                          n_perturbations=n_perturbations, n_latent=n_latent, n_hidden=n_hidden,
-                         backend=backend, perturbation_counts=perturbation_counts,
+                         perturbation_counts=perturbation_counts,
                          extra_config=extra)
         T, L = self.n_perturbations, self.n_latent
         self.masked = model == "sams_vae"
@@ -191,14 +201,12 @@ class SAMSVAE(PerturbationModel):
         self.temperature = float(temperature)
         self.global_param_scale = float(global_param_scale)
         self.mask_prior_weight = float(mask_prior_weight)
-        self.sparse_rotation_every = int(sparse_rotation_every)
-        self.sparse_rotation_until = int(sparse_rotation_until)
-        self.sparse_rotation_reopen = float(sparse_rotation_reopen)
-        if self.sparse_rotation_every:
+        if sparse_rotation_every:
             # latent_basis Q (L, L): the decoder and the basal guide work in "internal"
             # coordinates, the embeddings and masks in the mask basis; z_p enters as z_p @ Q.
             self.register_buffer("latent_basis", torch.eye(L))
-            self.register_buffer("train_steps", torch.zeros((), dtype=torch.int64))
+            # run directories of earlier versions counted the steps in the model
+            self._register_load_state_dict_pre_hook(_drop_step_counter, with_module=True)
         else:
             self.latent_basis = None
 
@@ -206,7 +214,7 @@ class SAMSVAE(PerturbationModel):
                                        gene_log1p_mean=gene_log1p_mean,
                                        gene_log1p_std=gene_log1p_std,
                                        n_conditioning=L if self.corr_basal else 0,
-                                       covariance=basal_covariance, backend=self.backend)
+                                       covariance=basal_covariance)
         self.decoder = DecoderBody(L, self.n_hidden, self.n_genes)
         k = self.global_param_scale
         self.emb_loc_raw = nn.Parameter(torch.randn(T, L) * (float(embedding_init_loc_std) / k))
@@ -282,7 +290,7 @@ class SAMSVAE(PerturbationModel):
 
     def _global_log_ratio(self, index, emb, mask, loc, log_scale) -> torch.Tensor:
         """(P, U): log p(e_t) + log p(m_t) - log q(e_t | .) - log q(m_t), summed over latent
-        (one fused autograd node, see samsvae.models.fused_terms)."""
+        (one fused autograd node, see samsvae.models.fused_autograd)."""
         logits = self._scaled(self.mask_logits_raw[index]) if mask is not None else None
         return global_log_ratio(emb, loc, log_scale, mask, logits, self.embedding_prior_scale,
                                 self.mask_prior_prob)
@@ -304,8 +312,7 @@ class SAMSVAE(PerturbationModel):
             logits = (self._scaled(self.mask_logits_raw[index])
                       if self.mask_logits_raw is not None else None)
             s = ops.masked_embedding_sum(local, loc, log_scale, logits, particles=particles,
-                                         temperature=self.temperature, generator=generator,
-                                         backend=self.backend)
+                                         temperature=self.temperature, generator=generator)
             ratio = global_log_ratio(s.embedding, loc, log_scale, s.mask, logits,
                                      self.embedding_prior_scale, self.mask_prior_prob)
             out = (s.z_p, index, ratio, s.mask)
@@ -347,7 +354,6 @@ class SAMSVAE(PerturbationModel):
 
     def _elbo_parts(self, batch, particles, generator):
         counts_n = self._require_counts()
-        self._count_step_and_rotate()
         z_p, index, ratio, mask = self._sample_globals(batch.dosage, particles, generator,
                                                        with_mask=True)
         z_p = self._internal(z_p)
@@ -405,30 +411,8 @@ class SAMSVAE(PerturbationModel):
 
     # -- sparse orientation of the latent axes ----------------------------------------------
 
-    @property
-    def checkpoint_selectable(self) -> bool:
-        """False during the rotation phase: up to ``sparse_rotation_until`` plus
-        ``sparse_rotation_every`` steps (one period for the masks to settle after the last
-        rotation), or for ever when rotations have no end."""
-        if not self.sparse_rotation_every:
-            return True
-        if not self.sparse_rotation_until:
-            return False
-        return int(self.train_steps) > self.sparse_rotation_until + self.sparse_rotation_every
-
-    def _count_step_and_rotate(self) -> None:
-        """Training steps only (module in train mode, gradients on): count the step and, every
-        ``sparse_rotation_every`` steps, rotate the latent basis before the step's forward."""
-        if not (self.sparse_rotation_every and self.training and torch.is_grad_enabled()):
-            return
-        self.train_steps += 1
-        step = int(self.train_steps)
-        if step % self.sparse_rotation_every == 0 and (not self.sparse_rotation_until
-                                                        or step <= self.sparse_rotation_until):
-            self.rotate_to_sparse_basis()
-
     @torch.no_grad()
-    def rotate_to_sparse_basis(self) -> torch.Tensor:
+    def rotate_to_sparse_basis(self, reopen: float = 0.0) -> torch.Tensor:
         """Re-express the perturbation embeddings and masks in the sparsest latent basis.
 
         With R = ``rotation.sparse_rotation(S)`` for the (T, L) guide means S of e_t * m_t,
@@ -439,7 +423,7 @@ class SAMSVAE(PerturbationModel):
 
         * q(m'_tk = 1) = 1 - prod_j (1 - q(m_tj = 1)) ** (R_jk^2): an axis made of off axes is
           off, one taking a share of an on axis is on in proportion to that share; then
-          raised to at least ``sparse_rotation_reopen``;
+          raised to at least ``reopen``;
         * mean of e'_tk = (S R)_tk / max(q(m'_tk = 1), 1/2), so the mean effect is kept for
           the entries likely on; variance of e'_tk = sum_j sigma_tj^2 R_jk^2;
         * the correlated embedding guide's network restarts from its mean-field start (its
@@ -448,7 +432,6 @@ class SAMSVAE(PerturbationModel):
         Returns the (L, L) rotation R applied (float64). Requires ``sparse_rotation_every``
         (the model then holds the basis buffer).
         """
-        from .rotation import sparse_rotation
         if self.latent_basis is None:
             raise RuntimeError("this model has no latent basis to rotate: build it with "
                                "sparse_rotation_every > 0")
@@ -460,7 +443,7 @@ class SAMSVAE(PerturbationModel):
         w = r * r                                                           # mixing weights
         prob = torch.sigmoid(self.mask_logits.double()).clamp(1e-6, 1 - 1e-6)
         prob_new = (1.0 - torch.exp(torch.log1p(-prob) @ w)).clamp(1e-6, 1 - 1e-6)
-        prob_new = prob_new.clamp_min(self.sparse_rotation_reopen)
+        prob_new = prob_new.clamp_min(float(reopen))
         if self.corr_embedding:
             mode = (prob > 0.5).to(dtype).unsqueeze(0)
             log_scale = self._embedding_guide(index, mode)[1][0]
@@ -495,3 +478,7 @@ class SAMSVAE(PerturbationModel):
         mode = (self.mask_logits > 0).to(self.emb_loc_raw.dtype).unsqueeze(0)
         return self._embedding_guide(index, mode)[0][0]
 
+
+def _drop_step_counter(module, state_dict, prefix, *args) -> None:
+    """Load hook: earlier versions kept a ``train_steps`` buffer (the trainer counts now)."""
+    state_dict.pop(prefix + "train_steps", None)

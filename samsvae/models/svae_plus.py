@@ -34,9 +34,9 @@ from torch.distributions import Beta
 from ..ops import draw_noise, relaxed_bernoulli_st
 from ..ops.embedding import UNIFORM_EPS
 from .base import PerturbationModel, rng_scope
+from .counter_noise import global_noise, local_noise
 from .distributions import bernoulli_log_prob, kl_normal, normal_log_prob
-from .eval_noise import global_noise, local_noise
-from .labels import LabelIndex
+from .labels import LabelIndex, _csr_parts
 from .networks import DecoderBody, GaussianEncoder
 
 _PI_EPS = 1e-6
@@ -64,7 +64,7 @@ class SVAEPlus(PerturbationModel):
 
     def __init__(self, *, model: str = "svae_plus", guide: str = "mean_field", n_genes: int,
                  n_perturbations: int, n_latent: int = 100, n_hidden: int = 400,
-                 backend: str = "auto", gene_log1p_mean=None, gene_log1p_std=None,
+                 gene_log1p_mean=None, gene_log1p_std=None,
                  perturbation_counts=None, labels: Optional[Sequence[Sequence[int]]] = None,
                  label_counts=None, beta2: float = 10.0, temperature: float = 1.0,
                  mask_init_logit: float = 0.0, shift_init_std: float = 0.1):
@@ -78,7 +78,7 @@ class SVAEPlus(PerturbationModel):
                      mask_init_logit=float(mask_init_logit), shift_init_std=float(shift_init_std))
         super().__init__(model=model, guide=guide, n_genes=n_genes,
                          n_perturbations=n_perturbations, n_latent=n_latent, n_hidden=n_hidden,
-                         backend=backend, perturbation_counts=None, extra_config=extra)
+                         perturbation_counts=None, extra_config=extra)
         self.label_index = LabelIndex(
             labels_cfg if labels_cfg is not None else [[t] for t in range(self.n_perturbations)],
             self.n_perturbations)
@@ -91,8 +91,7 @@ class SVAEPlus(PerturbationModel):
 
         self.encoder = GaussianEncoder(self.n_genes, self.n_hidden, L,
                                        gene_log1p_mean=gene_log1p_mean,
-                                       gene_log1p_std=gene_log1p_std,
-                                       backend=self.backend)
+                                       gene_log1p_std=gene_log1p_std)
         self.decoder = DecoderBody(L, self.n_hidden, self.n_genes)
         self.shift = nn.Parameter(torch.randn(n_labels, L) * float(shift_init_std))   # gamma
         self.mask_logits = nn.Parameter(torch.full((n_labels, L), float(mask_init_logit)))
@@ -184,7 +183,8 @@ class SVAEPlus(PerturbationModel):
         glob = torch.cat([per_label, per_label.new_zeros(particles, 1)], dim=1)[
             :, torch.where(pos >= 0, pos, torch.full_like(pos, present.numel()))]
 
-        loc, scale = self.encoder.head(self.encoder.gene_part(batch.counts))  # (B, L)
+        q = self.encoder.posterior(self.encoder.gene_part(batch.counts))  # (B, L) each
+        loc, scale = q.loc, q.scale
         prior_loc = self._prior_loc(mask, present, pos)                        # (P, B, L)
         eps = torch.randn((particles,) + tuple(loc.shape), dtype=loc.dtype, device=loc.device,
                           generator=generator)
@@ -195,7 +195,8 @@ class SVAEPlus(PerturbationModel):
 
     def _iwelbo_setup(self, batch):
         lab, present, pos = self._labels(batch.dosage)
-        loc, scale = self.encoder.head(self.encoder.gene_part(batch.counts))
+        q = self.encoder.posterior(self.encoder.gene_part(batch.counts))
+        loc, scale = q.loc, q.scale
         return {"loc": loc, "scale": scale, "present": present, "pos": pos,
                 "log_library": self._log_library(batch),
                 "cell_key": int(batch.index[0]) if getattr(batch, "index", None) is not None
@@ -224,7 +225,7 @@ class SVAEPlus(PerturbationModel):
         return self.decoder.hidden(z)
 
     def _latent(self, batch, kind):
-        loc, _ = self.encoder.head(self.encoder.gene_part(batch.counts))
+        loc = self.encoder.posterior(self.encoder.gene_part(batch.counts)).loc
         if kind == "full":
             return loc
         _, present, pos = self._labels(batch.dosage)
@@ -233,7 +234,6 @@ class SVAEPlus(PerturbationModel):
 
     def known_conditions(self, dosage) -> np.ndarray:
         """(n,) bool: dosage rows whose perturbation set is a label of the model (or control)."""
-        from .labels import _csr_parts
         indptr, indices, _ = _csr_parts(dosage)
         out = np.ones(len(indptr) - 1, dtype=bool)
         for r in range(len(out)):

@@ -36,7 +36,6 @@ class MaskedPerturbationEmbedding(nn.Module):
         init_loc_std: standard deviation of the random initial ``loc``.
         init_scale: initial embedding standard deviation (``log_scale = log(init_scale)``).
         init_mask_prob: initial ``q(m = 1)`` of every mask entry.
-        backend: ``"auto"`` | ``"reference"`` | ``"cpp"`` | ``"triton"``.
 
     Parameters: ``loc`` (T, L); ``log_scale`` (T, L) when stochastic; ``mask_logits`` (T, L)
     when masked.
@@ -44,7 +43,7 @@ class MaskedPerturbationEmbedding(nn.Module):
 
     def __init__(self, n_perturbations: int, n_latent: int, *, masked: bool = True,
                  stochastic: bool = True, temperature: float = 1.0, init_loc_std: float = 0.1,
-                 init_scale: float = 0.1, init_mask_prob: float = 0.5, backend: str = "auto"):
+                 init_scale: float = 0.1, init_mask_prob: float = 0.5):
         super().__init__()
         for name, v in (("n_perturbations", n_perturbations), ("n_latent", n_latent)):
             if int(v) != v or v < 1:
@@ -57,7 +56,6 @@ class MaskedPerturbationEmbedding(nn.Module):
             raise ValueError(f"init_scale must be > 0, got {init_scale!r}")
         self.n_perturbations, self.n_latent = int(n_perturbations), int(n_latent)
         self.temperature = float(temperature)
-        self.backend = backend
         shape = (self.n_perturbations, self.n_latent)
         self.loc = nn.Parameter(torch.randn(shape) * init_loc_std)
         self.log_scale = (nn.Parameter(torch.full(shape, math.log(init_scale)))
@@ -72,7 +70,8 @@ class MaskedPerturbationEmbedding(nn.Module):
 
     def forward(self, dosage: torch.Tensor, particles: int = 1, *,
                 temperature: Optional[float] = None,
-                generator: Optional[torch.Generator] = None) -> EmbeddingSample:
+                generator: Optional[torch.Generator] = None,
+                backend: str = "auto") -> EmbeddingSample:
         """Sample embeddings/masks of the perturbations in ``dosage`` and compose them per cell.
 
         Args:
@@ -80,6 +79,7 @@ class MaskedPerturbationEmbedding(nn.Module):
             particles: number of samples P.
             temperature: overrides the module's relaxation temperature.
             generator: optional ``torch.Generator`` for the noise.
+            backend: as :func:`samsvae.ops.masked_embedding_sum` (chosen per call).
 
         Returns:
             :class:`samsvae.ops.EmbeddingSample`: ``z_p`` (P, cells, L), ``index`` (U,),
@@ -92,7 +92,7 @@ class MaskedPerturbationEmbedding(nn.Module):
         return ops.masked_embedding_sum(
             dosage, self.loc, self.log_scale, self.mask_logits, particles=particles,
             temperature=self.temperature if temperature is None else float(temperature),
-            generator=generator, backend=self.backend)
+            generator=generator, backend=backend)
 
     def mask_probs(self) -> Optional[torch.Tensor]:
         """(T, L) guide probabilities ``q(m = 1)`` (detached), or None when unmasked."""
@@ -101,4 +101,4 @@ class MaskedPerturbationEmbedding(nn.Module):
     def extra_repr(self) -> str:
         return (f"n_perturbations={self.n_perturbations}, n_latent={self.n_latent}, "
                 f"masked={self.masked}, stochastic={self.log_scale is not None}, "
-                f"temperature={self.temperature}, backend={self.backend!r}")
+                f"temperature={self.temperature}")

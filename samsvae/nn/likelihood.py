@@ -44,16 +44,17 @@ class NBLikelihood(nn.Module):
 
     Args:
         n_genes: number of genes G.
-        backend: ``"auto"`` | ``"reference"`` | ``"cpp"`` | ``"triton"``.
         init_log_theta: initial value of ``log_theta``.
+
+    The kernel backend is chosen per call (``backend=`` of :meth:`forward`, or
+    ``samsvae.ops.use_backend``), never stored in the module.
     """
 
-    def __init__(self, n_genes: int, *, backend: str = "auto", init_log_theta: float = 0.0):
+    def __init__(self, n_genes: int, *, init_log_theta: float = 0.0):
         super().__init__()
         if int(n_genes) != n_genes or n_genes < 1:
             raise ValueError(f"n_genes must be a positive integer, got {n_genes!r}")
         self.n_genes = int(n_genes)
-        self.backend = backend
         self.log_theta = nn.Parameter(torch.full((self.n_genes,), float(init_log_theta)))
 
     def _check_genes(self, counts: torch.Tensor) -> None:
@@ -63,17 +64,18 @@ class NBLikelihood(nn.Module):
                              "with the number of genes of the count matrix")
 
     def forward(self, counts: torch.Tensor, logits: torch.Tensor, log_library: torch.Tensor,
-                logit_bias: torch.Tensor = None) -> torch.Tensor:
+                logit_bias: torch.Tensor = None, *, backend: str = "auto") -> torch.Tensor:
         """counts (cells, G) dense/CSR; logits (cells, G) or (P, cells, G); log_library (cells,);
         logit_bias (G,) optional, added to every logits row (pass the decoder's last bias here
         and run that Linear without it: the C++ kernel fuses the addition and its gradient).
+        ``backend``: as :func:`samsvae.ops.nb_log_prob`.
         Returns ``logits.shape[:-1]`` log-likelihoods (nats, summed over genes)."""
         self._check_genes(counts)
         return ops.nb_log_prob(counts, logits, log_library, self.log_theta.to(logits.dtype),
-                               logit_bias=logit_bias, backend=self.backend)
+                               logit_bias=logit_bias, backend=backend)
 
     def forward_linear(self, counts, hidden, weight, bias, log_library, *,
-                       recompute: bool = True):
+                       recompute=True, backend: str = "auto"):
         """Fused last decoder layer + NB, ``logits = hidden @ weight.T + bias``.
 
         hidden (cells, H) or (P, cells, H); weight (G, H); bias (G,) or None. Returns
@@ -83,7 +85,7 @@ class NBLikelihood(nn.Module):
         :func:`samsvae.ops.nb_log_prob_linear`)."""
         self._check_genes(counts)
         return ops.nb_log_prob_linear(counts, hidden, weight, bias, log_library,
-                                      self.log_theta.to(hidden.dtype), backend=self.backend,
+                                      self.log_theta.to(hidden.dtype), backend=backend,
                                       recompute=recompute)
 
     @property
@@ -92,4 +94,4 @@ class NBLikelihood(nn.Module):
         return self.log_theta.detach().exp()
 
     def extra_repr(self) -> str:
-        return f"n_genes={self.n_genes}, backend={self.backend!r}"
+        return f"n_genes={self.n_genes}"

@@ -19,9 +19,9 @@ What each piece does:
 * :class:`DistributedTrainer` wraps the model in ``DistributedDataParallel``; only rank 0
   writes checkpoints, logs and progress; checkpoints carry every rank's noise generator so a
   resumed run (``--resume``, same number of processes) continues exactly.
-* :func:`distributed_test_iwelbo` / :func:`evaluate_model_distributed` deal batches of cells to
-  the ranks round robin and gather the results by batch number, so values and order equal the
-  single-process evaluation of the same cells.
+* Evaluation takes the same ``comm`` (``samsvae.infer.evaluate_model(..., comm=comm)``): it
+  deals batches of cells and label groups to the ranks round robin and gathers the results in
+  order, so values and order equal the single-process evaluation of the same cells.
 
 A rank that dies (exception, OOM kill) makes the others' next collective fail (gloo/NCCL
 report the closed connection, or the timeout expires); they stop with
@@ -37,12 +37,12 @@ import os
 from dataclasses import dataclass
 from typing import Optional
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from .trainer import Trainer
+from .checkpoint import load_checkpoint
+from .trainer import Trainer, rank_seed
 
 DEFAULT_TIMEOUT_S = 900
 TIMEOUT_ENV = "SAMSVAE_DIST_TIMEOUT"
@@ -281,107 +281,12 @@ class DistributedTrainer(Trainer):
         path = None if self.checkpoint_dir is None else self.checkpoint_dir / "last.pt"
         if path is None or not path.exists():
             return
-        from .checkpoint import load_checkpoint
-        from .trainer import _mix
         ckpt = load_checkpoint(path, map_location="cpu")
         states = ckpt.get("rank_noise")
         if states is not None and ckpt.get("world_size") == self.world_size:
             self.noise.set_state(states[self.rank])
         else:  # other world size: a fresh, distinct stream per rank (not bit-exact any more)
-            self.noise.manual_seed(_mix(self.config.seed + self.step, self.rank))
+            self.noise.manual_seed(rank_seed(self.config.seed + self.step, self.rank))
             self._say(f"the checkpoint was written by {ckpt.get('world_size', 1)} process(es), "
                       f"this run has {self.world_size}: the data order and noise differ from an "
                       "uninterrupted run from here on")
-
-
-# -- evaluation ---------------------------------------------------------------------------------
-
-def _gather_in_order(comm, local: dict, n_items: int) -> list:
-    """``{item: value}`` held by each rank -> ``[value of item 0, 1, ...]`` on every rank."""
-    parts = [local] if comm is None else comm.all_gather_object(local)
-    merged = {}
-    for part in parts:
-        merged.update(part)
-    missing = [j for j in range(n_items) if j not in merged]
-    if missing:
-        raise RuntimeError(f"items {missing[:5]} were computed by no rank (internal error)")
-    return [merged[j] for j in range(n_items)]
-
-
-@torch.no_grad()
-def distributed_test_iwelbo(model, screen, rows, *, batch_size: int = 512, particles: int = 100,
-                            chunk: int = 10, global_seed: int = 0,
-                            comm: Optional[TorchComm] = None) -> np.ndarray:
-    """IWELBO (nats) of cells ``rows`` of ``screen``, in the order of ``rows``, on every rank.
-
-    The cells are cut into batches of ``batch_size`` in the order given (as
-    ``MinibatchLoader(screen, rows, batch_size, shuffle=False)``); batch ``j`` is computed by
-    rank ``j % world_size`` and the results are gathered by batch number, so the result equals
-    ``samsvae.infer.test_iwelbo`` over that loader in one process. Returns (n,) float64.
-    """
-    from ..data import make_batch
-    rows = np.asarray(rows, dtype=np.int64).reshape(-1)
-    rank, world = (0, 1) if comm is None else (comm.rank, comm.world_size)
-    device = next(model.parameters()).device
-    n_batches = -(-rows.size // batch_size)
-    was_training = model.training
-    model.eval()
-    local = {}
-    try:
-        for j in range(rank, n_batches, world):
-            batch = make_batch(screen, rows[j * batch_size:(j + 1) * batch_size]).to(device)
-            iw = model.iwelbo(batch, particles=particles, chunk=chunk, global_seed=global_seed)
-            local[j] = iw.detach().to("cpu", torch.float64).numpy()
-    finally:
-        model.train(was_training)
-    parts = _gather_in_order(comm, local, n_batches)
-    return np.concatenate(parts) if parts else np.zeros(0)
-
-
-@torch.no_grad()
-def distributed_model_ate(model, screen, labels, *, n_samples: int = 2500, seed: int = 0,
-                          comm: Optional[TorchComm] = None) -> np.ndarray:
-    """``samsvae.infer.model_ate`` with its label groups dealt to the ranks round robin.
-
-    Each group keeps the generator seed it has in the single-process loop, so the result is the
-    same (n_labels, G) float64 array, on every rank.
-    """
-    from ..infer.ate import ate_label_groups, group_ate
-    labels = list(labels)
-    if not labels:
-        return np.zeros((0, screen.n_genes))
-    rank, world = (0, 1) if comm is None else (comm.rank, comm.world_size)
-    dosage, starts, group = ate_label_groups(screen, labels)
-    local = {gi: group_ate(model, dosage, starts[gi], group, gi, n_samples=n_samples, seed=seed)
-             for gi in range(rank, len(starts), world)}
-    return np.concatenate(_gather_in_order(comm, local, len(starts)), axis=0)
-
-
-def evaluate_model_distributed(model, screen, indices, *, iwelbo_particles: int = 100,
-                               ate_particles: int = 2500, seed: int = 0, batch_size: int = 512,
-                               comm: Optional[TorchComm] = None) -> dict:
-    """``samsvae.infer.evaluate_model`` with the IWELBO batches and the model-ATE label groups
-    spread over the ranks (same keys and values, on every rank). The data ATE and mask
-    recovery are cheap and computed on every rank."""
-    from ..infer import ate_pearson, data_ate
-    from ..data.loader import check_indices
-    from ..infer.evaluate import mask_metrics
-
-    rows = check_indices(screen, indices)
-    if rows.size == 0:
-        raise ValueError("no cells to evaluate: indices is empty (is the split empty?)")
-    iw = distributed_test_iwelbo(model, screen, rows, batch_size=batch_size,
-                                 particles=iwelbo_particles, global_seed=seed, comm=comm)
-    out = {"test_iwelbo": float(np.mean(iw)), "n_cells": int(rows.size)}
-    out.update(ate_pearson=None, ate_pearson_top20=None, n_ate_labels=0)
-    if np.asarray(screen.is_control).any():
-        labels, d_ate = data_ate(screen, rows)
-        if labels:
-            m_ate = distributed_model_ate(model, screen, labels, n_samples=ate_particles,
-                                          seed=seed, comm=comm)
-            r = ate_pearson(m_ate, d_ate, top_k=20)
-            out.update(ate_pearson=r["ate_pearson"], ate_pearson_top20=r["ate_pearson_top20"],
-                       n_ate_labels=len(labels), ate_labels=list(labels), data_ate=d_ate,
-                       model_ate=m_ate, ate_pearson_per_label=r["ate_pearson_per_label"])
-    out.update(mask_metrics(model, screen))
-    return out

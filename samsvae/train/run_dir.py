@@ -24,6 +24,10 @@ from typing import Optional
 
 import numpy as np
 
+from ..data import ScreenData, load_screen
+from ..data.stream_stats import CACHE_NAME, cached_library
+from ..models import build_model
+from ..version import __version__
 from .checkpoint import atomic_torch_save, atomic_write_text, load_checkpoint
 
 RUN_FORMAT = "samsvae-run-v1"
@@ -71,16 +75,15 @@ def run_config(*, model_name: str, guide: str, model_config: dict, screen, data_
                split_options: dict, train_config: Optional[dict] = None,
                data_path: Optional[str] = None) -> dict:
     """The JSON description of a run (``config.json``)."""
-    from .. import __version__
     return {
         "format": RUN_FORMAT,
         "samsvae_version": __version__,
-        "model": {"name": model_name, "guide": guide, "config": _jsonable(model_config)},
+        "model": {"name": model_name, "guide": guide, "config": plain_json(model_config)},
         "data": {"path": None if data_path is None else str(Path(data_path).resolve()),
-                 **{k: _jsonable(data_options.get(k)) for k in DATA_OPTIONS},
+                 **{k: plain_json(data_options.get(k)) for k in DATA_OPTIONS},
                  "backed": bool(data_options.get("backed", False))},
-        "split": _jsonable(split_options),
-        "train": _jsonable(train_config or {}),
+        "split": plain_json(split_options),
+        "train": plain_json(train_config or {}),
         "control_label": screen.control_label,
         "n_cells": int(screen.n_cells),
         "genes": [str(g) for g in screen.gene_names],
@@ -119,7 +122,7 @@ def write_model(run_dir, model, *, state_dict: Optional[dict] = None,
                 step: Optional[int] = None) -> Path:
     """Write ``model.pt`` from ``state_dict`` (default: the model's current weights)."""
     state = model.state_dict() if state_dict is None else state_dict
-    return atomic_torch_save({"format": MODEL_FORMAT, "config": _jsonable(model.config),
+    return atomic_torch_save({"format": MODEL_FORMAT, "config": plain_json(model.config),
                               "state_dict": {k: v.detach().cpu() for k, v in state.items()},
                               "step": step}, Path(run_dir) / "model.pt")
 
@@ -173,7 +176,6 @@ def read_split(run_dir, cell_names) -> np.ndarray:
 
 def load_model(run_dir, config: Optional[dict] = None, map_location=None):
     """Rebuild the model of a run with its best weights (``model.pt``, else ``best.pt``)."""
-    from ..models import build_model
     run_dir = Path(run_dir)
     config = config or read_config(run_dir)
     candidates = [run_dir / "model.pt", run_dir / "checkpoints" / "best.pt",
@@ -185,6 +187,9 @@ def load_model(run_dir, config: Optional[dict] = None, map_location=None):
     saved = load_checkpoint(path, map_location=map_location or "cpu")
     state = saved["state_dict"] if "state_dict" in saved else saved["model_state"]
     kwargs = dict(saved.get("config") or saved.get("model_config") or config["model"]["config"])
+    # runs of earlier versions saved the kernel backend with the model: an execution setting,
+    # chosen per call now, so the stored value is ignored
+    kwargs.pop("backend", None)
     kwargs.setdefault("model", config["model"]["name"])
     kwargs.setdefault("guide", config["model"]["guide"])
     model = build_model(**kwargs)
@@ -221,7 +226,6 @@ def screen_for_run(config: dict, data=None, run_dir=None):
 
     A backed run's file is opened with the library sizes cached in ``run_dir/data_stats.npz``
     when they belong to it (no pass over the counts)."""
-    from ..data import ScreenData, load_screen
     if data is None:
         path = config["data"].get("path")
         if path is None:
@@ -243,7 +247,6 @@ def screen_for_run(config: dict, data=None, run_dir=None):
         if isinstance(data, (str, Path)):  # read the file as training did (backed or not)
             options["backed"] = bool(config["data"].get("backed", False))
             if options["backed"] and run_dir is not None:
-                from ..data.stream_stats import CACHE_NAME, cached_library
                 layer = options.get("layer")
                 options["library"] = cached_library(Path(run_dir) / CACHE_NAME, data,
                                                     f"layers/{layer}" if layer else "X")
@@ -329,11 +332,15 @@ def _align_ground_truth(truth, run_vocab):
     return out
 
 
-def _jsonable(x):
+def plain_json(x):
+    """``x`` with numpy arrays/scalars, tensors and paths turned into plain JSON values
+    (dict keys as strings; NaN and inf are kept: ``json.dumps`` writes them)."""
     if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
+        return {str(k): plain_json(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
+        return [plain_json(v) for v in x]
+    if hasattr(x, "detach"):
+        x = x.detach().cpu().numpy()
     if isinstance(x, np.ndarray):
         return x.tolist()
     if isinstance(x, np.generic):

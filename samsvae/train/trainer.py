@@ -1,8 +1,10 @@
 """The training loop: Adam on the model's negative ELBO, validation, checkpoints, exact resume.
 
-One process today. The hooks for ``torchrun`` are in place: ``rank``/``world_size`` decide who
-writes and prints, validation sums go through :meth:`Trainer._all_reduce`, and the model is
-reached through ``self.model`` (the object to wrap) vs ``self.raw_model`` (the one to save).
+Under ``torchrun`` (:class:`~samsvae.train.distributed.DistributedTrainer`) ``rank`` /
+``world_size`` decide who writes and prints, validation sums go through
+:meth:`Trainer._all_reduce`, and the model is reached through ``self.model`` (the object to
+wrap) vs ``self.raw_model`` (the one to save). Schedules that reshape the model between steps
+are callbacks (:mod:`samsvae.train.callbacks`).
 
 Resuming from ``checkpoints/last.pt`` reproduces the uninterrupted run exactly: the loader's
 order is a function of (seed, epoch) through ``set_epoch``, the batches already consumed in the
@@ -16,11 +18,17 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 
-from .checkpoint import atomic_torch_save, capture_rng_state, load_checkpoint, restore_rng_state
+from .callbacks import callbacks_for
+from .checkpoint import (
+    atomic_torch_save,
+    capture_rng_state,
+    load_checkpoint,
+    restore_rng_state,
+)
 from .config import RESUME_LOCKED, TrainConfig
 
 CHECKPOINT_FORMAT = "samsvae-checkpoint-v1"
@@ -46,12 +54,16 @@ class Trainer:
         rank, world_size: process rank and count under torch.distributed.
         log: called with one line of text per validation when no progress bar is shown;
             None silences the trainer.
+        callbacks: objects with ``on_step_start(trainer, step)`` and/or ``allows_best(step)``
+            (:mod:`samsvae.train.callbacks`); default: those the model's configuration asks
+            for (``callbacks_for(model)``).
     """
 
     def __init__(self, model, train_loader, val_loader=None, config: Optional[TrainConfig] = None,
                  *, run_dir=None, run_config: Optional[dict] = None,
                  n_train_cells: Optional[int] = None, rank: int = 0, world_size: int = 1,
-                 log: Optional[Callable[[str], None]] = print):
+                 log: Optional[Callable[[str], None]] = print,
+                 callbacks: Optional[Sequence] = None):
         self.config = config or TrainConfig()
         self.device = torch.device(self.config.device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
@@ -59,6 +71,7 @@ class Trainer:
                                "use device='cpu' (--device cpu)")
         self.raw_model = model.to(self.device)
         self.model = self.raw_model  # under DDP: DistributedDataParallel(self.raw_model)
+        self.callbacks = list(callbacks_for(model) if callbacks is None else callbacks)
         self.train_loader = train_loader
         self.val_loader = val_loader
         self.run_dir = Path(run_dir) if run_dir is not None else None
@@ -77,7 +90,7 @@ class Trainer:
         self.optimizer = torch.optim.Adam(self.raw_model.parameters(), lr=self.config.lr,
                                           weight_decay=self.config.weight_decay, fused=True)
         self.noise = torch.Generator(device=self.device)
-        self.noise.manual_seed(_mix(self.config.seed, rank))
+        self.noise.manual_seed(rank_seed(self.config.seed, rank))
         self.val_noise = torch.Generator(device=self.device)
 
         self.step = 0       # optimiser steps taken
@@ -123,6 +136,9 @@ class Trainer:
                 for _ in range(self.position):  # resume mid-epoch: same order, skip what was seen
                     next(batches)
             for batch in batches:
+                for cb in self.callbacks:
+                    if hasattr(cb, "on_step_start"):
+                        cb.on_step_start(self, self.step + 1)
                 loss = self._train_step(batch.to(self.device))
                 self._pending.append((self.step, self.epoch, loss))
                 cells_since += int(batch.index.shape[0])
@@ -171,7 +187,7 @@ class Trainer:
         if self.val_loader is None:
             raise RuntimeError("no validation loader was given")
         self.raw_model.eval()
-        self.val_noise.manual_seed(_mix(self.config.seed + _VAL_SEED_OFFSET, self.rank))
+        self.val_noise.manual_seed(rank_seed(self.config.seed + _VAL_SEED_OFFSET, self.rank))
         total = torch.zeros(2, dtype=torch.float64, device=self.device)
         for batch in self.val_loader:
             out = self.raw_model.loss(batch.to(self.device), particles=self.config.val_particles,
@@ -250,9 +266,10 @@ class Trainer:
         val_hist["step"].append(self.step)
         val_hist["epoch"].append(self.epoch)
         val_hist["elbo"].append(val)
-        # a model whose schedule still reshapes its guide (SAMS-VAE's rotation phase) cannot
-        # be kept as "best": its validation ELBO is not comparable across that phase's end
-        if not getattr(self.raw_model, "checkpoint_selectable", True):
+        # while a callback still reshapes the model (SAMS-VAE's rotation phase) its weights
+        # cannot be kept as "best": the validation ELBO is not comparable across that phase
+        if not all(cb.allows_best(self.step) for cb in self.callbacks
+                   if hasattr(cb, "allows_best")):
             return
         if self.best_val is None or val > self.best_val:
             self.best_val, self.best_step = val, self.step
@@ -339,7 +356,7 @@ def _cpu_state(model) -> dict:
     return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 
 
-def _mix(seed: int, rank: int) -> int:
+def rank_seed(seed: int, rank: int) -> int:
     """Distinct, reproducible seed per rank (rank 0 keeps ``seed``)."""
     return (int(seed) + 1_000_003 * int(rank)) % (2 ** 63)
 

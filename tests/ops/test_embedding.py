@@ -8,7 +8,7 @@ of the result's size (Euclidean norms over each tensor).
 """
 import pytest
 import torch
-from conftest import CPU_ISAS
+from helpers import CPU_ISAS
 
 from samsvae import ops
 from samsvae.ops import backends, cpp_extension, masked_embedding_sum

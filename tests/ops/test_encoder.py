@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 import torch
-from conftest import CPU_ISAS as ISAS
+from helpers import CPU_ISAS as ISAS
 
 from samsvae.ops import cpp_extension, log1p_standardize, log1p_standardize_linear
 from samsvae.ops.encoder import cpp as encoder_cpp
@@ -48,7 +48,7 @@ def test_matches_the_definition(backend, dtype, layout):
 
 @pytest.mark.skipif(not cpp_extension.ext_available(), reason="C++ extension not built")
 def test_cpp_equals_reference_on_a_training_batch_shape():
-    from samsvae.bench import synth_batch
+    from samsvae.data import synth_batch
     b = synth_batch(64, 500, 10, seed=3)
     mean = torch.rand(500)
     inv_std = 1.0 / (0.5 + torch.rand(500))
@@ -177,7 +177,7 @@ def test_float32_error_is_that_of_float32(sparse, monkeypatch):
 
 @needs_cpp
 def test_both_cpp_paths_and_the_reference_agree_on_a_training_batch(monkeypatch):
-    from samsvae.bench import synth_batch
+    from samsvae.data import synth_batch
     batch = synth_batch(128, 800, 10, seed=4, mean_count=0.1)
     g = torch.Generator().manual_seed(0)
     w = torch.randn(64, 800, generator=g) * 0.05

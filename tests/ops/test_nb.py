@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CPU_ISAS
+from helpers import CPU_ISAS
 from helpers import make_inputs, random_inputs
 
 from samsvae import ops

@@ -5,7 +5,7 @@ against the unfused reference, and the store-or-recompute choice.
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import CPU_ISAS as ISAS
+from helpers import CPU_ISAS as ISAS
 from helpers import make_inputs
 
 from samsvae import ops
@@ -370,7 +370,7 @@ def test_training_step_uses_the_gradient_from_the_forward(monkeypatch):
     """A model's ELBO weights every row alike: backward must not take the recompute path."""
     import numpy as np
 
-    from samsvae.bench import synth_batch
+    from samsvae.data import synth_batch
     from samsvae.models import build_model
 
     def refuse(*args, **kwargs):

@@ -11,6 +11,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from .ate import pearson
+
 
 def _figure(width: float, height: float):
     from matplotlib.figure import Figure
@@ -23,16 +25,6 @@ def _save(fig, path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path, dpi=120)
 
-
-def _pearson(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = np.ravel(a).astype(np.float64), np.ravel(b).astype(np.float64)
-    ok = np.isfinite(a) & np.isfinite(b)
-    a, b = a[ok] - a[ok].mean(), b[ok] - b[ok].mean()
-    denom = np.sqrt((a * a).sum() * (b * b).sum())
-    return float((a * b).sum() / denom) if denom > 0 else float("nan")
-
-
-# -- masks ----------------------------------------------------------------------------------
 
 def mask_order(masks: np.ndarray):
     """Row and column order that makes a mask matrix readable.
@@ -113,10 +105,10 @@ def plot_ate_scatter(model_ate, data_ate, labels: Sequence[str], *, path=None,
         fig = _figure(5.0, 4.6)
         ax = fig.add_subplot()
         _ate_panel(ax, model_ate, data_ate, s=4)
-        per_label = [_pearson(m, d) for m, d in zip(model_ate, data_ate)]
+        per_label = [pearson(m, d) for m, d in zip(model_ate, data_ate)]
         mean_r = np.nanmean(per_label) if np.isfinite(per_label).any() else float("nan")
         ax.set_title(f"ATE of {len(labels)} perturbations: pooled Pearson r = "
-                     f"{_pearson(model_ate, data_ate):.3f}\n(mean per perturbation "
+                     f"{pearson(model_ate, data_ate):.3f}\n(mean per perturbation "
                      f"{mean_r:.3f})", fontsize=9)
         _save(fig, path)
         return fig
@@ -131,7 +123,7 @@ def plot_ate_scatter(model_ate, data_ate, labels: Sequence[str], *, path=None,
         ax.set_axis_off()
     for ax, i in zip(axes.ravel(), order):
         _ate_panel(ax, model_ate[i], data_ate[i], s=6)
-        ax.set_title(f"{labels[i]}: r = {_pearson(model_ate[i], data_ate[i]):.2f}", fontsize=8)
+        ax.set_title(f"{labels[i]}: r = {pearson(model_ate[i], data_ate[i]):.2f}", fontsize=8)
     fig.suptitle("Model vs data ATE per perturbation (largest effects)", fontsize=9)
     _save(fig, path)
     return fig

@@ -58,7 +58,7 @@ def test_label_dosage_rows():
     d = label_dosage(screen, ["A+B", "B", "A"]).toarray()
     a, b = screen.perturbations.index("A"), screen.perturbations.index("B")
     assert d[0, a] == d[0, b] == 1 and d[1, b] == 1 and d[1].sum() == 1 and d[2, a] == 1
-    with pytest.raises(ValueError, match="not perturbations"):
+    with pytest.raises(ValueError, match="unknown perturbation .C."):
         label_dosage(screen, ["C"])
 
 

@@ -16,7 +16,7 @@ from samsvae.data import simulate_screen
 
 pytestmark = pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs POSIX SIGKILL")
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TRAIN_ARGS = ["--max-steps", "100", "--latent", "4", "--hidden", "32", "--batch-size", "64",
               "--lr", "3e-3", "--checkpoint-every", "3", "--val-every", "10", "--seed", "7",
               "--guide", "corr_both", "--no-progress"]

@@ -10,7 +10,7 @@ import torch
 from samsvae.data import MinibatchLoader, load_screen, make_batch, make_split, simulate_screen
 from samsvae.infer import model_ate, test_iwelbo
 from samsvae.train import TrainConfig
-from samsvae.train.build import build_model_for_screen, split_indices
+from samsvae.train.prepare import build_model_for_screen, split_indices
 
 WORLD = 2
 SEED = 3
@@ -27,8 +27,17 @@ def _model(screen, train):
     # float64 (the reference ops support it): the comparisons then test the reduction and
     # the scaling, not float32 rounding of sums with cancellation
     torch.manual_seed(0)
-    return build_model_for_screen(screen, train, model="sams_vae", n_latent=4, n_hidden=16,
-                                  backend="reference").double()
+    return build_model_for_screen(screen, train, model="sams_vae", n_latent=4,
+                                  n_hidden=16).double()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def reference_backend():
+    """The float64 reference ops, here and in the spawned ranks (which inherit the
+    environment): a backend is chosen per call, not stored in the model."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SAMSVAE_BACKEND", "reference")
+        yield
 
 
 def _shards(train):
@@ -42,8 +51,8 @@ def _eval_rows(screen):
 def _worker(rank, tmp, data_path):
     torch.set_num_threads(1)
     import samsvae.infer.ate as ate
-    from samsvae.train.distributed import (DistributedTrainer, distributed_model_ate,
-                                           distributed_test_iwelbo, init_from_env, shutdown)
+    from samsvae.infer.iwelbo import cells_iwelbo
+    from samsvae.train.distributed import DistributedTrainer, init_from_env, shutdown
     ate._MODEL_ATE_VALUES = ATE_VALUES
     comm = init_from_env("cpu", init_method=f"file://{tmp}/rdzv", rank=rank, world_size=WORLD,
                          timeout_s=60)
@@ -56,10 +65,10 @@ def _worker(rank, tmp, data_path):
     loss = trainer._train_step(batch)
     grads = {n: (torch.zeros_like(p) if p.grad is None else p.grad.clone())
              for n, p in model.named_parameters()}
-    iw = distributed_test_iwelbo(model, screen, _eval_rows(screen), batch_size=16, particles=6,
-                                 chunk=4, global_seed=1, comm=comm)
+    iw = cells_iwelbo(model, screen, _eval_rows(screen), batch_size=16, particles=6, chunk=4,
+                      global_seed=1, comm=comm)
     labels = sorted(set(screen.labels[~screen.is_control].tolist()))
-    m_ate = distributed_model_ate(model, screen, labels, n_samples=20, seed=2, comm=comm)
+    m_ate = ate.model_ate(model, screen, labels, n_samples=20, seed=2, comm=comm)
     trainer.close()
     try:
         trainer._train_step(batch)
@@ -98,7 +107,7 @@ def results(tmp_path_factory):
 
 
 def test_ddp_gradient_equals_single_process_gradient_over_the_union(results):
-    from samsvae.train.trainer import _mix
+    from samsvae.train.trainer import rank_seed
     path, ranks = results
     screen, train = _screen(path)
     model = _model(screen, train)
@@ -106,7 +115,7 @@ def test_ddp_gradient_equals_single_process_gradient_over_the_union(results):
     total, cells = 0.0, 0
     for rank, rows in enumerate(shards):
         gen = torch.Generator()
-        gen.manual_seed(_mix(SEED, rank))  # the noise each rank's trainer draws
+        gen.manual_seed(rank_seed(SEED, rank))  # the noise each rank's trainer draws
         out = model.loss(make_batch(screen, rows), particles=5, generator=gen)
         total = total + out["loss"] * rows.size
         cells += rows.size

@@ -4,7 +4,7 @@ import torch
 
 from samsvae.models.distributions import (HALF_LOG_2PI, bernoulli_log_prob,
                                           bernoulli_log_prob_const, normal_log_prob)
-from samsvae.models.fused_terms import global_log_ratio
+from samsvae.models.fused_autograd import global_log_ratio
 
 P, U, L = 3, 7, 5
 
@@ -88,7 +88,7 @@ def test_diag_gaussian_sample_kl_matches_the_expression(param_shape):
 
 
 def test_diag_gaussian_sample_kl_gradcheck():
-    from samsvae.models.fused_terms import diag_gaussian_sample_kl
+    from samsvae.models.fused_autograd import diag_gaussian_sample_kl
     g = torch.Generator().manual_seed(8)
     loc = torch.randn(4, 3, generator=g, dtype=torch.float64).requires_grad_()
     scale = (torch.rand(4, 3, generator=g, dtype=torch.float64) + 0.2).requires_grad_()

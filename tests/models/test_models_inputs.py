@@ -85,7 +85,7 @@ def test_batch_shape_mismatch_is_explained(screen):
         other.set_perturbation_counts([1, 2])
 
 
-def test_counts_must_be_set_for_global_terms(screen):
+def test_counts_must_be_set_for_spread_globals(screen):
     batch = make_batch(screen, np.arange(10))
     sams = build_model("sams_vae", n_genes=screen.n_genes,
                        n_perturbations=screen.n_perturbations, n_latent=3, n_hidden=8)

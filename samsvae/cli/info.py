@@ -3,6 +3,10 @@ from __future__ import annotations
 
 import platform
 
+from .. import ops
+from ..ops import backends, cpp_extension
+from ..version import __version__
+
 
 def add_arguments(parser) -> None:  # no options
     return None
@@ -11,8 +15,6 @@ def add_arguments(parser) -> None:  # no options
 def run(args) -> int:
     import torch
 
-    from . import __version__, ops
-    from .ops import backends, cpp_extension
 
     print(f"samsvae {__version__}, torch {torch.__version__}, python {platform.python_version()}")
     print(f"CUDA available: {torch.cuda.is_available()}")

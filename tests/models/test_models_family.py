@@ -99,10 +99,10 @@ def test_iwelbo_finite_and_chunk_independent(name, guide, screen, batch):
         assert float(a.mean()) > float(elbo.mean())
 
 
-def test_eval_noise_keyed_by_particle_and_perturbation():
+def test_counter_noise_keyed_by_particle_and_perturbation():
     """IWELBO globals: particle k's draw for perturbation t is the same whatever the other
     perturbations of the batch and however the particles are chunked."""
-    from samsvae.models.eval_noise import BLOCK, global_noise
+    from samsvae.models.counter_noise import BLOCK, global_noise
     small = torch.tensor([1, 3, BLOCK + 2])
     big = torch.tensor([0, 1, 2, 3, 4, BLOCK + 2])
     es, us = global_noise(5, 0, 4, small, L, dtype=torch.float32, masked=True)

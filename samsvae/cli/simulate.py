@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from ..data.simulate import write_simulated_screen
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("out", metavar="OUT.h5ad", help="file to write")
@@ -26,7 +28,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .simulate import write_simulated_screen
 
     summary = write_simulated_screen(
         args.out, args.cells, args.genes, args.perturbations, chunk_cells=args.chunk_cells,

@@ -72,7 +72,7 @@ def screen():
 @pytest.mark.parametrize("name,guide", [("sams_vae", "mean_field"),
                                         ("sams_vae", "corr_embedding"),
                                         ("sams_vae", "corr_both"), ("cpa_vae", "mean_field")])
-def test_model_global_share_sums_to_global_terms(name, guide, screen):
+def test_model_global_share_sums_to_spread_globals(name, guide, screen):
     """For a fixed sample of the globals, the per-cell global terms of the loss summed over all
     (training) cells equal the sum over perturbations of the global log-ratio."""
     rows = np.arange(screen.n_cells)

@@ -9,7 +9,6 @@ metrics.
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 import time
@@ -17,7 +16,12 @@ from pathlib import Path
 
 import numpy as np
 
-CONTRACT_KEYS = ("test_iwelbo", "ate_pearson", "ate_pearson_top20")
+from .. import ops
+from ..infer import data_ate, evaluate_model, model_ate
+from ..infer import plots as figures
+from ..train.checkpoint import atomic_write_text
+from ..train.distributed import init_from_env, shutdown
+from ..train.run_dir import load_run, plain_json
 
 
 def add_arguments(parser) -> None:
@@ -36,11 +40,12 @@ def add_arguments(parser) -> None:
                         help="cells per IWELBO batch (default: 512)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the Monte Carlo estimates")
     parser.add_argument("--device", default="cpu", help="cpu | cuda (default: cpu)")
+    parser.add_argument("--backend", default="auto", choices=("auto",) + ops.backends.BACKENDS,
+                        help="kernel backend of the fused ops for this evaluation, whatever the "
+                             "run was trained with (default: auto)")
 
 
 def run(args) -> int:
-    from ..train.distributed import init_from_env, shutdown
-    from ..train.run_dir import load_run
     comm = init_from_env(args.device)  # under torchrun: cells spread over the processes
     completed = False
     try:
@@ -49,12 +54,17 @@ def run(args) -> int:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, "
                                  f"got {getattr(args, name)}")
         device = args.device if comm is None else comm.device
+        if args.backend != "auto":  # an explicit backend must exist here: fail before any work
+            ops.backends.require_backend(args.backend, device)
         loaded = load_run(args.run_dir, data=args.data, map_location=device)
-        metrics = evaluate_run(loaded, split=args.split, iwelbo_particles=args.iwelbo_particles,
-                               ate_particles=args.ate_particles, batch_size=args.batch_size,
-                               seed=args.seed, plots=args.plots, data_path=args.data, comm=comm)
+        with ops.use_backend(args.backend):
+            metrics = evaluate_run(loaded, split=args.split,
+                                   iwelbo_particles=args.iwelbo_particles,
+                                   ate_particles=args.ate_particles, batch_size=args.batch_size,
+                                   seed=args.seed, plots=args.plots, data_path=args.data,
+                                   comm=comm)
         completed = True
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, ops.BackendUnavailableError) as exc:
         if os.environ.get("SAMSVAE_DEBUG"):
             raise
         print(f"samsvae evaluate: error: {exc}", file=sys.stderr)
@@ -78,31 +88,23 @@ def evaluate_run(loaded, *, split: str = "test", iwelbo_particles: int = 100,
     ``comm`` (``samsvae.train.distributed.init_from_env``): every process of the group calls
     this; the cells and ATE label groups are spread over them, rank 0 writes the files.
     """
-    from . import evaluate_model
     t0 = time.perf_counter()
     idx = loaded.indices(split)
-    if comm is None:
-        raw = evaluate_model(loaded.model, loaded.screen, idx, iwelbo_particles=iwelbo_particles,
-                             ate_particles=ate_particles, seed=seed, batch_size=batch_size)
-    else:
-        from ..train.distributed import evaluate_model_distributed
-        raw = evaluate_model_distributed(loaded.model, loaded.screen, idx,
-                                         iwelbo_particles=iwelbo_particles,
-                                         ate_particles=ate_particles, seed=seed,
-                                         batch_size=batch_size, comm=comm)
-        if not comm.is_main:
-            return {k: _plain(v) for k, v in raw.items() if _is_scalar(v)}
-    metrics = {k: _plain(v) for k, v in raw.items() if _is_scalar(v)}
+    raw = evaluate_model(loaded.model, loaded.screen, idx, iwelbo_particles=iwelbo_particles,
+                         ate_particles=ate_particles, seed=seed, batch_size=batch_size,
+                         comm=comm)
+    if comm is not None and not comm.is_main:
+        return {k: plain_json(v) for k, v in raw.items() if _is_scalar(v)}
+    metrics = {k: plain_json(v) for k, v in raw.items() if _is_scalar(v)}
     metrics.update(split=split, iwelbo_particles=iwelbo_particles, ate_particles=ate_particles,
                    seed=seed, seconds=round(time.perf_counter() - t0, 2),
                    data=str(data_path) if data_path is not None else loaded.config["data"]["path"])
     # per-label lists go to metrics.json; the (labels x genes) ATE matrices only to the plots
-    details = {k: _plain(v) for k, v in raw.items()
+    details = {k: plain_json(v) for k, v in raw.items()
                if not _is_scalar(v) and np.ndim(v) == 1 and _jsonable(v)}
     if details:
         metrics["details"] = details
     path = Path(loaded.run_dir) / "metrics.json"
-    from ..train.checkpoint import atomic_write_text
     atomic_write_text(path, json.dumps(metrics, indent=1, allow_nan=True) + "\n")
     if plots:
         metrics["plots"] = write_plots(loaded, idx, raw, ate_particles=ate_particles, seed=seed)
@@ -112,22 +114,21 @@ def evaluate_run(loaded, *, split: str = "test", iwelbo_particles: int = 100,
 
 def write_plots(loaded, idx, raw: dict, *, ate_particles: int, seed: int) -> list:
     """Mask heatmap, ATE scatters and training curves into ``RUN_DIR/plots``; returns paths."""
-    from .. import plots
     out = Path(loaded.run_dir) / "plots"
     written = []
     masks = loaded.model.perturbation_masks()
     if masks is not None:
-        plots.plot_mask_heatmap(masks.detach().cpu().numpy(), loaded.screen.perturbations,
+        figures.plot_mask_heatmap(masks.detach().cpu().numpy(), loaded.screen.perturbations,
                                 path=out / "masks.png")
         written.append(out / "masks.png")
     labels, d_ate, m_ate = _ate_arrays(loaded, idx, raw, ate_particles=ate_particles, seed=seed)
     if len(labels):
-        plots.plot_ate_scatter(m_ate, d_ate, labels, path=out / "ate_scatter.png")
-        plots.plot_ate_scatter(m_ate, d_ate, labels, path=out / "ate_per_perturbation.png",
+        figures.plot_ate_scatter(m_ate, d_ate, labels, path=out / "ate_scatter.png")
+        figures.plot_ate_scatter(m_ate, d_ate, labels, path=out / "ate_per_perturbation.png",
                                per_perturbation=True)
         written += [out / "ate_scatter.png", out / "ate_per_perturbation.png"]
     if loaded.history.get("train", {}).get("step"):
-        plots.plot_training_curves(loaded.history, path=out / "training_curves.png")
+        figures.plot_training_curves(loaded.history, path=out / "training_curves.png")
         written.append(out / "training_curves.png")
     return [str(p) for p in written]
 
@@ -138,7 +139,6 @@ def _ate_arrays(loaded, idx, raw, *, ate_particles, seed):
     have = all(k in raw for k in ("ate_labels", "data_ate", "model_ate"))
     if have:
         return list(raw["ate_labels"]), np.asarray(raw["data_ate"]), np.asarray(raw["model_ate"])
-    from . import data_ate, model_ate
     labels, d_ate = data_ate(loaded.screen, idx)
     if not len(labels):
         return [], None, None
@@ -165,23 +165,7 @@ def _is_scalar(v) -> bool:
 
 def _jsonable(v) -> bool:
     try:
-        json.dumps(_plain(v))
+        json.dumps(plain_json(v))
         return True
     except (TypeError, ValueError):
         return False
-
-
-def _plain(v):
-    if isinstance(v, dict):
-        return {str(k): _plain(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_plain(x) for x in v]
-    if isinstance(v, np.ndarray):
-        return v.tolist()
-    if isinstance(v, np.generic):
-        return v.item()
-    if hasattr(v, "detach"):
-        return _plain(v.detach().cpu().numpy())
-    if isinstance(v, float) and not math.isfinite(v):
-        return v
-    return v

@@ -10,7 +10,7 @@ import torch
 from samsvae.data import load_screen, make_split, simulate_screen
 from samsvae.train import Trainer, TrainConfig, load_checkpoint
 from samsvae.train import checkpoint as ckpt_mod
-from samsvae.train.build import build_model_for_screen, make_loaders, split_indices
+from samsvae.train.prepare import build_model_for_screen, make_loaders, split_indices
 
 
 @pytest.fixture(scope="module")
@@ -181,9 +181,9 @@ def test_grad_clip_runs_and_default_epochs(screen_split):
     assert trainer.step == 3 and all(map(math.isfinite, trainer.history["train"]["loss"]))
 
 
-def test_best_checkpoint_only_where_the_model_allows_it(screen_split):
-    # SAMS-VAE during its rotation phase reports checkpoint_selectable False: validations there
-    # are recorded but never kept as "best"
+def test_best_checkpoint_only_where_the_callbacks_allow_it(screen_split):
+    # during SAMS-VAE's rotation phase the SparseRotation callback allows no "best" weights:
+    # validations there are recorded but never kept
     screen, split = screen_split
     torch.manual_seed(0)
     model = build_model_for_screen(screen, split_indices(split, "train"), model="sams_vae",

@@ -12,6 +12,24 @@ import sys
 import time
 from pathlib import Path
 
+from .. import ops
+from ..data import load_screen, make_split, simulate_screen
+from ..data.stream_stats import CACHE_NAME, load_backed_screen
+from ..models import MODEL_GUIDES
+from ..ops import BackendUnavailableError
+from ..train import TrainConfig, fit
+from ..train.distributed import DistributedFailure, init_from_env, shutdown
+from ..train.prepare import build_model_for_screen, split_indices
+from ..train.run_dir import (
+    align_screen,
+    load_run,
+    read_config,
+    read_split,
+    run_config,
+    screen_for_run,
+)
+from .evaluate import evaluate_run, print_metrics
+
 DEMO_DIR = "samsvae-demo"
 # The demo: a simulated screen sized to train and evaluate in about 1-2 minutes on 2 CPU cores.
 # Short training wants larger steps (lr 3e-3, batches of 256) than the paper's defaults, and the
@@ -65,8 +83,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "(default: mean_field; --demo: corr_both)")
     g.add_argument("--latent", type=int, default=None, help="latent dimensions (default: 100; --demo: 10)")
     g.add_argument("--hidden", type=int, default=400, help="hidden units of the MLPs (default: 400)")
-    g.add_argument("--backend", default="auto", choices=("auto", "reference", "cpp", "triton"),
-                   help="kernel backend for the fused ops (default: auto)")
     g = p.add_argument_group(
         "model options", "not given: the paper's defaults. Mask recovery on simulated screens "
         "(benchmarks/sim_recovery.py): --global-param-scale 10 --basal-covariance full "
@@ -94,6 +110,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="write checkpoints/last.pt every N steps (default: 1000, and at the end)")
     g.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     g.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default: cpu)")
+    g.add_argument("--backend", default="auto", choices=("auto",) + ops.backends.BACKENDS,
+                   help="kernel backend of the fused ops for this process (default: auto); not "
+                        "saved with the run: evaluate may use another")
     g.add_argument("--resume", action="store_true",
                    help="continue RUN_DIR from checkpoints/last.pt (same options as the first run)")
     g.add_argument("--no-progress", action="store_true",
@@ -124,7 +143,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    from ..ops import BackendUnavailableError
     try:
         if args.demo:
             return _run_demo(args)
@@ -141,7 +159,6 @@ def run(args) -> int:
         print(f"samsvae train: error: {exc}", file=sys.stderr)
         return 2
     except RuntimeError as exc:
-        from .distributed import DistributedFailure
         if not isinstance(exc, DistributedFailure) or os.environ.get("SAMSVAE_DEBUG"):
             raise
         print(f"samsvae train: error: {exc}", file=sys.stderr)
@@ -172,7 +189,6 @@ def _check_device(device: str) -> None:
 
 
 def _check_model_guide(model: str, guide: str) -> None:
-    from ..models import MODEL_GUIDES
     if model not in MODEL_GUIDES or guide not in MODEL_GUIDES[model]:
         pairs = "; ".join(f"--model {m} --guide {'|'.join(g)}" for m, g in MODEL_GUIDES.items())
         what = (f"unknown model {model!r}" if model not in MODEL_GUIDES
@@ -205,12 +221,13 @@ def train_from_args(args, *, log=print):
     Under torchrun (``WORLD_SIZE`` > 1) every process runs this: they join the process group,
     train their shards with DDP, and only rank 0 writes the run directory and logs.
     """
-    from .distributed import init_from_env, shutdown
     comm = init_from_env(args.device)
     completed = False
     trainer = None
     try:
-        trainer = _train(args, log=log if comm is None or comm.is_main else _silent, comm=comm)
+        with ops.use_backend(args.backend):  # an execution setting: never saved with the run
+            trainer = _train(args, log=log if comm is None or comm.is_main else _silent,
+                             comm=comm)
         completed = True
         return trainer
     finally:
@@ -227,16 +244,8 @@ def _train(args, *, log, comm):
     import numpy as np
     import torch
 
-    from .. import ops
-    from ..data import load_screen, make_split
-    from .build import build_model_for_screen, make_loaders, split_indices
-    from .config import TrainConfig
-    from .run_dir import align_screen, read_config, read_split, run_config, save_run
-    from .run_dir import screen_for_run, write_history, write_model
-    from .trainer import Trainer
 
     out = Path(args.out)
-    is_main = comm is None or comm.is_main
     if comm is not None:  # cuda -> this process's GPU (cuda:LOCAL_RANK)
         args.device = str(comm.device)
     identity = _identity(args)
@@ -275,7 +284,6 @@ def _train(args, *, log, comm):
     if args.backed:
         # one pass over the file (shared by the ranks) for library sizes, validation and the
         # training cells' gene statistics, cached beside the run for --resume / evaluate
-        from ..data.stream_stats import CACHE_NAME, load_backed_screen
         if resuming:
             def split_fn(s):
                 return read_split(out, s.cell_names)
@@ -304,45 +312,17 @@ def _train(args, *, log, comm):
     torch.manual_seed(args.seed)  # the initial weights
     model = build_model_for_screen(screen, split_indices(split, "train"), model=args.model,
                                    guide=identity["guide"], n_latent=identity["latent"],
-                                   n_hidden=args.hidden, backend=args.backend,
-                                   gene_stats=gene_stats, **identity["model_options"])
+                                   n_hidden=args.hidden, gene_stats=gene_stats,
+                                   **identity["model_options"])
     config = run_config(model_name=args.model, guide=identity["guide"],
                         model_config=model.config, screen=screen, data_options=data_options,
                         split_options={"kind": args.split, "seed": args.seed, "counts": parts},
                         train_config=train_config.to_dict(), data_path=args.data)
     config["cli"] = identity
-    if is_main:
-        save_run(out, config=config, screen=screen, split=split)
-    if comm is not None:
-        comm.barrier("rank 0 writing the run directory")
-
     stream = {k: getattr(args, k) for k in ("chunk_rows", "buffer_chunks")
               if getattr(args, k, None) is not None}
-    train_loader, val_loader = make_loaders(
-        screen, split, batch_size=args.batch_size, seed=args.seed, device=args.device,
-        rank=0 if comm is None else comm.rank, world_size=1 if comm is None else comm.world_size,
-        **stream)
-    if comm is None:
-        trainer = Trainer(model, train_loader, val_loader, train_config, run_dir=out,
-                          run_config=config, n_train_cells=parts["train"], log=log)
-    else:
-        from .distributed import DistributedTrainer
-        trainer = DistributedTrainer(model, train_loader, val_loader, train_config, comm=comm,
-                                     run_dir=out, run_config=config,
-                                     n_train_cells=parts["train"], log=log)
-    where = args.device if comm is None else f"{comm.world_size} processes ({args.device} ...)"
-    log(f"model {args.model}/{identity['guide']} ({sum(p.numel() for p in model.parameters()):,} "
-        f"parameters), {trainer.total_steps} steps of {args.batch_size} cells "
-        f"({trainer.batches_per_epoch} per epoch) on {where}")
-    t1 = time.perf_counter()
-    trainer.fit(resume=args.resume)
-    trainer.load_best_weights()
-    if is_main:
-        write_model(out, model, step=trainer.best_step)
-        write_history(out, trainer.history)
-    best = ("" if trainer.best_val is None
-            else f"; best validation ELBO {trainer.best_val:.3f} at step {trainer.best_step}")
-    log(f"trained {trainer.step} steps in {time.perf_counter() - t1:.1f} s{best}")
+    trainer = fit(model, screen, split, train_config, run_dir=out, run_config=config, comm=comm,
+                  resume=args.resume, stream_options=stream, log=log)
     log(f"wrote {out}/model.pt; evaluate with: samsvae evaluate {out}")
     return trainer
 
@@ -350,9 +330,6 @@ def _train(args, *, log, comm):
 # -- the demo -------------------------------------------------------------------------------
 
 def _run_demo(args) -> int:
-    from ..data import simulate_screen
-    from ..infer.cli_evaluate import evaluate_run, print_metrics
-    from .run_dir import load_run
 
     out = Path(args.out or DEMO_DIR)
     data_path = out / "demo.h5ad"

@@ -51,6 +51,11 @@ from typing import Callable, Dict, List
 
 import numpy as np
 
+from .. import ops
+from ..data.simulate import synth_batch
+from ..models import MODEL_GUIDES, build_model
+from ..ops.encoder import cpp as encoder_cpp
+
 JSON_KEYS = ("config", "machine", "matmul_floor_s", "backends", "ratios", "iwelbo")
 
 
@@ -113,43 +118,11 @@ def keep_freed_memory(limit_bytes: int = 1 << 30) -> bool:
 
 # -- data ---------------------------------------------------------------------------------------
 
-def synth_batch(n_cells: int, n_genes: int, n_perturbations: int, *, seed: int = 0,
-                control_fraction: float = 0.1, mean_count: float = 0.5):
-    """A synthetic :class:`samsvae.data.Batch`.
-
-    counts (n_cells, G) CSR float32 NB(theta=5) counts with log-normal gene proportions and a
-    mean of ``mean_count`` UMIs per gene and cell (about 20-30% non-zeros); dosage (n_cells, T)
-    CSR with one random perturbation of dosage 1 per non-control cell; library = row sums.
-    """
-    import scipy.sparse as sp
+def build_bench_model(args, batch):
+    """The model under test, with weights fixed by ``args.seed`` (identical across backends:
+    the backend is chosen per call, see :func:`on_backend`)."""
     import torch
 
-    from .data.loader import Batch, csr_to_torch
-
-    rng = np.random.default_rng(seed)
-    prop = np.exp(rng.normal(0.0, 1.0, n_genes))
-    prop /= prop.sum()
-    library = mean_count * n_genes * np.exp(rng.normal(0.0, 0.3, n_cells))
-    mu = library[:, None] * prop[None, :]
-    theta = 5.0
-    counts = rng.poisson(rng.gamma(theta, mu / theta)).astype(np.float32)
-    counts[:, 0] += (counts.sum(1) == 0)          # no empty cell (library >= 1)
-    control = rng.random(n_cells) < control_fraction
-    cols = rng.integers(0, n_perturbations, n_cells)
-    rows = np.nonzero(~control)[0]
-    dosage = sp.csr_matrix((np.ones(rows.size, np.float32), (rows, cols[rows])),
-                           shape=(n_cells, n_perturbations))
-    csr = sp.csr_matrix(counts)
-    return Batch(counts=csr_to_torch(csr), dosage=csr_to_torch(dosage),
-                 library=torch.from_numpy(counts.sum(1).astype(np.float32)),
-                 index=torch.arange(n_cells, dtype=torch.int64))
-
-
-def build_bench_model(args, backend: str, batch):
-    """The model under test, with weights fixed by ``args.seed`` (identical across backends)."""
-    import torch
-
-    from .models import build_model
 
     torch.manual_seed(args.seed)
     counts = batch.counts.to_dense()
@@ -158,7 +131,7 @@ def build_bench_model(args, backend: str, batch):
                         n_perturbations=args.perturbations, n_latent=args.latent,
                         n_hidden=args.hidden, gene_log1p_mean=lg.mean(0).numpy(),
                         gene_log1p_std=lg.std(0).clamp_min(1e-3).numpy(),
-                        perturbation_counts=np.full(args.perturbations, 100.0), backend=backend)
+                        perturbation_counts=np.full(args.perturbations, 100.0))
     return model
 
 
@@ -216,7 +189,6 @@ def _component_fns(model, batch, args, backend: str) -> Dict[str, Callable[[], N
     """name -> a zero-argument function running that part of the step once (fwd + bwd)."""
     import torch
 
-    from . import ops
 
     P, B, H, L = args.particles, args.cells_per_batch, args.hidden, args.latent
     wanted = set(args.components.split(","))
@@ -266,8 +238,8 @@ def _component_fns(model, batch, args, backend: str) -> Dict[str, Callable[[], N
         enc = model.encoder
 
         def encoder():
-            loc, scale = enc.head(enc.gene_part(batch.counts))
-            (loc.sum() + scale.sum()).backward()
+            q = enc.posterior(enc.gene_part(batch.counts))
+            (q.loc.sum() + q.scale.sum()).backward()
         fns["encoder"] = encoder
     if "optimizer" in wanted:
         def optimizer():
@@ -277,6 +249,14 @@ def _component_fns(model, batch, args, backend: str) -> Dict[str, Callable[[], N
             opt.step()
         fns["optimizer"] = optimizer
     return fns
+
+
+def on_backend(fn: Callable[[], None], backend: str) -> Callable[[], None]:
+    """``fn`` run with ``backend`` as the kernel backend of every op it calls."""
+    def run():
+        with ops.use_backend(backend):
+            fn()
+    return run
 
 
 def time_interleaved(fns: Dict[str, Callable[[], None]], steps: int, warmup: int) -> Dict[str, dict]:
@@ -333,7 +313,7 @@ def profile_step(model, batch, args, backend: str) -> dict:
     and fraction of the step) and the op table."""
     from torch.profiler import ProfilerActivity, profile
 
-    step = _component_fns(model, batch, args, backend)["step"]
+    step = on_backend(_component_fns(model, batch, args, backend)["step"], backend)
     step()
     n = max(1, args.steps)
     t0 = time.perf_counter()
@@ -397,15 +377,16 @@ def iwelbo_child(spec_json: str) -> None:
     args.cells_per_batch = spec["cells"]
     batch = synth_batch(spec["cells"], args.genes, args.perturbations, seed=args.seed + 7,
                         mean_count=getattr(args, "mean_count", 0.5))
-    model = build_bench_model(args, spec["backend"], batch)
+    model = build_bench_model(args, batch)
     model.eval()
     K, chunk = int(spec["particles"]), int(spec["chunk"])
-    model.iwelbo(batch, particles=min(K, chunk), chunk=chunk)       # warm-up (allocator, caches)
-    rss0 = _status_bytes("VmRSS")
-    reset = _reset_peak_rss()
-    t0 = time.perf_counter()
-    value = model.iwelbo(batch, particles=K, chunk=chunk)
-    dt = time.perf_counter() - t0
+    with ops.use_backend(spec["backend"]):
+        model.iwelbo(batch, particles=min(K, chunk), chunk=chunk)   # warm-up (allocator, caches)
+        rss0 = _status_bytes("VmRSS")
+        reset = _reset_peak_rss()
+        t0 = time.perf_counter()
+        value = model.iwelbo(batch, particles=K, chunk=chunk)
+        dt = time.perf_counter() - t0
     if reset:
         peak, method = _status_bytes("VmHWM"), "VmHWM after clear_refs"
     else:
@@ -425,7 +406,7 @@ def run_iwelbo(args, backend: str, particles: int) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    code = "import sys; from samsvae.bench import iwelbo_child; iwelbo_child(sys.argv[1])"
+    code = "import sys; from samsvae.cli.bench import iwelbo_child; iwelbo_child(sys.argv[1])"
     proc = subprocess.run([sys.executable, "-c", code, json.dumps(spec)], env=env,
                           capture_output=True, text=True)
     if proc.returncode != 0:
@@ -439,10 +420,8 @@ def run_iwelbo(args, backend: str, particles: int) -> dict:
 def _encoder_runs_sparse(backend: str, density: float) -> bool:
     """Whether ``backend``'s encoder input layer takes the sparse kernel on a CSR batch with
     this fraction of stored entries (then the step runs no dense genes -> hidden product)."""
-    from . import ops
     if ops.backends.resolve("log1p_standardize_linear", backend, "cpu")[0] != "cpp":
         return False
-    from .ops.encoder import cpp as encoder_cpp
     return density <= encoder_cpp.SPARSE_BELOW
 
 
@@ -456,7 +435,6 @@ def _check_args(args) -> None:
         raise SystemExit(f"samsvae bench: --mean-count must be > 0, got {args.mean_count}")
     if args.warmup < 0 or args.iwelbo_particles < 0:
         raise SystemExit("samsvae bench: --warmup and --iwelbo-particles must be >= 0")
-    from .models import MODEL_GUIDES
     if args.model not in MODEL_GUIDES or args.guide not in MODEL_GUIDES[args.model]:
         pairs = ", ".join(f"{m}/{g}" for m, gs in MODEL_GUIDES.items() for g in gs)
         raise SystemExit(f"samsvae bench: unknown --model/--guide {args.model}/{args.guide}; "
@@ -517,7 +495,6 @@ def run(args) -> int:
     _check_args(args)
     import torch
 
-    from . import ops
 
     torch.set_num_threads(args.threads)
     if args.keep_freed_memory and not keep_freed_memory():
@@ -527,7 +504,7 @@ def run(args) -> int:
         ops.backends.resolve("masked_embedding_sum", b, "cpu")   # raises early on a bad name
     batch = synth_batch(args.cells_per_batch, args.genes, args.perturbations, seed=args.seed,
                         mean_count=args.mean_count)
-    models = {b: build_bench_model(args, b, batch) for b in backends}
+    models = {b: build_bench_model(args, batch) for b in backends}
     first = models[backends[0]]
     n_batch_perturbations = int(torch.unique(batch.dosage.col_indices()).numel())
     shapes = _matmul_shapes(first, args, n_batch_perturbations)
@@ -540,7 +517,7 @@ def run(args) -> int:
             _matmul_shapes(first, args, n_batch_perturbations, dense_encoder_input=False))
     for b in backends:
         for name, fn in _component_fns(models[b], batch, args, b).items():
-            fns[f"{b}/{name}"] = fn
+            fns[f"{b}/{name}"] = on_backend(fn, b)
     times = time_interleaved(fns, args.steps, args.warmup)
     floor = times["matmul_floor"]["median_s"]
 

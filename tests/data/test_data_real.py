@@ -5,7 +5,15 @@ import scipy.sparse as sp
 
 from samsvae.data import (BackedCSR, MinibatchLoader, gene_log1p_stats, load_screen, make_split,
                           ood_candidates, split_indices)
-from conftest import shared_file
+
+
+
+def shared_file(shared_data, name):
+    path = shared_data / name
+    if not path.exists():
+        pytest.skip(f"{path} not present")
+    return path
+
 
 CASES = {
     # file: (load_screen kwargs, cells, perturbations, multi-perturbation cells)
@@ -17,9 +25,9 @@ CASES = {
 
 @pytest.mark.parametrize("backed", [False, True], ids=["memory", "backed"])
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_real_screen_counts(name, backed):
+def test_real_screen_counts(name, backed, shared_data):
     kwargs, n_cells, n_pert, n_multi = CASES[name]
-    screen = load_screen(shared_file(name), backed=backed, **kwargs)
+    screen = load_screen(shared_file(shared_data, name), backed=backed, **kwargs)
     assert screen.n_cells == n_cells
     assert screen.n_perturbations == n_pert
     assert int((screen.n_components() >= 2).sum()) == n_multi
@@ -35,8 +43,8 @@ def test_real_screen_counts(name, backed):
                                   np.asarray(screen.rows(rows).sum(1)).ravel().astype(np.float32))
 
 
-def test_norman_ood_candidates_are_the_five_doubles():
-    screen = load_screen(shared_file("norman2019_k562_crispra.h5ad"))
+def test_norman_ood_candidates_are_the_five_doubles(shared_data):
+    screen = load_screen(shared_file(shared_data, "norman2019_k562_crispra.h5ad"))
     assert ood_candidates(screen) == ["KLF1+MAP2K6", "KLF1+TGFBR2", "MAP2K3+MAP2K6",
                                       "MAP2K3+SLC38A2", "MAPK1+TGFBR2"]
     parts = split_indices(make_split(screen, "ood_combinations"))
@@ -47,8 +55,8 @@ def test_norman_ood_candidates_are_the_five_doubles():
     assert zero.sum() >= 250 and np.all(mean[zero] == 0) and np.all(std[zero] == 1)
 
 
-def test_schraivogel_guides_as_dosage_matrix():
-    screen = load_screen(shared_file("schraivogel2020_k562_tapseq.h5ad"), dosage_key="grna_counts",
+def test_schraivogel_guides_as_dosage_matrix(shared_data):
+    screen = load_screen(shared_file(shared_data, "schraivogel2020_k562_tapseq.h5ad"), dosage_key="grna_counts",
                          drop_labels=["unassigned"])
     assert screen.n_cells == 21315 and screen.n_perturbations == 86
     assert sp.isspmatrix_csr(screen.dosage) and screen.dosage.data.max() > 1  # UMI dosages

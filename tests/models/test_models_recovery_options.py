@@ -12,6 +12,7 @@ from samsvae.data import load_screen, make_batch, simulate_screen
 from samsvae.infer import mask_recovery
 from samsvae.models import build_model
 from samsvae.models.rotation import sparse_rotation
+from samsvae.train.callbacks import SparseRotation, callbacks_for
 
 
 def _random_rotation(L, gen):
@@ -95,30 +96,53 @@ def test_rotation_keeps_the_perturbation_effects(screen, guide):
     assert shift[control].abs().max() < 1e-9 and shift[~control].abs().max() > 0.1
 
 
+class _StepLoop:
+    """The trainer's side of the callback protocol: ``raw_model`` and the step numbers."""
+
+    def __init__(self, model):
+        self.raw_model = model
+
+
+def _train_steps(model, batch, callbacks, steps, gen, after_step=None):
+    loop = _StepLoop(model)
+    for step in range(1, steps + 1):
+        for cb in callbacks:
+            cb.on_step_start(loop, step)
+        out = model.loss(batch, particles=2, generator=gen)
+        out["loss"].backward()
+        if after_step is not None:
+            after_step(step, out)
+
+
 def test_training_steps_trigger_the_rotation(screen):
+    """The model does not rotate itself (loss() in any mode leaves the basis alone); the
+    trainer callback built from its options rotates before every 2nd step."""
     model = _model(screen, "corr_both", sparse_rotation_every=2)
     batch = make_batch(screen, np.arange(64))
     gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():  # evaluation passes do not count as training steps
+    eye = torch.eye(4, dtype=model.latent_basis.dtype)
+    with torch.no_grad():
         model.loss(batch, particles=2, generator=gen)
-    model.eval()
-    model.loss(batch, particles=2, generator=gen)
-    model.train()
-    assert int(model.train_steps) == 0
-    model.loss(batch, particles=2, generator=gen)["loss"].backward()
-    assert int(model.train_steps) == 1
-    assert torch.equal(model.latent_basis, torch.eye(4, dtype=model.latent_basis.dtype))
-    out = model.loss(batch, particles=2, generator=gen)
-    out["loss"].backward()
-    assert int(model.train_steps) == 2 and torch.isfinite(out["loss"])
-    assert not torch.equal(model.latent_basis, torch.eye(4, dtype=model.latent_basis.dtype))
+    for _ in range(3):
+        model.loss(batch, particles=2, generator=gen)["loss"].backward()
+    assert torch.equal(model.latent_basis, eye)
+    callbacks = callbacks_for(model)
+    assert [type(cb) for cb in callbacks] == [SparseRotation]
+    assert callbacks_for(_model(screen)) == []
+    seen = []
+    _train_steps(model, batch, callbacks, 2, gen,
+                 lambda step, out: seen.append((torch.equal(model.latent_basis, eye),
+                                                bool(torch.isfinite(out["loss"])))))
+    assert seen == [(True, True), (False, True)]    # rotated before step 2
     a = model.iwelbo(batch, particles=6, chunk=4)
     b = model.iwelbo(batch, particles=6, chunk=6)
     torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
-    # the basis and the step count travel with the weights
+    # the basis travels with the weights; a state dict of an earlier version (which counted
+    # the steps in a train_steps buffer) still loads
     clone = build_model(**model.config).double()
-    clone.load_state_dict(model.state_dict())
-    assert int(clone.train_steps) == 2 and torch.equal(clone.latent_basis, model.latent_basis)
+    state = dict(model.state_dict(), train_steps=torch.tensor(2))
+    clone.load_state_dict(state)
+    assert torch.equal(clone.latent_basis, model.latent_basis)
     torch.testing.assert_close(clone.iwelbo(batch, particles=6, chunk=6), b)
 
 
@@ -132,20 +156,19 @@ def test_rotation_schedule_and_reopening(screen):
     batch = make_batch(screen, np.arange(64))
     gen = torch.Generator().manual_seed(0)
     bases = []
-    for step in range(1, 5):
-        out = model.loss(batch, particles=2, generator=gen)
+
+    def record(step, out):
         if step <= 2:
             assert float(model.perturbation_masks().min()) >= 0.3 - 1e-6
-        out["loss"].backward()
         bases.append(model.latent_basis.clone())
-    assert int(model.train_steps) == 4
+
+    callbacks = callbacks_for(model)
+    _train_steps(model, batch, callbacks, 4, gen, record)
     torch.testing.assert_close(bases[3], bases[2])    # no rotation after step 2
     # "best" checkpoints only once the masks had one period to settle after the last rotation
-    assert model.checkpoint_selectable
-    model.train_steps.fill_(3)
-    assert not model.checkpoint_selectable
-    assert _model(screen).checkpoint_selectable
-    assert not _model(screen, sparse_rotation_every=5).checkpoint_selectable
+    rotation = callbacks[0]
+    assert rotation.allows_best(4) and not rotation.allows_best(3)
+    assert not callbacks_for(_model(screen, sparse_rotation_every=5))[0].allows_best(10 ** 6)
 
 
 def test_option_errors_name_the_problem():

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import numpy as np
 
-SPLIT_PARTS = ("train", "val", "test")
+from ..data import MinibatchLoader, gene_log1p_stats, perturbation_cell_counts
+from ..data.streaming import StreamingLoader
+from ..models import build_model, svae_plus_labels
 
 
 def split_indices(split: np.ndarray, part: str) -> np.ndarray:
@@ -13,7 +15,7 @@ def split_indices(split: np.ndarray, part: str) -> np.ndarray:
 
 def build_model_for_screen(screen, train_idx: np.ndarray, *, model: str = "sams_vae",
                            guide: str = "mean_field", n_latent: int = 100, n_hidden: int = 400,
-                           backend: str = "auto", gene_stats=None, **kwargs):
+                           gene_stats=None, **kwargs):
     """A PerturbationModel for ``screen`` whose data-dependent parts come from training cells.
 
     The encoder's input standardisation (per-gene mean/std of log1p counts) and the number of
@@ -23,8 +25,6 @@ def build_model_for_screen(screen, train_idx: np.ndarray, *, model: str = "sams_
     by the one-pass statistics of a backed screen, ``samsvae.data.stream_stats``), which
     spares a pass over the counts.
     """
-    from ..data import gene_log1p_stats, perturbation_cell_counts
-    from ..models import build_model, svae_plus_labels
     train_idx = np.asarray(train_idx, dtype=np.int64)
     if train_idx.size == 0:
         raise ValueError("the training split holds no cell; check the split (its train "
@@ -37,7 +37,7 @@ def build_model_for_screen(screen, train_idx: np.ndarray, *, model: str = "sams_
     return build_model(model, guide, n_genes=screen.n_genes,
                        n_perturbations=screen.n_perturbations, n_latent=n_latent,
                        n_hidden=n_hidden, gene_log1p_mean=mean, gene_log1p_std=std,
-                       perturbation_counts=counts, backend=backend, **kwargs)
+                       perturbation_counts=counts, **kwargs)
 
 
 def make_loaders(screen, split: np.ndarray, *, batch_size: int = 512, seed: int = 0,
@@ -50,8 +50,6 @@ def make_loaders(screen, split: np.ndarray, *, batch_size: int = 512, seed: int 
     each epoch (``batch_size`` is then the global batch). ``stream_options`` (chunk_rows,
     buffer_chunks, prefetch_batches, max_gap) go to StreamingLoader.
     """
-    from ..data import MinibatchLoader
-    from ..data.streaming import StreamingLoader
     train_idx = split_indices(split, "train")
     val_idx = split_indices(split, "val")
     if train_idx.size == 0:

@@ -8,7 +8,7 @@ import torch
 from samsvae.nn import NBLikelihood
 from samsvae.ops import nb_log_prob_reference
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "plain_vae_nb_head.py"
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "plain_vae_nb_head.py"
 
 
 def _batch(cells=6, genes=11, hidden=4, particles=3, seed=0):

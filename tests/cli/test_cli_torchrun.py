@@ -16,7 +16,7 @@ import torch
 from samsvae.cli import main
 from samsvae.data import simulate_screen
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 STEPS = 100
 ARGS = ["--backed", "--latent", "4", "--hidden", "32", "--batch-size", "64", "--lr", "1e-2",
         "--no-progress", "--checkpoint-every", "20", "--val-every", "50", "--chunk-rows", "32",

@@ -9,11 +9,11 @@ import sys
 
 SUBCOMMANDS = {
     # name: (module, one-line help)
-    "simulate": ("samsvae.data.simulate_cli", "write a simulated perturbation screen (.h5ad)"),
-    "train": ("samsvae.train.cli_train", "train a model on a screen (or --demo)"),
-    "evaluate": ("samsvae.infer.cli_evaluate", "evaluate a trained run: IWELBO, ATE, masks"),
-    "bench": ("samsvae.bench", "time the training step and IWELBO per backend"),
-    "info": ("samsvae.info", "print versions and the backend each op uses"),
+    "simulate": ("samsvae.cli.simulate", "write a simulated perturbation screen (.h5ad)"),
+    "train": ("samsvae.cli.train", "train a model on a screen (or --demo)"),
+    "evaluate": ("samsvae.cli.evaluate", "evaluate a trained run: IWELBO, ATE, masks"),
+    "bench": ("samsvae.cli.bench", "time the training step and IWELBO per backend"),
+    "info": ("samsvae.cli.info", "print versions and the backend each op uses"),
 }
 
 

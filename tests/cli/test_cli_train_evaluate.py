@@ -128,3 +128,57 @@ def test_existing_run_needs_resume_and_resume_checks_options(trained_run, tiny_h
     assert main(["train", str(tiny_h5ad), "--out", str(trained_run), "--max-steps", "30",
                  "--resume", *TINY]) == 0
     assert "nothing to do" in capsys.readouterr().out
+
+
+def _walk_keys(obj):
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield k
+            yield from _walk_keys(v)
+    elif isinstance(obj, list):
+        for v in obj:
+            yield from _walk_keys(v)
+
+
+@pytest.mark.parametrize("train_backend, eval_backend",
+                         [("reference", "auto"), ("auto", "reference")])
+def test_backend_is_chosen_per_call_not_saved(tiny_h5ad, tmp_path, train_backend, eval_backend):
+    """A run trained on one backend evaluates on another; config.json holds no backend, and the
+    same weights give the same metrics whichever backend evaluates them."""
+    out = tmp_path / "run"
+    assert main(["train", str(tiny_h5ad), "--out", str(out), "--max-steps", "6",
+                 "--backend", train_backend, *TINY]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert "backend" not in set(_walk_keys({k: v for k, v in config.items() if k != "cli"}))
+    assert "backend" not in config["cli"]
+    metrics = {}
+    for backend in (eval_backend, train_backend):
+        assert main(["evaluate", str(out), "--iwelbo-particles", "8", "--ate-particles", "50",
+                     "--backend", backend]) == 0
+        metrics[backend] = json.loads((out / "metrics.json").read_text())
+    a, b = metrics.values()
+    assert a["test_iwelbo"] == pytest.approx(b["test_iwelbo"], rel=1e-4)
+    assert a["ate_pearson"] == pytest.approx(b["ate_pearson"], abs=1e-3)
+
+
+def test_a_run_dir_with_a_stored_backend_still_loads(trained_run, tmp_path):
+    """Run directories of earlier versions recorded the backend in the model config: ignored."""
+    import shutil
+
+    import torch
+    old = tmp_path / "old"
+    shutil.copytree(trained_run, old)
+    config = json.loads((old / "config.json").read_text())
+    config["model"]["config"]["backend"] = "cpp"
+    (old / "config.json").write_text(json.dumps(config))
+    saved = torch.load(old / "model.pt", weights_only=True)
+    saved["config"]["backend"] = "cpp"
+    torch.save(saved, old / "model.pt")
+    assert main(["evaluate", str(old), "--iwelbo-particles", "4", "--ate-particles", "20"]) == 0
+    assert json.loads((old / "metrics.json").read_text())["n_cells"] > 0
+
+
+def test_evaluate_refuses_an_unavailable_backend(trained_run, capsys):
+    rc = main(["evaluate", str(trained_run), "--backend", "triton"])
+    assert rc == 2
+    assert "triton" in capsys.readouterr().err

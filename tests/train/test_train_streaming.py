@@ -8,7 +8,7 @@ from samsvae.data import MinibatchLoader, load_screen, make_split, simulate_scre
 from samsvae.data.stream_stats import load_backed_screen
 from samsvae.data.streaming import StreamingLoader
 from samsvae.train import Trainer, TrainConfig
-from samsvae.train.build import build_model_for_screen, split_indices
+from samsvae.train.prepare import build_model_for_screen, split_indices
 
 
 def _split(screen):
@@ -29,8 +29,7 @@ def _fit(screen, loader, gene_stats, run_dir=None, steps=25, resume=False, model
     train = split_indices(_split(screen), "train")
     torch.manual_seed(0)
     model = model or build_model_for_screen(screen, train, model="sams_vae", n_latent=4,
-                                            n_hidden=16, backend="reference",
-                                            gene_stats=gene_stats)
+                                            n_hidden=16, gene_stats=gene_stats)
     config = TrainConfig(max_steps=steps, batch_size=loader.batch_size, lr=3e-3, seed=2,
                          progress=False, checkpoint_every=10)
     trainer = Trainer(model, loader, None, config, run_dir=run_dir, n_train_cells=train.size,

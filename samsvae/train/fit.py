@@ -1,0 +1,88 @@
+"""``fit``: the one training pipeline, used by ``samsvae train``, ``SAMSVAE.train`` and torchrun.
+
+Given a built model, its screen and a split, ``fit`` writes the run directory (when asked),
+makes the loaders, trains with :class:`~samsvae.train.Trainer` (or its DDP form when a process
+group is given), restores the best validation weights and writes ``model.pt`` and
+``history.json``. Everything before (reading the data, choosing the split, building the model)
+belongs to the caller, since the command line and the AnnData class get those differently.
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable, Optional
+
+import numpy as np
+
+from .config import TrainConfig
+from .distributed import DistributedTrainer
+from .prepare import make_loaders
+from .run_dir import save_run, write_history, write_model
+from .trainer import Trainer
+
+
+def fit(model, screen, split: np.ndarray, config: TrainConfig, *, run_dir=None,
+        run_config: Optional[dict] = None, comm=None, resume: bool = False,
+        stream_options: Optional[dict] = None, restore_best: bool = True,
+        log: Optional[Callable[[str], None]] = print) -> Trainer:
+    """Train ``model`` on the ``"train"`` cells of ``split``, validating on the ``"val"`` cells.
+
+    Args:
+        model: a ``samsvae.models.PerturbationModel`` built for ``screen``.
+        screen: the ``samsvae.data.ScreenData`` (in memory or backed).
+        split: (n_cells,) ``"train"`` / ``"val"`` / ``"test"`` per screen row.
+        config: the optimiser, length and device options.
+        run_dir: directory for ``config.json``, ``split.csv``, ``checkpoints/``, ``model.pt``
+            and ``history.json``; None keeps everything in memory (no resume).
+        run_config: the ``config.json`` content (``samsvae.train.run_dir.run_config``);
+            required with ``run_dir``.
+        comm: the process group of ``samsvae.train.distributed.init_from_env`` (None: one
+            process). Every rank calls ``fit``; rank 0 writes the files.
+        resume: continue from ``run_dir/checkpoints/last.pt`` when it exists.
+        stream_options: ``chunk_rows`` / ``buffer_chunks`` of the streaming loader.
+        restore_best: end with the weights of the best validation ELBO (else the last ones).
+        log: one line per event (None: silent).
+
+    Returns:
+        the Trainer, its model holding the best validation weights by default (``trainer.history``,
+        ``trainer.best_step``, ``trainer.step``).
+    """
+    split = np.asarray(split).astype(str)
+    is_main = comm is None or comm.is_main
+    if run_dir is not None:
+        if run_config is None:
+            raise ValueError("fit(run_dir=...) needs the run_config to write into config.json")
+        if is_main:
+            save_run(run_dir, config=run_config, screen=screen, split=split)
+        if comm is not None:
+            comm.barrier("rank 0 writing the run directory")
+    train_loader, val_loader = make_loaders(
+        screen, split, batch_size=config.batch_size, seed=config.seed, device=config.device,
+        rank=0 if comm is None else comm.rank, world_size=1 if comm is None else comm.world_size,
+        **(stream_options or {}))
+    n_train = int((split == "train").sum())
+    common = dict(run_dir=run_dir, run_config=run_config, n_train_cells=n_train, log=log)
+    if comm is None:
+        trainer = Trainer(model, train_loader, val_loader, config, **common)
+        where = config.device
+    else:
+        trainer = DistributedTrainer(model, train_loader, val_loader, config, comm=comm,
+                                     **common)
+        where = f"{comm.world_size} processes ({config.device} ...)"
+    say = log if (log is not None and is_main) else None
+    if say is not None:
+        n_params = sum(p.numel() for p in model.parameters())
+        say(f"model {model.model_name}/{model.guide_name} ({n_params:,} parameters), "
+            f"{trainer.total_steps} steps of {config.batch_size} cells "
+            f"({trainer.batches_per_epoch} per epoch) on {where}")
+    t0 = time.perf_counter()
+    trainer.fit(resume=resume)
+    if restore_best:
+        trainer.load_best_weights()
+    if run_dir is not None and is_main:
+        write_model(run_dir, model, step=trainer.best_step)
+        write_history(run_dir, trainer.history)
+    if say is not None:
+        best = ("" if trainer.best_val is None
+                else f"; best validation ELBO {trainer.best_val:.3f} at step {trainer.best_step}")
+        say(f"trained {trainer.step} steps in {time.perf_counter() - t0:.1f} s{best}")
+    return trainer
