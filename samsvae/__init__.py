@@ -9,4 +9,7 @@ def __getattr__(name):
     if name == "SAMSVAE":
         from .api import SAMSVAE
         return SAMSVAE
+    if name == "evaluate_predictions":
+        from .infer import evaluate_predictions
+        return evaluate_predictions
     raise AttributeError(f"module 'samsvae' has no attribute {name!r}")

@@ -24,8 +24,8 @@ import numpy as np
 from . import ops
 from .data import MinibatchLoader, check_indices, load_screen, make_split, parse_labels
 from .data.perturbations import read_label_column
-from .infer import data_ate, model_ate, pearson, test_iwelbo
-from .infer.ate import condition_dosage
+from .infer import baseline_anndata, data_ate, model_ate, pearson, test_iwelbo
+from .infer.ate import condition_dosage, warn_untrained_parts
 from .train import TrainConfig, fit
 from .train.prepare import build_model_for_screen, split_indices
 from .train.run_dir import align_screen, load_run, read_config, run_config, save_run
@@ -229,6 +229,7 @@ class SAMSVAE:
         import torch
         labels = _as_label_list(perturbations)
         dosage, canonical = self._dosage_rows(labels)
+        warn_untrained_parts(self.module, self.screen, dosage, canonical)
         self.module.eval()
         gen = torch.Generator(device=self.device)
         gen.manual_seed(int(seed))
@@ -292,6 +293,28 @@ class SAMSVAE:
         out = anndata.AnnData(X=m_ate, obs=obs, var=var)
         out.layers["data_ate"] = data
         out.uns["samsvae_ate"] = {"n_samples": int(n_samples), "split": split, "seed": int(seed)}
+        return out
+
+    def baseline_effects(self, baseline: str = "additive",
+                         perturbations: Optional[Sequence[str]] = None, split: str = "test"):
+        """A baseline's predicted ATE (``control``, ``train_mean``, ``additive``, ``linear``;
+        see ``samsvae.infer.baselines``), from the training cells alone, shaped like
+        :meth:`average_treatment_effects` (obs = labels, var = genes, ``X`` = ATE, NaN rows where
+        undefined, ``layers["data_ate"]`` of ``split``): score either with
+        ``samsvae.evaluate_predictions(adata)``."""
+        idx = np.flatnonzero(self.split == split) if split != "all" else \
+            np.arange(self.screen.n_cells)
+        d_labels, d_ate = data_ate(self.screen, idx) if idx.size else ([], None)
+        labels = (list(d_labels) if perturbations is None
+                  else self._dosage_rows(_as_label_list(perturbations))[1])
+        out = baseline_anndata(self.screen, np.flatnonzero(self.split == "train"), labels,
+                               baseline)
+        row = {lab: i for i, lab in enumerate(d_labels)}
+        data = np.full(out.shape, np.nan, dtype=np.float32)
+        for i, lab in enumerate(labels):
+            if lab in row:
+                data[i] = d_ate[row[lab]]
+        out.layers["data_ate"] = data
         return out
 
     def get_perturbation_masks(self):

@@ -15,6 +15,7 @@ by absolute data ATE.
 """
 from __future__ import annotations
 
+import warnings
 from typing import List, Sequence, Tuple
 
 import numpy as np
@@ -163,6 +164,37 @@ def group_ate(model, dosage, start: int, group: int, gi: int, *, n_samples: int,
     return pred[:-1] - pred[-1]
 
 
+def untrained_parts(model, screen, dosage) -> List[str]:
+    """Perturbations used by the (n, T) ``dosage`` rows that no training cell carried (the
+    model's ``perturbation_counts`` N_t are 0): their embeddings and masks are still the
+    initial ones, so predictions involving them are not learned from data. [] when the model
+    does not know its training counts."""
+    counts = getattr(model, "perturbation_counts", None)
+    known = getattr(model, "perturbation_counts_set", None)
+    if counts is None or (known is not None and not bool(known)):
+        return []
+    counts = counts.detach().cpu().numpy()
+    used = np.flatnonzero(np.asarray(abs(sp.csr_matrix(dosage)).sum(axis=0)).ravel() > 0)
+    if counts.shape[0] != dosage.shape[1]:
+        return []
+    names = [str(p) for p in screen.perturbations]
+    return [names[t] for t in used if counts[t] <= 0]
+
+
+def warn_untrained_parts(model, screen, dosage, labels: Sequence[str]) -> List[str]:
+    """Warn (one line) naming the labels whose parts no training cell carried; returns them."""
+    unseen = set(untrained_parts(model, screen, dosage))
+    if not unseen:
+        return []
+    sep = getattr(screen, "separator", "+") or "+"
+    hit = [str(l) for l in labels if unseen & {p.strip() for p in str(l).split(sep)}]
+    warnings.warn(
+        f"no training cell carried {', '.join(sorted(unseen))}: the predictions for "
+        f"{', '.join(hit[:10])}{' ...' if len(hit) > 10 else ''} use parameters that never "
+        "saw data (the initial values, not an estimate)", UserWarning, stacklevel=3)
+    return hit
+
+
 def model_ate(model, screen, labels: Sequence[str], *, n_samples: int = 2500,
               seed: int = 0, comm=None) -> np.ndarray:
     """Model ATE of each label: predicted normalised expression under the label minus under
@@ -180,6 +212,8 @@ def model_ate(model, screen, labels: Sequence[str], *, n_samples: int = 2500,
     if not labels:
         return np.zeros((0, screen.n_genes))
     dosage, starts, group = ate_label_groups(screen, labels)
+    if comm is None or comm.is_main:
+        warn_untrained_parts(model, screen, dosage, labels)
     local = {gi: group_ate(model, dosage, starts[gi], group, gi, n_samples=n_samples, seed=seed)
              for gi in my_items(len(starts), comm)}
     return np.concatenate(gather_in_order(comm, local, len(starts)), axis=0)

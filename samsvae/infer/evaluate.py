@@ -24,7 +24,7 @@ def _true_masks(screen, ground_truth) -> np.ndarray:
 
 def evaluate_model(model, screen, indices, *, iwelbo_particles: int = 100,
                    ate_particles: int = 2500, seed: int = 0, batch_size: int = 512,
-                   comm=None) -> dict:
+                   comm=None, min_cells: int = 0) -> dict:
     """Test IWELBO, ATE Pearson and (simulated screens) mask recovery on the cells ``indices``.
 
     Args:
@@ -38,6 +38,8 @@ def evaluate_model(model, screen, indices, *, iwelbo_particles: int = 100,
         comm: a process group (``samsvae.train.distributed.init_from_env``) over which the
             IWELBO batches and the model-ATE label groups are spread; every rank calls this and
             gets the same dict, equal to the single-process one. None: one process.
+        min_cells: labels with fewer evaluated cells are left out of the ATE metrics (listed in
+            ``ate_labels_left_out``, counted in ``n_ate_labels_left_out``); 0 keeps all.
 
     Returns:
         ``test_iwelbo`` (mean nats per cell), ``n_cells`` (cells evaluated),
@@ -68,6 +70,15 @@ def evaluate_model(model, screen, indices, *, iwelbo_particles: int = 100,
     out.update(ate_pearson=None, ate_pearson_top20=None, n_ate_labels=0)
     if np.asarray(screen.is_control).any():
         labels, d_ate = data_ate(screen, all_rows)
+        if min_cells > 0 and labels:
+            names, sizes = np.unique(np.asarray(screen.labels).astype(str)[all_rows],
+                                     return_counts=True)
+            size = dict(zip(names.tolist(), sizes.tolist()))
+            enough = np.array([size.get(l, 0) >= min_cells for l in labels], dtype=bool)
+            out["ate_labels_left_out"] = [l for l, k in zip(labels, enough) if not k]
+            labels = [l for l, k in zip(labels, enough) if k]
+            d_ate = d_ate[enough]
+        out["n_ate_labels_left_out"] = len(out.get("ate_labels_left_out", []))
         known = model.known_conditions(label_dosage(screen, labels)) if labels else []
         if labels and not np.all(known):
             out["ate_labels_unpredictable"] = [l for l, k in zip(labels, known) if not k]

@@ -51,3 +51,15 @@ def mask_recovery(learned, true) -> dict:
     return {"f1": f1, "precision": precision, "recall": recall, "tp": int(tp), "fp": int(fp),
             "fn": int(fn), "matching": [(int(j), int(k)) for j, k in zip(rows, cols)],
             "n_perturbations": int(keep.sum())}
+
+
+UNTRAINED_MASK_TOLERANCE = 0.1
+
+
+def masks_untrained(masks, *, initial: float = 0.5,
+                    tol: float = UNTRAINED_MASK_TOLERANCE) -> bool:
+    """True when every mask probability q(m = 1) is still within ``tol`` of its initial value
+    ``initial`` (the guide starts at 0.5): the masks have not been trained, so counts such as
+    "q(m) > 0.5" say nothing about the perturbations."""
+    q = _as_numpy(masks)
+    return bool(q.size) and bool(np.all(np.abs(q - initial) <= tol))

@@ -12,6 +12,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from .ate import pearson
+from .masks import UNTRAINED_MASK_TOLERANCE, masks_untrained
 
 
 def _figure(width: float, height: float):
@@ -77,8 +78,13 @@ def plot_mask_heatmap(masks, perturbations: Sequence[str], *, path=None, title=N
         ax.set_xticks(np.arange(n_l), [str(c) for c in cols], fontsize=7)
     fig.colorbar(im, ax=ax, label="q(mask = 1)", shrink=0.8)
     active = (masks > 0.5).sum(axis=1)
-    ax.set_title(title or f"Perturbation masks\n{n_t} perturbations x {n_l} latent dims, "
-                          f"median {np.median(active):.0f} active", fontsize=9)
+    if title is None:
+        title = (f"Perturbation masks\n{n_t} perturbations x {n_l} latent dims, median "
+                 f"{np.median(active):.0f} dims with q(m) > 0.5 per perturbation")
+        if masks_untrained(masks):
+            title += (f"\nmasks untrained: every q(m) within {UNTRAINED_MASK_TOLERANCE} of its "
+                      "initial 0.5")
+    ax.set_title(title, fontsize=9, color="tab:red" if masks_untrained(masks) else "black")
     _save(fig, path)
     return fig
 
@@ -144,6 +150,42 @@ def _ate_panel(ax, model_ate, data_ate, *, s):
     ax.set_xlabel("data ATE (log2 norm. expr.)", fontsize=8)
     ax.set_ylabel("model ATE", fontsize=8)
     ax.tick_params(labelsize=7)
+
+
+def plot_label_metrics(per_label, *, metric: str = "ate_pearson", rows: Sequence[str] = (),
+                       path=None, max_labels: int = 60):
+    """Per-label ``metric`` of the model and each baseline: one column of points per label.
+
+    Args:
+        per_label: DataFrame indexed by label with columns ``{metric}_{row}`` (as
+            ``samsvae.infer.harness.compare_with_baselines`` returns).
+        rows: the rows to draw (default: every ``{metric}_*`` column).
+    """
+    cols = [f"{metric}_{r}" for r in rows] if rows else \
+        [c for c in per_label.columns if c.startswith(f"{metric}_")
+         and not c[len(metric) + 1:].startswith("top")]
+    names = [c[len(metric) + 1:] for c in cols]
+    labels = [str(l) for l in per_label.index][:max_labels]
+    n = len(labels)
+    fig = _figure(min(max(6.0, 4.0 + 0.35 * n), 18), 4.2)
+    ax = fig.add_subplot()
+    x = np.arange(n)
+    markers = "o^sDvP*X"
+    width = 0.6 / max(len(cols), 1)
+    for k, (col, name) in enumerate(zip(cols, names)):
+        y = np.asarray(per_label[col], dtype=np.float64)[:n]
+        big = name == "model"
+        ax.scatter(x + (k - (len(cols) - 1) / 2) * width, y, s=36 if big else 20,
+                   marker=markers[k % len(markers)], label=name, zorder=3 if big else 2,
+                   color="black" if big else None, alpha=1.0 if big else 0.8)
+    ax.axhline(0, color="0.8", lw=0.6, zorder=0)
+    ax.set_xticks(x, labels, rotation=60, ha="right", fontsize=7)
+    ax.set_ylabel(metric)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
+    ax.set_title(f"{metric} per label, model vs baselines ({n} labels)\n(split_half: the data "
+                 "against itself, the noise ceiling)", fontsize=9)
+    _save(fig, path)
+    return fig
 
 
 # -- training curves ------------------------------------------------------------------------

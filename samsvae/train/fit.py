@@ -9,7 +9,8 @@ belongs to the caller, since the command line and the AnnData class get those di
 from __future__ import annotations
 
 import time
-from typing import Callable, Optional
+import warnings
+from typing import Callable, List, Optional, Tuple
 
 import numpy as np
 
@@ -18,6 +19,49 @@ from .distributed import DistributedTrainer
 from .prepare import make_loaders
 from .run_dir import save_run, write_history, write_model
 from .trainer import Trainer
+
+# a label with fewer training cells than this has an effect estimated from too few cells
+MIN_TRAIN_CELLS = 10
+# the validation ELBO counts as still improving when the best of the last tenth of the
+# validations beats the best before by more than this fraction of |ELBO| (above its Monte Carlo
+# noise on a few hundred validation cells)
+IMPROVING_TOLERANCE = 1e-3
+
+
+def few_cell_labels(screen, split, min_cells: int = MIN_TRAIN_CELLS) -> List[Tuple[str, int]]:
+    """``[(label, training cells)]`` of the perturbation labels (not the control) carried by
+    at least one but fewer than ``min_cells`` training cells, fewest first."""
+    rows = np.flatnonzero(np.asarray(split).astype(str) == "train")
+    labels = np.asarray(screen.labels).astype(str)[rows]
+    labels = labels[~np.asarray(screen.is_control, dtype=bool)[rows]]
+    names, counts = np.unique(labels, return_counts=True)
+    few = [(str(n), int(c)) for n, c in zip(names, counts) if c < min_cells]
+    return sorted(few, key=lambda x: (x[1], x[0]))
+
+
+def still_improving(history: dict, *, fraction: float = 0.1,
+                    tol: float = IMPROVING_TOLERANCE) -> Optional[str]:
+    """A one-line warning when the validation ELBO was still improving as training ended: the
+    best of the last ``fraction`` of the validations beats the best before by more than ``tol``
+    times its magnitude (nats per cell). None otherwise (or with fewer than 2 validations)."""
+    val = (history or {}).get("val") or {}
+    elbo = np.asarray(val.get("elbo", []), dtype=np.float64)
+    steps = list(val.get("step", []))
+    if elbo.size < 2 or not np.isfinite(elbo).any():
+        return None
+    k = max(1, int(np.ceil(fraction * elbo.size)))
+    before, last = elbo[:-k], elbo[-k:]
+    if not np.isfinite(before).any() or not np.isfinite(last).any():
+        return None
+    best_before = float(np.nanmax(before))
+    gain = float(np.nanmax(last)) - best_before
+    if gain <= tol * abs(best_before):
+        return None
+    span = f"steps {steps[-k]}-{steps[-1]}" if k > 1 else f"step {steps[-1]}"
+    return (f"training ended while the validation ELBO was still improving: the best of the "
+            f"last {k} of {elbo.size} validations ({span}) is {gain:.3f} nats/cell "
+            f"({100 * gain / max(abs(best_before), 1e-12):.2f}%) above the best before; the model has not converged, train longer (more --max-steps / "
+            f"--max-epochs) before trusting its predictions")
 
 
 def fit(model, screen, split: np.ndarray, config: TrainConfig, *, run_dir=None,
@@ -69,6 +113,12 @@ def fit(model, screen, split: np.ndarray, config: TrainConfig, *, run_dir=None,
                                      **common)
         where = f"{comm.world_size} processes ({config.device} ...)"
     say = log if (log is not None and is_main) else None
+    few = few_cell_labels(screen, split) if is_main else []
+    if few:
+        shown = ", ".join(f"{lab} ({n})" for lab, n in few[:10])
+        warnings.warn(f"{len(few)} label(s) have fewer than {MIN_TRAIN_CELLS} training cells: "
+                      f"{shown}{' ...' if len(few) > 10 else ''}; their effects are learned from "
+                      "too few cells to be trusted", UserWarning, stacklevel=2)
     if say is not None:
         n_params = sum(p.numel() for p in model.parameters())
         say(f"model {model.model_name}/{model.guide_name} ({n_params:,} parameters), "
@@ -85,4 +135,7 @@ def fit(model, screen, split: np.ndarray, config: TrainConfig, *, run_dir=None,
         best = ("" if trainer.best_val is None
                 else f"; best validation ELBO {trainer.best_val:.3f} at step {trainer.best_step}")
         say(f"trained {trainer.step} steps in {time.perf_counter() - t0:.1f} s{best}")
+    improving = still_improving(trainer.history) if is_main else None
+    if improving:
+        warnings.warn(improving, UserWarning, stacklevel=2)
     return trainer

@@ -93,6 +93,19 @@ def test_average_treatment_effects_has_model_and_data(trained):
     assert list(chosen.obs_names) == ["P2", "P0+P4"] and chosen.shape == (2, adata.n_vars)
 
 
+def test_baselines_and_model_scored_by_evaluate_predictions(trained):
+    _, model = trained
+    ate = model.average_treatment_effects(n_samples=50, split="all")
+    add = model.baseline_effects("additive", split="all")
+    assert list(add.obs_names) == list(ate.obs_names) and add.shape == ate.shape
+    for pred in (ate, add):
+        df = samsvae.evaluate_predictions(pred)
+        assert len(df) == ate.n_obs and {"ate_pearson", "sign_top20"} <= set(df.columns)
+    # on every cell, train_mean of a label seen in training is close to its data ATE
+    tm = samsvae.evaluate_predictions(model.baseline_effects("train_mean", split="all"))
+    assert tm["ate_pearson"].mean() > 0.5
+
+
 def test_mask_and_embedding_tables(trained):
     _, model = trained
     masks = model.get_perturbation_masks()

@@ -51,7 +51,7 @@ def test_train_writes_a_complete_run_directory(trained_run, capsys):
 
 def test_evaluate_writes_contract_metrics_and_plots(trained_run, capsys):
     rc = main(["evaluate", str(trained_run), "--iwelbo-particles", "10", "--ate-particles", "100",
-               "--plots"])
+               "--plots", "--min-cells", "1"])
     assert rc == 0
     metrics = json.loads((trained_run / "metrics.json").read_text())
     for key in ("test_iwelbo", "ate_pearson", "ate_pearson_top20", "mask_f1"):
@@ -60,8 +60,68 @@ def test_evaluate_writes_contract_metrics_and_plots(trained_run, capsys):
     printed = capsys.readouterr().out
     assert "test_iwelbo" in printed and "ate_pearson_top20" in printed
     for name in ("masks.png", "ate_scatter.png", "ate_per_perturbation.png",
-                 "training_curves.png"):
+                 "training_curves.png", "ate_per_label.png"):
         _assert_png(trained_run / "plots" / name)
+
+
+def test_evaluate_prints_baselines_and_writes_per_label_csv(trained_run, capsys):
+    import pandas as pd
+    from samsvae.infer import METRICS
+    assert main(["evaluate", str(trained_run), "--iwelbo-particles", "4", "--ate-particles", "50",
+                 "--min-cells", "1"]) == 0
+    metrics = json.loads((trained_run / "metrics.json").read_text())
+    b = metrics["baselines"]
+    for name in ("control", "train_mean", "additive", "linear", "split_half"):
+        assert set(METRICS) <= set(b[name]) and b[name]["n_labels"] >= 0, name
+    assert b["n_labels"] == metrics["n_ate_labels"] > 0 and b["n_labels_left_out"] == 0
+    for key in ("ate_mse_top20", "ate_sign_top20", "ate_systema_pearson", "ate_split_half"):
+        assert key in metrics, key
+    csv = pd.read_csv(trained_run / "ate_per_label.csv")
+    assert list(csv.columns[:3]) == ["label", "n_cells_train", "n_cells_eval"]
+    for row in ("model", "control", "train_mean", "additive", "linear", "split_half"):
+        for m in METRICS:
+            assert f"{m}_{row}" in csv.columns, (m, row)
+    assert len(csv) == metrics["n_ate_labels"]
+    assert np.nanmean(csv["ate_pearson_model"]) == pytest.approx(metrics["ate_pearson"], rel=1e-4, abs=1e-5)
+    printed = capsys.readouterr().out
+    for row in ("model", "control", "train_mean", "additive", "linear", "split_half"):
+        assert f"\n  {row} " in printed, row
+    assert "mse_top20: log2 units^2, 0 best" in printed
+
+
+def test_evaluate_min_cells_leaves_out_small_labels(trained_run, tiny_h5ad, capsys):
+    import anndata
+    import pandas as pd
+    # every cell (--split all): the simulated labels have 38 or 39 cells
+    sizes = anndata.read_h5ad(tiny_h5ad).obs["perturbation"].astype(str).value_counts()
+    sizes = sizes.drop("control")
+    n = int(sizes.min()) + 1
+    assert main(["evaluate", str(trained_run), "--iwelbo-particles", "2", "--ate-particles", "20",
+                 "--split", "all", "--min-cells", str(n)]) == 0
+    metrics = json.loads((trained_run / "metrics.json").read_text())
+    left = int((sizes < n).sum())
+    assert 0 < left < len(sizes)
+    assert metrics["baselines"]["n_labels_left_out"] == left == metrics["n_ate_labels_left_out"]
+    assert metrics["n_ate_labels"] == len(sizes) - left and metrics["min_cells"] == n
+    csv = pd.read_csv(trained_run / "ate_per_label.csv")
+    assert (csv["n_cells_eval"] >= n).all()
+    assert np.nanmean(csv["ate_pearson_model"]) == pytest.approx(metrics["ate_pearson"], rel=1e-4, abs=1e-5)
+    assert f"{left} label(s) with fewer than {n} cells" in capsys.readouterr().out
+
+
+def test_evaluate_warns_when_the_model_predicts_larger_effects(trained_run, monkeypatch):
+    import samsvae.cli.evaluate as cli_evaluate
+    real = cli_evaluate.evaluate_model
+
+    def inflated(*args, **kwargs):
+        out = real(*args, **kwargs)
+        out["model_ate"] = np.asarray(out["model_ate"]) * 1000.0 + 1.0
+        return out
+
+    monkeypatch.setattr(cli_evaluate, "evaluate_model", inflated)
+    with pytest.warns(UserWarning, match="the model predicts larger effects than the data"):
+        assert main(["evaluate", str(trained_run), "--iwelbo-particles", "2",
+                     "--ate-particles", "20", "--min-cells", "1"]) == 0
 
 
 def test_evaluate_on_explicit_data_and_split(trained_run, tiny_h5ad):
