@@ -52,6 +52,7 @@ from typing import Callable, Dict, List
 import numpy as np
 
 from .. import ops
+from ..ops.backends import set_tf32
 from ..data.simulate import synth_batch
 from ..models import MODEL_GUIDES, build_model
 from ..ops.encoder import cpp as encoder_cpp
@@ -76,6 +77,11 @@ def add_arguments(parser) -> None:
     a("--iwelbo-chunk", type=int, default=10, help="particles per IWELBO chunk")
     a("--iwelbo-memory-particles", default="",
       help="comma-separated extra K (e.g. 1000) measured with the last backend, for memory vs K")
+    a("--device", default="cpu",
+      help="cpu | cuda: where the model and batch live; backends resolve for this device "
+           "(auto = triton on cuda)")
+    a("--tf32", action="store_true",
+      help="on cuda: TF32 matrix products (torch.set_float32_matmul_precision('high'))")
     a("--backends", default="reference,auto",
       help="comma-separated backends to compare (reference, auto, cpp, triton)")
     a("--threads", type=int, default=1, help="torch intra-op threads")
@@ -164,16 +170,18 @@ def _matmul_shapes(model, args, n_batch_perturbations: int = 0,
     return shapes
 
 
-def make_matmul_floor(shapes) -> Callable[[], None]:
+def make_matmul_floor(shapes, device="cpu") -> Callable[[], None]:
     """A function running the forward, input-gradient and weight-gradient products of
     ``shapes`` with preallocated float32 operands (what any implementation must compute)."""
     import torch
 
     ops = []
+    kw = {"device": device}
     for rows, n_in, n_out, input_grad in shapes:
-        x, w = torch.randn(rows, n_in), torch.randn(n_out, n_in) * 0.01
-        dy = torch.randn(rows, n_out)
-        y, dx, dw = torch.empty(rows, n_out), torch.empty(rows, n_in), torch.empty(n_out, n_in)
+        x, w = torch.randn(rows, n_in, **kw), torch.randn(n_out, n_in, **kw) * 0.01
+        dy = torch.randn(rows, n_out, **kw)
+        y, dx = torch.empty(rows, n_out, **kw), torch.empty(rows, n_in, **kw)
+        dw = torch.empty(n_out, n_in, **kw)
         ops.append((x, w, dy, y, dx, dw, input_grad))
 
     def run():
@@ -196,7 +204,8 @@ def _component_fns(model, batch, args, backend: str) -> Dict[str, Callable[[], N
     # lr / weight decay / fused Adam as samsvae.train.Trainer; "foreach" is torch's default
     opt = torch.optim.Adam(params, lr=3e-4, weight_decay=1e-6,
                            **({"fused": True} if getattr(args, "adam", "fused") == "fused" else {}))
-    gen = torch.Generator().manual_seed(args.seed)
+    device = batch.library.device
+    gen = torch.Generator(device).manual_seed(args.seed)
     fns = {}
 
     def step():
@@ -208,7 +217,7 @@ def _component_fns(model, batch, args, backend: str) -> Dict[str, Callable[[], N
     log_library = torch.log(batch.library.clamp_min(1.0))
     log_theta = model.likelihood.log_theta
     if "head" in wanted:
-        hidden = torch.rand(P, B, H, requires_grad=True)
+        hidden = torch.rand(P, B, H, device=device, requires_grad=True)
         out = model.decoder.out
 
         def head():
@@ -217,7 +226,7 @@ def _component_fns(model, batch, args, backend: str) -> Dict[str, Callable[[], N
             value.sum().backward()
         fns["head"] = head
     if "nb" in wanted:
-        logits = (torch.randn(P, B, args.genes) * 0.5).requires_grad_(True)
+        logits = (torch.randn(P, B, args.genes, device=device) * 0.5).requires_grad_(True)
 
         def nb():
             ops.nb_log_prob(batch.counts, logits, log_library, log_theta,
@@ -226,8 +235,8 @@ def _component_fns(model, batch, args, backend: str) -> Dict[str, Callable[[], N
     if "composition" in wanted and hasattr(model, "emb_loc_raw"):
         loc, log_scale = model.emb_loc_raw, model.emb_log_scale_raw
         mask_logits = getattr(model, "mask_logits_raw", None)
-        weight = torch.randn(P, B, L)
-        cgen = torch.Generator().manual_seed(args.seed + 1)
+        weight = torch.randn(P, B, L, device=device)
+        cgen = torch.Generator(device).manual_seed(args.seed + 1)
 
         def composition():
             s = ops.masked_embedding_sum(batch.dosage, loc, log_scale, mask_logits, particles=P,
@@ -259,14 +268,18 @@ def on_backend(fn: Callable[[], None], backend: str) -> Callable[[], None]:
     return run
 
 
-def time_interleaved(fns: Dict[str, Callable[[], None]], steps: int, warmup: int) -> Dict[str, dict]:
+def time_interleaved(fns: Dict[str, Callable[[], None]], steps: int, warmup: int,
+                     sync: Callable[[], None] = lambda: None) -> Dict[str, dict]:
     """Run every function once per round (``warmup`` untimed rounds, then ``steps`` timed ones);
-    returns ``{name: {"median_s", "min_s", "samples_s"}}``."""
+    returns ``{name: {"median_s", "min_s", "samples_s"}}``. ``sync`` waits for the device
+    (``torch.cuda.synchronize`` on a GPU) before each clock reading."""
     samples = {k: [] for k in fns}
     for r in range(warmup + steps):
         for name, fn in fns.items():
+            sync()
             t0 = time.perf_counter()
             fn()
+            sync()
             dt = time.perf_counter() - t0
             if r >= warmup:
                 samples[name].append(dt)
@@ -379,13 +392,18 @@ def iwelbo_child(spec_json: str) -> None:
                         mean_count=getattr(args, "mean_count", 0.5))
     model = build_bench_model(args, batch)
     model.eval()
+    device = torch.device(getattr(args, "device", "cpu"))
+    model, batch = model.to(device), batch.to(device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     K, chunk = int(spec["particles"]), int(spec["chunk"])
     with ops.use_backend(spec["backend"]):
         model.iwelbo(batch, particles=min(K, chunk), chunk=chunk)   # warm-up (allocator, caches)
         rss0 = _status_bytes("VmRSS")
         reset = _reset_peak_rss()
+        sync()
         t0 = time.perf_counter()
         value = model.iwelbo(batch, particles=K, chunk=chunk)
+        sync()
         dt = time.perf_counter() - t0
     if reset:
         peak, method = _status_bytes("VmHWM"), "VmHWM after clear_refs"
@@ -417,10 +435,10 @@ def run_iwelbo(args, backend: str, particles: int) -> dict:
 
 # -- report -------------------------------------------------------------------------------------
 
-def _encoder_runs_sparse(backend: str, density: float) -> bool:
+def _encoder_runs_sparse(backend: str, density: float, device: str = "cpu") -> bool:
     """Whether ``backend``'s encoder input layer takes the sparse kernel on a CSR batch with
     this fraction of stored entries (then the step runs no dense genes -> hidden product)."""
-    if ops.backends.resolve("log1p_standardize_linear", backend, "cpu")[0] != "cpp":
+    if ops.backends.resolve("log1p_standardize_linear", backend, device)[0] != "cpp":
         return False
     return density <= encoder_cpp.SPARSE_BELOW
 
@@ -500,25 +518,32 @@ def run(args) -> int:
     if args.keep_freed_memory and not keep_freed_memory():
         print("samsvae bench: --keep-freed-memory needs glibc; ignored", file=sys.stderr)
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    device = torch.device(getattr(args, "device", "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("samsvae bench: --device cuda needs a CUDA GPU and a CUDA build of torch")
+    set_tf32(getattr(args, "tf32", False), device)
     for b in backends:
-        ops.backends.resolve("masked_embedding_sum", b, "cpu")   # raises early on a bad name
+        ops.backends.resolve("masked_embedding_sum", b, device)   # raises early on a bad name
     batch = synth_batch(args.cells_per_batch, args.genes, args.perturbations, seed=args.seed,
                         mean_count=args.mean_count)
-    models = {b: build_bench_model(args, batch) for b in backends}
+    models = {b: build_bench_model(args, batch).to(device) for b in backends}
+    batch = batch.to(device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     first = models[backends[0]]
     n_batch_perturbations = int(torch.unique(batch.dosage.col_indices()).numel())
     shapes = _matmul_shapes(first, args, n_batch_perturbations)
     density = batch.counts.values().numel() / batch.counts.numel()
-    sparse_input = {b: _encoder_runs_sparse(b, density) for b in backends}
+    sparse_input = {b: _encoder_runs_sparse(b, density, device) for b in backends}
 
-    fns = {"matmul_floor": make_matmul_floor(shapes)}
+    fns = {"matmul_floor": make_matmul_floor(shapes, device)}
     if any(sparse_input.values()):
         fns["matmul_floor_sparse_input"] = make_matmul_floor(
-            _matmul_shapes(first, args, n_batch_perturbations, dense_encoder_input=False))
+            _matmul_shapes(first, args, n_batch_perturbations, dense_encoder_input=False),
+            device)
     for b in backends:
         for name, fn in _component_fns(models[b], batch, args, b).items():
             fns[f"{b}/{name}"] = on_backend(fn, b)
-    times = time_interleaved(fns, args.steps, args.warmup)
+    times = time_interleaved(fns, args.steps, args.warmup, sync)
     floor = times["matmul_floor"]["median_s"]
 
     result = {"config": {k: v for k, v in vars(args).items() if k not in ("func", "json_out")},
@@ -530,8 +555,9 @@ def run(args) -> int:
     if "matmul_floor_sparse_input" in times:
         result["matmul_floor_sparse_input_s"] = times["matmul_floor_sparse_input"]["median_s"]
     for b in backends:
-        resolved = {op: ops.backends.resolve(op, b, "cpu")[0]
-                    for op in ("nb_log_prob", "masked_embedding_sum")}
+        resolved = {op: ops.backends.resolve(op, b, device)[0]
+                    for op in ("nb_log_prob", "masked_embedding_sum", "perturbation_sum",
+                               "log1p_standardize_linear")}
         t = {name.split("/", 1)[1]: v for name, v in times.items() if name.startswith(b + "/")}
         key = "matmul_floor_sparse_input" if sparse_input[b] else "matmul_floor"
         result["backends"][b] = {"resolved": ",".join(f"{k}={v}" for k, v in resolved.items()),

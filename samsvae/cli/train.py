@@ -110,6 +110,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="write checkpoints/last.pt every N steps (default: 1000, and at the end)")
     g.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     g.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default: cpu)")
+    g.add_argument("--tf32", action="store_true",
+                   help="on --device cuda: TF32 matrix products (faster, ~1e-3 relative error "
+                        "per product); off by default; not saved with the run")
     g.add_argument("--backend", default="auto", choices=("auto",) + ops.backends.BACKENDS,
                    help="kernel backend of the fused ops for this process (default: auto); not "
                         "saved with the run: evaluate may use another")
@@ -264,6 +267,8 @@ def _train(args, *, log, comm):
 
     if args.backend != "auto":  # an explicit backend must exist here: fail before any work
         ops.backends.require_backend(args.backend, args.device)
+    if ops.backends.set_tf32(getattr(args, "tf32", False), args.device):
+        log("TF32 matrix products: on")
     existing = (out / "config.json").is_file()
     if existing and not args.resume:
         raise UserError(f"{out} already holds a run; pass --resume to continue it or choose "

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 import scipy.sparse as sp
@@ -43,28 +44,66 @@ class Batch:
     dosage:  (B, T) torch.sparse_csr float32 perturbation dosages (empty row = control).
     library: (B,) float32 library sizes (total UMIs of each cell).
     index:   (B,) int64 rows of the ScreenData.
+    perturbations: (U,) int64 sorted ids of the perturbations present in the batch (the dosage
+             columns), computed on the host when the batch is built, or None: models then
+             find them with ``torch.unique``, which synchronises a GPU with the host.
+    host_dosage: the dosage as a CPU tensor (kept on the host by :meth:`to`), for per-batch
+             bookkeeping that is done on the host (SVAE+'s labels), or None.
     """
     counts: torch.Tensor
     dosage: torch.Tensor
     library: torch.Tensor
     index: torch.Tensor
+    perturbations: Optional[torch.Tensor] = None
+    host_dosage: Optional[torch.Tensor] = None
 
     def to(self, device, non_blocking: bool = False) -> "Batch":
-        return Batch(*(t.to(device, non_blocking=non_blocking)
-                       for t in (self.counts, self.dosage, self.library, self.index)))
+        """The batch on ``device``. To a GPU the host tensors are pinned first and copied with
+        ``non_blocking=True``: a copy from pageable memory would wait for the device."""
+        device = torch.device(device)
+        to_gpu = device.type == "cuda" and self.index.device.type == "cpu"
+
+        def move(t):
+            if t is None:
+                return None
+            if to_gpu:
+                return _pinned(t).to(device, non_blocking=True)
+            return t.to(device, non_blocking=non_blocking)
+
+        host = self.host_dosage
+        if host is None and self.dosage.device.type == "cpu":
+            host = self.dosage
+        return Batch(move(self.counts), move(self.dosage), move(self.library), move(self.index),
+                     move(self.perturbations), host)
 
     def __len__(self) -> int:
         return int(self.index.shape[0])
 
 
+def _pinned(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in page-locked memory (CSR tensors part by part), for asynchronous copies."""
+    if t.layout == torch.sparse_csr:
+        return torch.sparse_csr_tensor(t.crow_indices().pin_memory(),
+                                       t.col_indices().pin_memory(), t.values().pin_memory(),
+                                       size=t.shape, check_invariants=False)
+    return t.pin_memory()
+
+
+def batch_perturbation_ids(dosage: sp.csr_matrix) -> torch.Tensor:
+    """(U,) int64 sorted ids of the dosage columns present in a batch (host side)."""
+    return torch.from_numpy(np.unique(dosage.indices).astype(np.int64))
+
+
 def make_batch(screen, rows: np.ndarray) -> Batch:
     """The :class:`Batch` of rows ``rows`` (int64, any order) of ``screen``."""
     rows = np.asarray(rows, dtype=np.int64)
+    dosage = screen.dosage[rows]
     return Batch(
         counts=csr_to_torch(screen.rows(rows)),
-        dosage=csr_to_torch(screen.dosage[rows]),
+        dosage=csr_to_torch(dosage),
         library=torch.from_numpy(screen.library[rows].astype(np.float32)),
         index=torch.from_numpy(rows.copy()),
+        perturbations=batch_perturbation_ids(dosage),
     )
 
 

@@ -33,7 +33,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from .loader import Batch, csr_to_torch
+from .loader import Batch, batch_perturbation_ids, csr_to_torch
 
 BLOCK_CELLS = 1024
 LIBRARY_RANGE = (1e3, 1e4)
@@ -323,4 +323,5 @@ def synth_batch(n_cells: int, n_genes: int, n_perturbations: int, *, seed: int =
     csr = sp.csr_matrix(counts)
     return Batch(counts=csr_to_torch(csr), dosage=csr_to_torch(dosage),
                  library=torch.from_numpy(counts.sum(1).astype(np.float32)),
-                 index=torch.arange(n_cells, dtype=torch.int64))
+                 index=torch.arange(n_cells, dtype=torch.int64),
+                 perturbations=batch_perturbation_ids(dosage))

@@ -45,7 +45,7 @@ import scipy.sparse as sp
 import torch
 
 from .backed import BackedCSR
-from .loader import Batch, check_indices, csr_to_torch
+from .loader import Batch, batch_perturbation_ids, check_indices, csr_to_torch
 
 DEFAULT_CHUNK_ROWS = 1024      # backed: cells per contiguous read unit
 DEFAULT_BUFFER_CHUNKS = 16     # chunks shuffled together
@@ -317,10 +317,12 @@ class StreamingLoader:
                         lo, hi = max(a, f * F) - f * F, min(b, (f + 1) * F) - f * F
                         pieces.append(block[where[lo:hi]])
                     counts = pieces[0] if len(pieces) == 1 else sp.vstack(pieces, format="csr")
+                dosage = screen.dosage[rows]
                 yield Batch(counts=csr_to_torch(counts),
-                            dosage=csr_to_torch(screen.dosage[rows]),
+                            dosage=csr_to_torch(dosage),
                             library=torch.from_numpy(screen.library[rows].astype(np.float32)),
-                            index=torch.from_numpy(rows.copy()))
+                            index=torch.from_numpy(rows.copy()),
+                            perturbations=batch_perturbation_ids(dosage))
         finally:
             if reader is not None:
                 reader.close()

@@ -3,6 +3,8 @@ drivers; subclasses supply the model-specific sampling (see the ``_`` hooks at t
 from __future__ import annotations
 
 import contextlib
+import hashlib
+from collections.abc import Mapping
 from typing import Optional
 
 import numpy as np
@@ -50,8 +52,12 @@ def rng_scope(generator: Optional[torch.Generator], device: torch.device):
     if generator is None:
         yield
         return
-    seed = int(torch.randint(0, 2 ** 62, (1,), generator=generator,
-                             device=generator.device).item())
+    # The seed comes from the generator's state, read on the host (a CUDA generator keeps its
+    # seed and offset there): drawing it from the generator and reading it back with .item()
+    # would synchronise with the device on every step. One draw then advances the generator.
+    state = generator.get_state().numpy().tobytes()
+    seed = int.from_bytes(hashlib.blake2b(state, digest_size=8).digest(), "little") >> 2
+    torch.empty(1, device=generator.device).uniform_(generator=generator)
     devices = [device] if torch.device(device).type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
@@ -63,6 +69,31 @@ def _nb_sample(mu: torch.Tensor, log_theta: torch.Tensor) -> torch.Tensor:
     theta = log_theta.exp().to(mu.dtype).expand_as(mu)
     gamma = torch.distributions.Gamma(theta, torch.ones_like(theta)).sample()
     return torch.poisson(gamma * (mu / theta))
+
+
+class _Terms(Mapping):
+    """``loss()["terms"]``: names -> floats, read back from the device on first access only
+    (a training step that does not look at them never synchronises for them)."""
+
+    def __init__(self, names, values: torch.Tensor):
+        self._names, self._values, self._floats = tuple(names), values, None
+
+    def _load(self) -> dict:
+        if self._floats is None:
+            self._floats = dict(zip(self._names, self._values.tolist()))
+        return self._floats
+
+    def __getitem__(self, key):
+        return self._load()[key]
+
+    def __iter__(self):
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def __repr__(self) -> str:
+        return repr(self._load())
 
 
 class PerturbationModel(nn.Module):
@@ -146,9 +177,9 @@ class PerturbationModel(nn.Module):
         elbo = elbo_pb.mean(0) if elbo_pb.dim() == 2 else elbo_pb
         zero = log_lik.new_zeros(())
         summary = torch.stack([log_lik.detach().mean(), kl_local.detach().mean(),
-                               zero if glob is None else glob.detach().mean()]).tolist()
+                               zero if glob is None else glob.detach().mean()])
         return {"loss": -elbo.mean(), "elbo": elbo.detach(),
-                "terms": dict(zip(("log_lik", "kl_local", "global"), summary))}
+                "terms": _Terms(("log_lik", "kl_local", "global"), summary)}
 
     @torch.no_grad()
     def iwelbo(self, batch, *, particles: int = 100, chunk: int = 10,
@@ -267,11 +298,15 @@ class PerturbationModel(nn.Module):
                                               recompute=None)
 
     def _require_counts(self) -> torch.Tensor:
+        # the flag lives in a buffer (state_dict); read it once per module, not every step
+        if self.__dict__.get("_counts_checked") is self.perturbation_counts_set:
+            return self.perturbation_counts
         if not bool(self.perturbation_counts_set):
             raise RuntimeError(
                 "perturbation counts N_t are not set: pass perturbation_counts= to build_model "
                 "or call model.set_perturbation_counts(counts) with the number of training "
                 "cells carrying each perturbation (samsvae.data.perturbation_cell_counts)")
+        self.__dict__["_counts_checked"] = self.perturbation_counts_set
         return self.perturbation_counts
 
     # -- hooks for the subclasses ------------------------------------------------------------

@@ -80,6 +80,33 @@ class LabelIndex:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def rows_to_labels_host(self, dosage) -> np.ndarray:
+        """(B,) int64 label id of each row of a CPU (torch or scipy) CSR dosage, computed on the
+        host with numpy (no device work, so no synchronisation in a GPU training step); -1 for
+        control rows. Raises ValueError for a row whose set is not a label."""
+        indptr, indices, shape = _csr_parts(dosage)
+        nnz = np.diff(indptr)
+        out = np.full(shape[0], -1, dtype=np.int64)
+        single = np.flatnonzero(nnz == 1)
+        if single.size:
+            out[single] = self.singleton.numpy()[indices[indptr[single]]]
+        for r in np.flatnonzero(nnz > 1):
+            out[r] = self.lookup.get(tuple(sorted(indices[indptr[r]:indptr[r + 1]].tolist())), -1)
+        unknown = np.flatnonzero((out < 0) & (nnz > 0))
+        if unknown.size:
+            r = int(unknown[0])
+            self._raise_unknown(r, sorted(indices[indptr[r]:indptr[r + 1]].tolist()))
+        return out
+
+    @staticmethod
+    def _raise_unknown(r: int, key) -> None:
+        raise ValueError(
+            f"dosage row {r} holds the perturbation set {key}, which is not an SVAE+ label "
+            "of this model. SVAE+ treats each distinct combination as its own label and "
+            "cannot predict unseen ones: build the model with "
+            "**samsvae.models.svae_plus_labels(training dosage) covering every label to "
+            "evaluate, or use sams_vae / cpa_vae for combinatorial generalisation")
+
     def rows_to_labels(self, dosage: torch.Tensor) -> torch.Tensor:
         """(B,) int64 label id of each row of a (B, T) torch CSR dosage; -1 for control rows.
 

@@ -295,15 +295,16 @@ class SAMSVAE(PerturbationModel):
         return global_log_ratio(emb, loc, log_scale, mask, logits, self.embedding_prior_scale,
                                 self.mask_prior_prob)
 
-    def _sample_globals(self, dosage, particles, generator, with_mask=False):
+    def _sample_globals(self, dosage, particles, generator, with_mask=False, index=None):
         """Training-time sample: z_p (P, B, L), index (U,), global log-ratio (P, U)
-        [, the sampled straight-through masks (P, U, L) or None when ``with_mask``]."""
+        [, the sampled straight-through masks (P, U, L) or None when ``with_mask``].
+        ``index``: the batch's sorted perturbation ids when known (``Batch.perturbations``)."""
         if not self.corr_embedding:
             # The kernel runs on the batch's rows of the tables (dosage columns renumbered
             # 0..U-1, the same noise as on the whole tables): its gradients and the global
             # term's meet on (U, L) rows, and each table gets one scatter of their sum
             # instead of two zero-filled (T, L) gradients added together.
-            index, local_col, _, _ = batch_perturbations(dosage)
+            index, local_col, _, _ = batch_perturbations(dosage, index)
             local = torch.sparse_csr_tensor(dosage.crow_indices(), local_col, dosage.values(),
                                             size=(dosage.shape[0], index.numel()),
                                             check_invariants=False)
@@ -312,12 +313,13 @@ class SAMSVAE(PerturbationModel):
             logits = (self._scaled(self.mask_logits_raw[index])
                       if self.mask_logits_raw is not None else None)
             s = ops.masked_embedding_sum(local, loc, log_scale, logits, particles=particles,
-                                         temperature=self.temperature, generator=generator)
+                                         temperature=self.temperature, generator=generator,
+                                         index=torch.arange(index.numel(), device=index.device))
             ratio = global_log_ratio(s.embedding, loc, log_scale, s.mask, logits,
                                      self.embedding_prior_scale, self.mask_prior_prob)
             out = (s.z_p, index, ratio, s.mask)
         else:
-            index = batch_perturbations(dosage)[0]
+            index = batch_perturbations(dosage, index)[0]
             eps, u = draw_noise(particles, index.numel(), self.n_latent,
                                 dtype=self.emb_loc_raw.dtype, device=self.emb_loc_raw.device,
                                 generator=generator, masked=True)
@@ -355,7 +357,8 @@ class SAMSVAE(PerturbationModel):
     def _elbo_parts(self, batch, particles, generator):
         counts_n = self._require_counts()
         z_p, index, ratio, mask = self._sample_globals(batch.dosage, particles, generator,
-                                                       with_mask=True)
+                                                       with_mask=True,
+                                                       index=_batch_index(batch))
         z_p = self._internal(z_p)
         extra = self._mask_log_prior(mask) if self.mask_prior_weight and mask is not None else None
         glob = per_cell_global_term(batch.dosage, index, ratio, counts_n, extra,
@@ -371,7 +374,7 @@ class SAMSVAE(PerturbationModel):
 
     def _iwelbo_setup(self, batch):
         return {"pre": self.encoder.gene_part(batch.counts),
-                "index": batch_perturbations(batch.dosage)[0],
+                "index": batch_perturbations(batch.dosage, _batch_index(batch))[0],
                 "log_library": self._log_library(batch),
                 "cell_key": int(batch.index[0]) if getattr(batch, "index", None) is not None
                 and batch.index.numel() else 0}
@@ -402,7 +405,7 @@ class SAMSVAE(PerturbationModel):
         return self.decoder.hidden(z_basal + z_p)
 
     def _latent(self, batch, kind):
-        index = batch_perturbations(batch.dosage)[0]
+        index = batch_perturbations(batch.dosage, _batch_index(batch))[0]
         z_p = perturbation_sum(batch.dosage, index, self._shift_mean(index).unsqueeze(0))[0]
         loc = self._basal_guide(self.encoder.gene_part(batch.counts), self._internal(z_p)).loc
         if self.latent_basis is not None:  # report in the mask basis (Q orthogonal)
@@ -477,6 +480,12 @@ class SAMSVAE(PerturbationModel):
         index = torch.arange(self.n_perturbations, device=self.emb_loc_raw.device)
         mode = (self.mask_logits > 0).to(self.emb_loc_raw.dtype).unsqueeze(0)
         return self._embedding_guide(index, mode)[0][0]
+
+
+def _batch_index(batch):
+    """The batch's sorted perturbation ids when its loader computed them on the host
+    (``samsvae.data.Batch.perturbations``), else None (found with ``torch.unique``)."""
+    return getattr(batch, "perturbations", None)
 
 
 def _drop_step_counter(module, state_dict, prefix, *args) -> None:

@@ -37,8 +37,7 @@ def per_cell_global_term(dosage: torch.Tensor, index: torch.Tensor, global_term:
     Returns:
         (P, B): ``sum_{t in perts(i)} (G_t / N_t + extra_weight * A_t)``; zero for control cells.
     """
-    _, _, rows, values = batch_perturbations(dosage)
-    local_col = torch.searchsorted(index, dosage.col_indices())
+    _, local_col, rows, values = batch_perturbations(dosage, index)  # no torch.unique
     inv = 1.0 / counts.to(global_term.dtype)[index].clamp_min(1.0)          # (U,)
     present = (values != 0).to(global_term.dtype)                            # stored zeros: no
     weighted = global_term * inv

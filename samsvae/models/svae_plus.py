@@ -42,6 +42,14 @@ from .networks import DecoderBody, GaussianEncoder
 _PI_EPS = 1e-6
 
 
+def _to_device(a: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A host int64 array on ``device``, copied without waiting for the device."""
+    t = torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64))
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def _inv_softplus(y: float) -> float:
     return y + math.log(-math.expm1(-y))
 
@@ -125,21 +133,37 @@ class SVAEPlus(PerturbationModel):
         self.label_counts_set.fill_(True)
 
     def _require_label_counts(self) -> torch.Tensor:
+        if self.__dict__.get("_label_counts_checked") is self.label_counts_set:
+            return self.label_counts  # checked once per module, not every step
         if not bool(self.label_counts_set):
             raise RuntimeError(
                 "SVAE+ label counts are not set: build it with "
                 "**samsvae.models.svae_plus_labels(training dosage) (gives labels and "
                 "label_counts) or call set_perturbation_counts(counts, label_counts=...)")
+        self.__dict__["_label_counts_checked"] = self.label_counts_set
         return self.label_counts
 
     # -- sampling pieces -----------------------------------------------------------------------
 
     def _pi_guide(self) -> Beta:
-        return Beta(F.softplus(self.pi_raw_a) + 1e-3, F.softplus(self.pi_raw_b) + 1e-3)
+        # positive by construction; validation would read the parameters back every step
+        return Beta(F.softplus(self.pi_raw_a) + 1e-3, F.softplus(self.pi_raw_b) + 1e-3,
+                    validate_args=False)
 
-    def _labels(self, dosage):
+    def _labels(self, dosage, host_dosage=None):
         """Label of each row (B,), the present labels (U,) and each row's position in them
-        (B,) (-1 for control rows)."""
+        (B,) (-1 for control rows).
+
+        With the dosage on the host (a CPU batch, or ``Batch.host_dosage`` of a batch moved to
+        a GPU) they are found there with numpy and copied asynchronously: on the device the
+        lookup would need ``torch.unique`` and per-row reads, each a synchronisation."""
+        if host_dosage is None and dosage.device.type == "cpu":
+            host_dosage = dosage
+        if host_dosage is not None:
+            lab = self.label_index.rows_to_labels_host(host_dosage)
+            present = np.unique(lab[lab >= 0])
+            pos = np.where(lab >= 0, np.searchsorted(present, np.maximum(lab, 0)), -1)
+            return tuple(_to_device(a, dosage.device) for a in (lab, present, pos))
         lab = self.label_index.rows_to_labels(dosage)
         present = torch.unique(lab[lab >= 0])
         pos = torch.searchsorted(present, lab.clamp_min(0))
@@ -155,14 +179,14 @@ class SVAEPlus(PerturbationModel):
 
     # -- hooks -------------------------------------------------------------------------------
 
-    def _sample_globals(self, dosage, particles, generator):
+    def _sample_globals(self, dosage, particles, generator, host_dosage=None):
         """Training-time sample of the globals of the batch's labels.
 
         Returns ``(mask (P, U, L) straight-through, present (U,) label ids, pos (B,) position
         of each row's label in ``present`` (-1 control), label_term (P, U))`` with
         ``label_term = log p(m_l | pi) - log q(m_l) + (log p(pi) - log q(pi)) / n_labels``.
         """
-        _, present, pos = self._labels(dosage)
+        _, present, pos = self._labels(dosage, host_dosage)
         device, dtype = self.shift.device, self.shift.dtype
         q_pi = self._pi_guide()
         with rng_scope(generator, device):
@@ -172,13 +196,14 @@ class SVAEPlus(PerturbationModel):
         mask = relaxed_bernoulli_st(self.mask_logits[present], u, self.temperature)
         log_p_m = (mask * torch.log(pi)[:, None] + (1 - mask) * torch.log1p(-pi)[:, None]).sum(-1)
         log_q_m = bernoulli_log_prob(mask, self.mask_logits[present]).sum(-1)
-        prior_pi = Beta(torch.ones_like(pi), torch.full_like(pi, self.beta2))
+        prior_pi = Beta(torch.ones_like(pi), torch.full_like(pi, self.beta2), validate_args=False)
         pi_term = (prior_pi.log_prob(pi) - q_pi.log_prob(pi)).sum(-1)          # (P,)
         return mask, present, pos, log_p_m - log_q_m + pi_term[:, None] / self.n_labels
 
     def _elbo_parts(self, batch, particles, generator):
         n_l = self._require_label_counts()
-        mask, present, pos, label_term = self._sample_globals(batch.dosage, particles, generator)
+        mask, present, pos, label_term = self._sample_globals(
+            batch.dosage, particles, generator, getattr(batch, "host_dosage", None))
         per_label = label_term / n_l.to(label_term.dtype)[present].clamp_min(1.0)
         glob = torch.cat([per_label, per_label.new_zeros(particles, 1)], dim=1)[
             :, torch.where(pos >= 0, pos, torch.full_like(pos, present.numel()))]
@@ -194,7 +219,7 @@ class SVAEPlus(PerturbationModel):
                 "global": glob}
 
     def _iwelbo_setup(self, batch):
-        lab, present, pos = self._labels(batch.dosage)
+        lab, present, pos = self._labels(batch.dosage, getattr(batch, "host_dosage", None))
         q = self.encoder.posterior(self.encoder.gene_part(batch.counts))
         loc, scale = q.loc, q.scale
         return {"loc": loc, "scale": scale, "present": present, "pos": pos,

@@ -168,6 +168,24 @@ def available_backends(op: Optional[str] = None) -> list:
     return out
 
 
+def auto_plan(device: torch.device | str = "cuda", *, assume_available: bool = True) -> dict:
+    """``{op: backend}``: what ``auto`` picks for every op (composites included) on tensors
+    living on ``device``. With ``assume_available`` each tier counts as usable (a CUDA-less
+    machine can inspect what a GPU run would use); otherwise the same as :func:`resolve`."""
+    dev = torch.device(device).type
+    plan = {}
+    for op in sorted(set(_REGISTRY) | set(_FOLLOWS)):
+        impls = _REGISTRY[_FOLLOWS.get(op, op)]
+        plan[op] = "reference"
+        for cand in _AUTO_ORDER.get(dev, ("reference",)):
+            impl = impls.get(cand)
+            if impl is not None and dev in impl.devices and (assume_available
+                                                             or impl.available()):
+                plan[op] = cand
+                break
+    return plan
+
+
 def backend_report() -> str:
     """One line per op saying which backend ``auto`` picks on CPU and on CUDA tensors; a
     composite op says which op it follows."""
@@ -187,3 +205,13 @@ def require_backend(backend: str, device: torch.device | str = "cpu") -> None:
     the kernel ops are the ones checked."""
     for op in _REGISTRY:
         resolve(op, backend, device)
+
+
+def set_tf32(enabled: bool, device: torch.device | str = "cuda") -> bool:
+    """Opt-in TF32 matrix products on a CUDA device (``--tf32`` of train / evaluate / bench):
+    ``torch.set_float32_matmul_precision("high")`` when ``enabled`` and ``device`` is CUDA,
+    else full float32 ("highest", the default). An execution setting: never saved with a model.
+    Returns whether TF32 is on."""
+    on = bool(enabled) and torch.device(device).type == "cuda"
+    torch.set_float32_matmul_precision("high" if on else "highest")
+    return on

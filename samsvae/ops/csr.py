@@ -7,8 +7,9 @@ import torch
 def csr_rows(csr: torch.Tensor) -> torch.Tensor:
     """(nnz,) int64 row of each stored entry of a (rows, cols) CSR tensor."""
     crow = csr.crow_indices()
+    # output_size from the shape of the column indices: no device-to-host copy of nnz
     return torch.repeat_interleave(torch.arange(crow.numel() - 1, device=crow.device),
-                                   crow.diff())
+                                   crow.diff(), output_size=csr.col_indices().numel())
 
 
 def kernel_parts(csr: torch.Tensor, dtype: torch.dtype) -> tuple:

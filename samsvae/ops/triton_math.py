@@ -28,7 +28,9 @@ def exp_acc(t):
 
     ``tl.exp`` lowers to ex2.approx(t * log2 e) on NVIDIA GPUs, whose relative error grows as
     |t| * 6e-8; this Cody-Waite reduction plus a degree-7 polynomial does not."""
-    tc = tl.minimum(tl.maximum(t, -87.0), 88.0)
+    # NaN-propagating clamp: the default min/max of sm_90 return the other operand for NaN,
+    # which would turn a NaN input (a NaN mask logit, say) into a finite value
+    tc = tl.clamp(t, -87.0, 88.0, propagate_nan=tl.PropagateNan.ALL)
     k = ((tc * LOG2E + 128.5).to(tl.int32) - 128)  # round(t / ln 2); the cast truncates a positive
     kf = k.to(tl.float32)
     r = (tc - kf * LN2_HI_F32) - kf * LN2_LO_F32  # |r| <= ln(2)/2
@@ -240,7 +242,7 @@ SQRT2 = tl.constexpr(1.4142135623730951)
 @triton.jit
 def exp_f64(t):
     """exp(t) for float64 t (0 below -708, +inf-free up to 709; relative error ~1e-16)."""
-    tc = tl.minimum(tl.maximum(t, -708.0), 709.0)
+    tc = tl.clamp(t, -708.0, 709.0, propagate_nan=tl.PropagateNan.ALL)
     kf = tc * INV_LN2
     k = tl.where(kf >= 0.0, kf + 0.5, kf - 0.5).to(tl.int64)  # round half away from zero
     r = (tc - k.to(tl.float64) * LN2_HI) - k.to(tl.float64) * LN2_LO  # |r| <= 0.35

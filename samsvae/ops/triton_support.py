@@ -29,9 +29,25 @@ def triton_installed() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+@functools.lru_cache(maxsize=None)
+def triton_import_error() -> str:
+    """'' when ``import triton`` and its GPU backend load, else the error (checked once, and
+    only where CUDA is present: importing triton on a CPU-only machine is not needed)."""
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+        from triton.runtime import driver
+        driver.active.get_current_target()  # fails on a broken install / missing backend
+    except Exception as exc:  # noqa: BLE001 - any failure means: fall back, with the reason
+        return f"{type(exc).__name__}: {exc}"
+    return ""
+
+
 def triton_cuda_available() -> bool:
-    """True when the Triton GPU kernels can run here: CUDA is present and triton is installed."""
-    return torch.cuda.is_available() and triton_installed()
+    """True when the Triton GPU kernels can run here: CUDA is present, triton is installed
+    and imports with a working GPU backend (a broken install falls back to the reference with
+    :func:`why_triton_unavailable` saying why, instead of failing in the first step)."""
+    return torch.cuda.is_available() and triton_installed() and triton_import_error() == ""
 
 
 def why_triton_unavailable() -> str:
@@ -41,6 +57,9 @@ def why_triton_unavailable() -> str:
                 "torch); use backend='auto' to run the reference or C++ kernels on CPU")
     if not triton_installed():
         return "triton is not installed; install it with: pip install 'samsvae[gpu]'"
+    if triton_import_error():
+        return (f"triton is installed but does not load ({triton_import_error()}); reinstall "
+                "the triton matching this torch (pip install --force-reinstall triton)")
     return "available"
 
 

@@ -20,7 +20,7 @@ import torch
 from .. import backends
 from ..cpp_extension import CPP_DTYPES, ext_available, why_unavailable
 from ..csr import kernel_parts
-from .reference import EmbeddingSample, draw_noise
+from .reference import EmbeddingSample, batch_perturbations, draw_noise
 
 
 @torch.library.register_fake("samsvae::masked_embedding_fwd")
@@ -87,7 +87,7 @@ torch.library.register_autograd("samsvae::masked_embedding_bwd", _no_double_back
 
 
 def masked_embedding_sum_cpp(dosage, emb_loc, emb_log_scale, mask_logits, *, particles,
-                             temperature=1.0, generator=None):
+                             temperature=1.0, generator=None, index=None):
     """C++ CPU implementation of :func:`samsvae.ops.masked_embedding_sum` (same signature,
     same noise for the same generator state, same :class:`EmbeddingSample`)."""
     if dosage.layout != torch.sparse_csr:
@@ -98,7 +98,7 @@ def masked_embedding_sum_cpp(dosage, emb_loc, emb_log_scale, mask_logits, *, par
     out_dtype = emb_loc.dtype
     dtype = out_dtype if out_dtype in CPP_DTYPES else torch.float32
     crow, _, dose = kernel_parts(dosage, dtype)
-    index, local_col = torch.unique(dosage.col_indices(), sorted=True, return_inverse=True)
+    index, local_col, _, _ = batch_perturbations(dosage, index)
     masked = mask_logits is not None
     eps, unif = draw_noise(particles, index.numel(), emb_loc.shape[-1], dtype=out_dtype,
                            device=emb_loc.device, generator=generator, masked=masked)

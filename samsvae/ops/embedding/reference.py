@@ -44,16 +44,25 @@ class EmbeddingSample(NamedTuple):
     mask: Optional[torch.Tensor]
 
 
-def batch_perturbations(dosage: torch.Tensor):
+def batch_perturbations(dosage: torch.Tensor, index: Optional[torch.Tensor] = None):
     """Return ``(index, local_col, rows, values)`` of a CSR dosage batch.
 
     index: (U,) sorted unique perturbation ids; local_col: (nnz,) position of each entry's column
     in ``index``; rows: (nnz,) row of each entry; values: (nnz,) dosages.
+
+    ``index`` may be given when it is known (``samsvae.data.Batch.perturbations``, computed on
+    the host when the batch is built): the ids are then only looked up (``searchsorted``), with
+    no ``torch.unique``, whose data-dependent output size costs a device-to-host
+    synchronisation on a GPU. It must hold every column id of ``dosage``, sorted.
     """
     if dosage.layout != torch.sparse_csr:
         raise ValueError(f"dosage must be a torch.sparse_csr tensor (cells x perturbations), "
                          f"got layout {dosage.layout}")
-    index, local_col = torch.unique(dosage.col_indices(), sorted=True, return_inverse=True)
+    if index is None:
+        index, local_col = torch.unique(dosage.col_indices(), sorted=True, return_inverse=True)
+    else:
+        index = index.to(device=dosage.col_indices().device, dtype=torch.int64)
+        local_col = torch.searchsorted(index, dosage.col_indices().to(torch.int64))
     return index, local_col, csr_rows(dosage), dosage.values()
 
 
@@ -76,24 +85,26 @@ def relaxed_bernoulli_st(logits: torch.Tensor, u: torch.Tensor, temperature: flo
     return hard + (soft - soft.detach())
 
 
-def perturbation_sum(dosage: torch.Tensor, index: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """z[k, i] = sum_{t} d_it * values[k, pos(t)]  for a CSR dosage batch.
+def perturbation_sum_reference(dosage: torch.Tensor, index: torch.Tensor,
+                               values: torch.Tensor) -> torch.Tensor:
+    """z[k, i] = sum_{t} d_it * values[k, pos(t)]  for a CSR dosage batch (the spec of
+    :func:`samsvae.ops.perturbation_sum`).
 
     dosage: (cells, T) CSR; index: (U,) sorted ids of the columns ``values`` holds;
     values: (P, U, L). Returns (P, cells, L). Rows without perturbations give zeros.
     """
-    _, _, rows, val = batch_perturbations(dosage)
-    local_col = torch.searchsorted(index, dosage.col_indices())
+    _, local_col, rows, val = batch_perturbations(dosage, index)
     contrib = values[:, local_col, :] * val.to(values.dtype)[None, :, None]
     out = values.new_zeros(values.shape[0], dosage.shape[0], values.shape[-1])
     return out.index_add(1, rows, contrib)
 
 
 def masked_embedding_sum_reference(dosage, emb_loc, emb_log_scale, mask_logits, *, particles,
-                                   temperature=1.0, generator=None, noise=None):
+                                   temperature=1.0, generator=None, noise=None, index=None):
     """Pure-PyTorch :func:`samsvae.ops.masked_embedding_sum` (the spec); ``noise`` optionally
-    gives the ``(eps, u)`` of :func:`draw_noise` instead of drawing them."""
-    index, local_col, rows, val = batch_perturbations(dosage)
+    gives the ``(eps, u)`` of :func:`draw_noise` instead of drawing them; ``index`` the batch's
+    sorted perturbation ids when known (see :func:`batch_perturbations`)."""
+    index, local_col, rows, val = batch_perturbations(dosage, index)
     dtype, device = emb_loc.dtype, emb_loc.device
     latent = emb_loc.shape[-1]
     if noise is None:

@@ -58,8 +58,9 @@ def _sample_kernel(index_ptr, loc_ptr, log_scale_ptr, mask_logit_ptr, eps_ptr, v
     if HAS_MASK:
         logit = tl.load(mask_logit_ptr + src, mask=lm, other=0.0).to(tl.float32)
         v = tl.load(v_ptr + dst, mask=lm, other=0.5).to(tl.float32)
-        hard, _ = _relaxed_mask(logit, v, temperature)
-        tl.store(mask_ptr + dst, hard, mask=lm)
+        hard, soft = _relaxed_mask(logit, v, temperature)
+        # a NaN logit gives a NaN mask (as the reference's hard + soft - soft), not a hard 0
+        tl.store(mask_ptr + dst, tl.where(soft == soft, hard, soft), mask=lm)
 
 
 @triton.jit
@@ -76,12 +77,13 @@ def _compose_kernel(crow_ptr, local_col_ptr, dose_ptr, emb_ptr, mask_ptr, z_ptr,
     for k in range(start, end):
         u = tl.load(local_col_ptr + k).to(tl.int64)
         d = tl.load(dose_ptr + k).to(tl.float32)
-        off = (p * n_pert + u) * latent + l
+        off = (p.to(tl.int64) * n_pert + u) * latent + l
         v = tl.load(emb_ptr + off, mask=lm, other=0.0)
         if HAS_MASK:
             v *= tl.load(mask_ptr + off, mask=lm, other=0.0)
         acc += d * v
-    tl.store(z_ptr + (p * n_cells + cell).to(tl.int64) * latent + l, acc, mask=lm)
+    # int64 before the product: p * n_cells + cell passes 2^31 at large particle counts
+    tl.store(z_ptr + (p.to(tl.int64) * n_cells + cell) * latent + l, acc, mask=lm)
 
 
 @triton.jit
@@ -296,7 +298,7 @@ _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def masked_embedding_sum_triton(dosage, emb_loc, emb_log_scale, mask_logits, *, particles,
-                                temperature=1.0, generator=None):
+                                temperature=1.0, generator=None, index=None):
     """Triton masked embedding composition; same contract as
     :func:`samsvae.ops.masked_embedding_sum` (noise drawn identically, so the same generator
     state gives the reference's sample).
@@ -314,7 +316,7 @@ def masked_embedding_sum_triton(dosage, emb_loc, emb_log_scale, mask_logits, *, 
     if emb_loc.dtype not in _KERNEL_DTYPES:
         return masked_embedding_sum_reference(dosage, emb_loc, emb_log_scale, mask_logits,
                                               particles=particles, temperature=temperature,
-                                              generator=generator)
+                                              generator=generator, index=index)
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     for name, t in (("dosage", dosage), ("emb_log_scale", emb_log_scale),
@@ -322,7 +324,7 @@ def masked_embedding_sum_triton(dosage, emb_loc, emb_log_scale, mask_logits, *, 
         if t is not None and t.device != emb_loc.device:
             raise ValueError(f"masked_embedding_sum: {name} is on {t.device} but emb_loc on "
                              f"{emb_loc.device}; move them to one device with .to()")
-    index, local_col, _, dose = batch_perturbations(dosage)
+    index, local_col, _, dose = batch_perturbations(dosage, index)
     latent = emb_loc.shape[-1]
     eps, noise_u = draw_noise(particles, index.numel(), latent, dtype=emb_loc.dtype,
                               device=emb_loc.device, generator=generator,
@@ -334,3 +336,88 @@ def masked_embedding_sum_triton(dosage, emb_loc, emb_log_scale, mask_logits, *, 
     dtype = emb_loc.dtype
     return EmbeddingSample(z.to(dtype), index, emb.to(dtype),
                            mask.to(dtype) if mask_logits is not None else None)
+
+
+# ----------------------------------------------------------------------------- composition only
+
+
+def _compose_values_impl(crow: torch.Tensor, local_col: torch.Tensor, dose: torch.Tensor,
+                         values: torch.Tensor) -> torch.Tensor:
+    """z (P, rows, L) float32 with z[p, i] = sum over row i's entries k of dose_k values[p, col_k]
+    (``_compose_kernel`` without masks); values (P, U, L) float32."""
+    n_particles, n_cols, latent = values.shape
+    n_rows = crow.shape[0] - 1
+    z = torch.empty(n_particles, n_rows, latent, dtype=torch.float32, device=values.device)
+    if n_particles * n_rows * latent > 0:
+        block = _block_l(latent)
+        wrap_triton(_compose_kernel)[(n_rows, n_particles, triton.cdiv(latent, block))](
+            crow, local_col, dose, values, _dummy(values.device), z, n_rows, n_cols, latent,
+            HAS_MASK=False, BLOCK_L=block)
+    return z
+
+
+def _compose_values_bwd_impl(crow: torch.Tensor, local_col: torch.Tensor, dose: torch.Tensor,
+                             grad_z: torch.Tensor, n_cols: int) -> torch.Tensor:
+    """d values (P, U, L) float32: the same kernel over the transposed (CSC) pattern, one
+    program per (column, particle, latent block), no atomics."""
+    ccol, csc_rows, csc_dose = _csc(local_col, crow, dose, n_cols)
+    n_particles, n_rows, latent = grad_z.shape
+    out = torch.empty(n_particles, n_cols, latent, dtype=torch.float32, device=grad_z.device)
+    if n_particles * n_cols * latent > 0:
+        block = _block_l(latent)
+        wrap_triton(_compose_kernel)[(n_cols, n_particles, triton.cdiv(latent, block))](
+            ccol, csc_rows, csc_dose, grad_z, _dummy(grad_z.device), out, n_cols, n_rows,
+            latent, HAS_MASK=False, BLOCK_L=block)
+    return out
+
+
+if triton_op is not None:
+    _compose_op = triton_op("samsvae::triton_perturbation_sum",
+                            mutates_args=())(_compose_values_impl)
+    _compose_bwd_op = triton_op("samsvae::triton_perturbation_sum_backward",
+                                mutates_args=())(_compose_values_bwd_impl)
+
+    def _compose_setup(ctx, inputs, output):
+        crow, local_col, dose, values = inputs
+        ctx.n_cols = values.shape[1]
+        ctx.save_for_backward(crow, local_col, dose)
+
+    def _compose_backward(ctx, grad_z):
+        crow, local_col, dose = ctx.saved_tensors
+        return None, None, None, _compose_bwd_op(crow, local_col, dose, grad_z.contiguous(),
+                                                 ctx.n_cols)
+
+    _compose_op.register_autograd(_compose_backward, setup_context=_compose_setup)
+
+    def _compose_apply(*args):
+        return _compose_op(*args)
+else:  # pragma: no cover
+    class _ComposeFunction(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, crow, local_col, dose, values):
+            ctx.n_cols = values.shape[1]
+            ctx.save_for_backward(crow, local_col, dose)
+            return _compose_values_impl(crow, local_col, dose, values)
+
+        @staticmethod
+        def backward(ctx, grad_z):
+            crow, local_col, dose = ctx.saved_tensors
+            return None, None, None, _compose_values_bwd_impl(crow, local_col, dose,
+                                                              grad_z.contiguous(), ctx.n_cols)
+
+    def _compose_apply(*args):
+        return _ComposeFunction.apply(*args)
+
+
+def perturbation_sum_triton(dosage, index, values):
+    """Triton :func:`samsvae.ops.perturbation_sum`: z (P, cells, L) from given per-particle
+    values (P, U, L) of the perturbations ``index`` (the corr_embedding guide's composition and
+    IWELBO's); float64 values go to the reference."""
+    if values.dtype not in _KERNEL_DTYPES:
+        from .reference import perturbation_sum_reference
+        return perturbation_sum_reference(dosage, index, values)
+    _, local_col, _, dose = batch_perturbations(dosage, index)
+    z = _compose_apply(dosage.crow_indices().contiguous(), local_col.contiguous(),
+                       dose.detach().to(torch.float32).contiguous(),
+                       values.to(torch.float32).contiguous())
+    return z.to(values.dtype)

@@ -24,12 +24,25 @@ def csr_to_dense(x: torch.Tensor) -> torch.Tensor:
     return out.view(rows, cols)
 
 
+_COUNTS_MESSAGE = ("counts must be finite and non-negative (raw UMI counts are expected, not "
+                   "log-normalised values)")
+
+
 def check_counts(values: torch.Tensor) -> None:
-    """Raise ValueError when stored counts are negative or not finite."""
-    bad = int((~(torch.isfinite(values) & (values >= 0))).sum()) if values.numel() else 0
-    if bad:
+    """Raise ValueError when stored counts are negative or not finite.
+
+    The test runs where the values live without reading them back: ``torch._assert_async``
+    checks on the CPU at once and on a GPU raises a device-side assertion with the same message
+    when the check runs, instead of synchronising the stream on every batch."""
+    if not values.numel():
+        return
+    ok = (torch.isfinite(values) & (values >= 0)).all()
+    try:
+        torch._assert_async(ok, _COUNTS_MESSAGE)
+    except RuntimeError:
+        bad = int((~(torch.isfinite(values) & (values >= 0))).sum())
         raise ValueError(f"counts must be finite and non-negative; found {bad} invalid entries "
-                         "(raw UMI counts are expected, not log-normalised values)")
+                         "(raw UMI counts are expected, not log-normalised values)") from None
 
 
 def log1p_standardize_reference(counts, mean, inv_std):

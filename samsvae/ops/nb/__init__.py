@@ -112,7 +112,9 @@ def nb_log_prob_linear(counts, hidden, weight, bias, log_library, log_theta, *,
         from .cpp import nb_log_prob_linear_stored_cpp
         return nb_log_prob_linear_stored_cpp(counts, hidden, weight, bias, log_library,
                                              log_theta)
-    return nb_fn(counts, F.linear(hidden, weight), log_library, log_theta, logit_bias=bias)
+    # the bias rides the product's epilogue (cuBLAS / the CPU GEMM): no second pass over the
+    # (P, C, G) logits to add it
+    return nb_fn(counts, F.linear(hidden, weight, bias), log_library, log_theta)
 
 
 backends.register("nb_log_prob", "reference", nb_log_prob_reference)

@@ -28,13 +28,18 @@ import torch
 
 from .reference import check_nb_inputs
 
-DEFAULT_CHUNK_BYTES = 32 * 2**20  # one chunk's logits; NB intermediates add a few times this
+DEFAULT_CHUNK_BYTES = 32 * 2**20  # one chunk's logits on a CPU (cache-sized); NB
+# intermediates add a few times this
+GPU_CHUNK_BYTES = 512 * 2**20  # on a GPU: enough rows per launch to fill every SM
 
 
-def default_chunk_rows(n_genes: int, dtype: torch.dtype) -> int:
-    """Rows per chunk so that a chunk's ``(rows, n_genes)`` logits take ~32 MiB."""
+def default_chunk_rows(n_genes: int, dtype: torch.dtype, device=None) -> int:
+    """Rows per chunk so that a chunk's ``(rows, n_genes)`` logits take ~32 MiB on a CPU
+    (``DEFAULT_CHUNK_BYTES``) or ~512 MiB on a GPU (``GPU_CHUNK_BYTES``)."""
     itemsize = torch.empty((), dtype=dtype).element_size()
-    return max(1, DEFAULT_CHUNK_BYTES // max(1, n_genes * itemsize))
+    on_gpu = device is not None and torch.device(device).type == "cuda"
+    budget = GPU_CHUNK_BYTES if on_gpu else DEFAULT_CHUNK_BYTES
+    return max(1, budget // max(1, n_genes * itemsize))
 
 
 def _chunks(particles: int, cells: int, chunk_rows: int) -> Iterator[Tuple[int, int, int, int]]:
@@ -60,6 +65,8 @@ def _row_slice(counts: torch.Tensor, c0: int, c1: int) -> torch.Tensor:
     if counts.layout != torch.sparse_csr:
         return counts[c0:c1]
     crow = counts.crow_indices()
+    # two host reads per chunk of cells; only when a chunk holds fewer rows than the batch has
+    # cells (never in a training step, whose logits are stored)
     start, end = int(crow[c0]), int(crow[c1])
     return torch.sparse_csr_tensor(crow[c0:c1 + 1] - start, counts.col_indices()[start:end],
                                    counts.values()[start:end], size=(c1 - c0, counts.shape[1]),
@@ -171,7 +178,7 @@ def nb_log_prob_linear_chunked(counts, hidden, weight, bias, log_library, log_th
     logits recomputed in backward. hidden ``(C, H)`` or ``(P, C, H)`` -> ``hidden.shape[:-1]``
     nats; first-order gradients in hidden, weight, bias, log_library and log_theta."""
     if chunk_rows is None:
-        chunk_rows = default_chunk_rows(weight.shape[0], hidden.dtype)
+        chunk_rows = default_chunk_rows(weight.shape[0], hidden.dtype, hidden.device)
     h3 = hidden.unsqueeze(0) if hidden.dim() == 2 else hidden
     out = _NBLinearFunction.apply(counts, h3, weight, bias, log_library, log_theta,
                                   nb_fn, chunk_rows)

@@ -418,7 +418,8 @@ def _nb_bwd_kernel(grad_ptr, logits_ptr, ll_ptr, lt_ptr, theta_ptr, dtab_ptr,
                 hpart += tl.sum(tl.where(nz, x * qc, 0.0)).to(tl.float64)
                 if NEED_DLT:
                     dn = _nonzero_dlogtheta(x, nz, c, theta, q, qc, dtab_ptr, n_genes, X_TAB)
-                    tl.atomic_add(dlt_part_ptr + part_off + c, go_r * dn, mask=nz)
+                    tl.atomic_add(dlt_part_ptr + part_off + c, go_r * dn, mask=nz,
+                                  sem="relaxed")
             H += tl.where(ridx == r, hpart, 0.0)
 
     H32 = H.to(tl.float32)
@@ -453,8 +454,9 @@ def _nb_bwd_kernel(grad_ptr, logits_ptr, ll_ptr, lt_ptr, theta_ptr, dtab_ptr,
                                                   theta_ptr, row, k0, end, n_genes, BLOCK_NNZ)
                 _, _, y, y_lo = _log_mu(base_r, lo_r, z, lt)
                 _, qc = _sigmoids(y, y_lo)
+                # relaxed: the barrier above orders the dense stores; the adds only sum
                 tl.atomic_add(dlogits_ptr + row * n_genes + c, go_r * x * qc,
-                              mask=km & (x > 0.0))
+                              mask=km & (x > 0.0), sem="relaxed")
 
 
 # ----------------------------------------------------------------------------- launch config
