@@ -107,7 +107,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--val-every", type=int, default=None,
                    help="validate every N steps (default: every epoch)")
     g.add_argument("--checkpoint-every", type=int, default=1000,
-                   help="write checkpoints/last.pt every N steps (default: 1000, and at the end)")
+                   help="write checkpoints/last.pt every N steps (default: 1000; also at each "
+                        "validation and at the end)")
+    g.add_argument("--checkpoint-minutes", type=float, default=5.0, metavar="M",
+                   help="also write it when M minutes of wall time passed since the last one "
+                        "(default: 5; 0: never by time). The previous one is kept as "
+                        "last.prev.pt, the fallback when last.pt cannot be read")
     g.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     g.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default: cpu)")
     g.add_argument("--tf32", action="store_true",
@@ -260,6 +265,7 @@ def _train(args, *, log, comm):
                                batch_size=args.batch_size, particles=args.particles, lr=args.lr,
                                weight_decay=args.weight_decay, grad_clip=args.grad_clip,
                                val_every=args.val_every, checkpoint_every=args.checkpoint_every,
+                               checkpoint_minutes=getattr(args, "checkpoint_minutes", 5.0),
                                seed=args.seed, device=args.device,
                                progress=not args.no_progress)
     log("backends (auto):\n  " + ops.backend_report().replace("\n", "\n  ")

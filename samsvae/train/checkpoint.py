@@ -7,6 +7,7 @@ a crash or ``SIGKILL`` at any moment leaves either the old file or the new one, 
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import tempfile
 from pathlib import Path
@@ -16,17 +17,22 @@ import numpy as np
 import torch
 
 
-def _atomic_write(path: str | os.PathLike, mode: str, write) -> Path:
+def _atomic_write(path: str | os.PathLike, mode: str, write, before_replace=None) -> Path:
     """Call ``write(file_object)`` on a temporary file next to ``path``, fsync it and move it
     over ``path``; on any failure the temporary file is removed and ``path`` is untouched."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        # mkstemp creates 0600; give the file the mode an ordinary open() would (umask honoured)
+        if hasattr(os, "fchmod"):
+            os.fchmod(fd, 0o666 & ~current_umask())
         with os.fdopen(fd, mode, **({"encoding": "utf-8"} if "b" not in mode else {})) as fh:
             write(fh)
             fh.flush()
             os.fsync(fh.fileno())
+        if before_replace is not None:
+            before_replace()
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -36,6 +42,35 @@ def _atomic_write(path: str | os.PathLike, mode: str, write) -> Path:
         raise
     _fsync_dir(path.parent)
     return path
+
+
+def current_umask() -> int:
+    """The process umask (read by setting and restoring it: there is no getter)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def rotate_checkpoint(obj: Any, path: str | os.PathLike) -> Path:
+    """``atomic_torch_save`` that keeps the file it replaces as ``<stem>.prev.pt``.
+
+    The new checkpoint is complete on disk before the old one moves aside, so at every moment
+    ``path`` or its ``.prev`` copy holds a whole checkpoint; a reader that cannot read ``path``
+    falls back to the copy (:func:`load_checkpoint_with_fallback`).
+    """
+    path = Path(path)
+    prev = previous_checkpoint(path)
+
+    def keep_previous():
+        if path.is_file():
+            os.replace(path, prev)
+    return _atomic_write(path, "wb", lambda fh: torch.save(obj, fh), before_replace=keep_previous)
+
+
+def previous_checkpoint(path: str | os.PathLike) -> Path:
+    """``checkpoints/last.pt`` -> ``checkpoints/last.prev.pt``."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.prev{path.suffix}")
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
@@ -66,17 +101,63 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def load_checkpoint(path: str | os.PathLike, map_location=None) -> dict:
-    """Read a checkpoint written by :func:`atomic_torch_save` (tensors and plain Python only)."""
+class UnreadableRunFile(ValueError):
+    """A file of a run directory that cannot be read (truncated, junk, foreign format); the
+    message names the file and what to do. The CLI prints it without a traceback (rc 2)."""
+
+
+def load_checkpoint(path: str | os.PathLike, map_location=None, *, what: Optional[str] = None) -> dict:
+    """Read a checkpoint written by :func:`atomic_torch_save` (tensors and plain Python only).
+
+    Raises FileNotFoundError when absent and :class:`UnreadableRunFile` when unreadable (never
+    suggesting to turn safe loading off: the file may come from anyone)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:
-        raise RuntimeError(f"could not read checkpoint {path}: {exc}. It was not written by this "
-                           "version of samsvae or is corrupt; start a new run directory "
-                           "(or delete the file)") from exc
+        obj = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # UnpicklingError, RuntimeError (truncated zip), EOFError, ...
+        raise UnreadableRunFile(
+            f"cannot read {path}: {_reason(exc)}. {what or 'The file'} is damaged (truncated "
+            "or overwritten) or was not written by samsvae; delete it and train again (samsvae "
+            "train ... --out RUN_DIR, or --resume to continue from the last checkpoint)"
+        ) from None
+    if not isinstance(obj, dict):
+        raise UnreadableRunFile(f"cannot read {path}: it holds a {type(obj).__name__}, not a "
+                                "samsvae checkpoint; delete it and train again")
+    return obj
+
+
+def _reason(exc: BaseException) -> str:
+    """A one-line cause for an unreadable file, without torch's advice to load unsafely."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if isinstance(exc, pickle.UnpicklingError) or "weights_only" in str(exc):
+        return "not a file of tensors and plain values (not a samsvae checkpoint)"
+    if "zip archive" in text or "central directory" in text or isinstance(exc, EOFError):
+        return "the file is truncated or not a torch archive"
+    return text[:200]
+
+
+def load_checkpoint_with_fallback(path: str | os.PathLike, map_location=None,
+                                  log=None) -> tuple:
+    """``(checkpoint, path read)``: ``path``, or its ``.prev`` copy (saying so through ``log``)
+    when ``path`` is missing or unreadable. Raises when neither can be read; FileNotFoundError
+    when neither exists."""
+    path = Path(path)
+    prev = previous_checkpoint(path)
+    try:
+        return load_checkpoint(path, map_location=map_location), path
+    except (FileNotFoundError, UnreadableRunFile) as exc:
+        if not prev.is_file():
+            raise
+        why = "is missing" if isinstance(exc, FileNotFoundError) else "cannot be read"
+        try:
+            ckpt = load_checkpoint(prev, map_location=map_location)
+        except UnreadableRunFile:
+            raise exc from None
+        if log is not None:
+            log(f"warning: {path} {why}; falling back to the previous checkpoint {prev}")
+        return ckpt, prev
 
 
 # -- random number generators ---------------------------------------------------------------

@@ -25,6 +25,8 @@ class TrainConfig:
         val_every: validate every this many steps (None: at the end of each epoch).
         val_particles: Monte Carlo samples per cell in the validation ELBO.
         checkpoint_every: write ``checkpoints/last.pt`` every this many steps (and at the end).
+        checkpoint_minutes: also write it when this many minutes of wall time have passed since
+            the last one (None or 0: never by time); it is also written at each validation.
         seed: seeds the data order, the model's noise and torch's global generator.
         device: ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
         progress: show a tqdm bar when stderr is a terminal (otherwise one line per validation).
@@ -39,6 +41,7 @@ class TrainConfig:
     val_every: Optional[int] = None
     val_particles: int = 1
     checkpoint_every: int = 1000
+    checkpoint_minutes: Optional[float] = 5.0
     seed: int = 0
     device: str = "cpu"
     progress: bool = True
@@ -54,6 +57,8 @@ class TrainConfig:
         for name, value in positive.items():
             if value is not None and (int(value) != value or value < 1):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.checkpoint_minutes is not None and not self.checkpoint_minutes >= 0:
+            raise ValueError(f"checkpoint_minutes must be >= 0, got {self.checkpoint_minutes!r}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr!r}")
         if self.weight_decay < 0:

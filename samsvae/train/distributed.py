@@ -41,7 +41,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .checkpoint import load_checkpoint
+from .checkpoint import load_checkpoint_with_fallback
 from .trainer import Trainer, rank_seed
 
 DEFAULT_TIMEOUT_S = 900
@@ -279,9 +279,12 @@ class DistributedTrainer(Trainer):
     def _resume(self) -> None:
         super()._resume()
         path = None if self.checkpoint_dir is None else self.checkpoint_dir / "last.pt"
-        if path is None or not path.exists():
+        if path is None:
             return
-        ckpt = load_checkpoint(path, map_location="cpu")
+        try:  # the file the base class resumed from (last.pt, or its .prev fallback)
+            ckpt, _ = load_checkpoint_with_fallback(path, map_location="cpu")
+        except FileNotFoundError:
+            return
         states = ckpt.get("rank_noise")
         if states is not None and ckpt.get("world_size") == self.world_size:
             self.noise.set_state(states[self.rank])

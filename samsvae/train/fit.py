@@ -134,7 +134,10 @@ def fit(model, screen, split: np.ndarray, config: TrainConfig, *, run_dir=None,
     if say is not None:
         best = ("" if trainer.best_val is None
                 else f"; best validation ELBO {trainer.best_val:.3f} at step {trainer.best_step}")
-        say(f"trained {trainer.step} steps in {time.perf_counter() - t0:.1f} s{best}")
+        ran = trainer.step - getattr(trainer, "start_step", 0)
+        resumed = (f" (resumed at step {trainer.start_step}: {ran} steps ran in this process)"
+                   if getattr(trainer, "start_step", 0) else "")
+        say(f"trained {trainer.step} steps{resumed} in {time.perf_counter() - t0:.1f} s{best}")
     improving = still_improving(trainer.history) if is_main else None
     if improving:
         warnings.warn(improving, UserWarning, stacklevel=2)

@@ -28,7 +28,7 @@ from ..data import ScreenData, load_screen
 from ..data.stream_stats import CACHE_NAME, cached_library
 from ..models import build_model
 from ..version import __version__
-from .checkpoint import atomic_torch_save, atomic_write_text, load_checkpoint
+from .checkpoint import UnreadableRunFile, atomic_torch_save, atomic_write_text, load_checkpoint
 
 RUN_FORMAT = "samsvae-run-v1"
 MODEL_FORMAT = "samsvae-model-v1"
@@ -152,15 +152,27 @@ def read_config(run_dir) -> dict:
             raise FileNotFoundError(f"run directory {run_dir} does not exist")
         raise FileNotFoundError(f"{run_dir} is not a samsvae run directory (no config.json); "
                                 "create one with `samsvae train DATA.h5ad --out RUN_DIR`")
-    config = json.loads(path.read_text())
-    if config.get("format") != RUN_FORMAT:
-        raise ValueError(f"{path} has format {config.get('format')!r}, expected {RUN_FORMAT!r}")
+    try:
+        config = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
+        raise UnreadableRunFile(
+            f"cannot read {path}: not valid JSON ({exc}). The run's configuration is damaged; "
+            "restore it from a copy or train the run again into a new --out directory") from None
+    if not isinstance(config, dict) or config.get("format") != RUN_FORMAT:
+        config = config if isinstance(config, dict) else {}
+        raise UnreadableRunFile(f"{path} has format {config.get('format')!r}, expected "
+                                f"{RUN_FORMAT!r}: not a samsvae run's configuration; pass the "
+                                "directory written by samsvae train")
     return config
 
 
 def read_history(run_dir) -> dict:
     path = Path(run_dir) / "history.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
+    try:
+        return json.loads(path.read_text()) if path.is_file() else {}
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise UnreadableRunFile(f"cannot read {path}: not valid JSON ({exc}); delete it (only "
+                                "the loss curves are lost) or train the run again") from None
 
 
 def read_split(run_dir, cell_names) -> np.ndarray:
@@ -169,7 +181,15 @@ def read_split(run_dir, cell_names) -> np.ndarray:
     path = Path(run_dir) / "split.csv"
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing; the run directory is incomplete")
-    table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    try:
+        table = pd.read_csv(path, dtype=str, keep_default_na=False)
+        if list(table.columns[:2]) != ["cell", "split"]:
+            raise ValueError(f"its header is {list(table.columns)}, expected ['cell', 'split']")
+    except (ValueError, UnicodeDecodeError, pd.errors.ParserError) as exc:
+        raise UnreadableRunFile(
+            f"cannot read {path}: {str(exc).splitlines()[0] if str(exc) else 'unreadable'}. The "
+            "run's split is damaged; restore it from a copy or train the run again into a new "
+            "--out directory") from None
     mapping = dict(zip(table["cell"], table["split"]))
     return np.array([mapping.get(str(c), NO_SPLIT) for c in cell_names], dtype=object).astype(str)
 
@@ -184,7 +204,11 @@ def load_model(run_dir, config: Optional[dict] = None, map_location=None):
     if path is None:
         raise FileNotFoundError(f"{run_dir} holds no weights (model.pt or checkpoints/*.pt); "
                                 "train it first (samsvae train ... --out RUN_DIR)")
-    saved = load_checkpoint(path, map_location=map_location or "cpu")
+    saved = load_checkpoint(path, map_location=map_location or "cpu",
+                            what=f"The run's weights ({path.name})")
+    if "state_dict" not in saved and "model_state" not in saved:
+        raise UnreadableRunFile(f"cannot read {path}: it holds no model weights (not written by "
+                                "samsvae); delete it and train again")
     state = saved["state_dict"] if "state_dict" in saved else saved["model_state"]
     kwargs = dict(saved.get("config") or saved.get("model_config") or config["model"]["config"])
     # runs of earlier versions saved the kernel backend with the model: an execution setting,

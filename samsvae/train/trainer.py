@@ -26,8 +26,9 @@ from .callbacks import callbacks_for
 from .checkpoint import (
     atomic_torch_save,
     capture_rng_state,
-    load_checkpoint,
+    load_checkpoint_with_fallback,
     restore_rng_state,
+    rotate_checkpoint,
 )
 from .config import RESUME_LOCKED, TrainConfig
 
@@ -119,6 +120,8 @@ class Trainer:
         self._remove_stale_temp_files()
         if resume:
             self._resume()
+        self.start_step = self.step  # steps before this process (a resume) are not its own
+        self._last_checkpoint_time = time.monotonic()
         if self.step >= self.total_steps:
             self._say(f"nothing to do: step {self.step} >= {self.total_steps} steps asked for")
             return self.history
@@ -149,7 +152,10 @@ class Trainer:
                     self.epoch, self.position = self.epoch + 1, 0
                 done = self.step >= self.total_steps
                 val_due = self._validation_due(end_of_epoch, done)
-                ckpt_due = self.step % self.config.checkpoint_every == 0 or done
+                # last.pt at each validation, every checkpoint_every steps and at least every
+                # checkpoint_minutes of wall time, so a kill loses little work
+                ckpt_due = (self.step % self.config.checkpoint_every == 0 or done or val_due
+                            or self._checkpoint_time_due())
 
                 if self.step % _LOG_EVERY == 0 or end_of_epoch or val_due or ckpt_due:
                     last_loss = self._flush_losses()
@@ -203,12 +209,28 @@ class Trainer:
         return float(total[0] / total[1])
 
     def save_checkpoint(self, name: str = "last") -> Optional[Path]:
-        """Write ``checkpoints/<name>.pt`` atomically (main rank only)."""
+        """Write ``checkpoints/<name>.pt`` atomically (main rank only); ``last.pt`` keeps the
+        one it replaces as ``last.prev.pt``, the fallback of a resume that cannot read it."""
         if self.checkpoint_dir is None or not self.is_main:
             return None
         self._flush_losses()
-        return atomic_torch_save(self._state(include_best=name != "best"),
-                                 self.checkpoint_dir / f"{name}.pt")
+        path = self.checkpoint_dir / f"{name}.pt"
+        if name == "last":
+            self._last_checkpoint_time = time.monotonic()
+            return rotate_checkpoint(self._state(include_best=True), path)
+        return atomic_torch_save(self._state(include_best=name != "best"), path)
+
+    def _checkpoint_time_due(self) -> bool:
+        minutes = getattr(self.config, "checkpoint_minutes", None)
+        if not minutes or self.checkpoint_dir is None:
+            return False
+        due = time.monotonic() - getattr(self, "_last_checkpoint_time", 0.0) >= 60.0 * minutes
+        if self.world_size > 1:  # saving is collective: all ranks follow rank 0's clock, asked
+            if self.step % _LOG_EVERY:  # only on the steps that sync the host anyway
+                return False
+            flag = torch.tensor([float(due and self.is_main)], device=self.device)
+            due = bool(self._all_reduce(flag)[0] > 0)
+        return due
 
     def _remove_stale_temp_files(self) -> None:
         # a process killed while writing a checkpoint leaves its temporary file behind
@@ -309,10 +331,12 @@ class Trainer:
         path = None if self.checkpoint_dir is None else self.checkpoint_dir / "last.pt"
         if path is None:
             raise ValueError("resume=True needs a run_dir holding checkpoints/last.pt")
-        if not path.exists():
+        try:
+            ckpt, path = load_checkpoint_with_fallback(path, map_location=self.device,
+                                                       log=self._say)
+        except FileNotFoundError:
             self._say(f"no checkpoint at {path}: starting from scratch")
             return
-        ckpt = load_checkpoint(path, map_location=self.device)
         if ckpt.get("format") != CHECKPOINT_FORMAT:
             raise RuntimeError(f"{path} is not a samsvae training checkpoint "
                                f"(format {ckpt.get('format')!r})")
