@@ -14,6 +14,8 @@ from torch import nn
 from .. import ops
 from ..nn import NBLikelihood
 
+# Normalised expression is log2(1 + NORMALIZED_LIBRARY * counts / library) ("perturbseq").
+NORMALIZED_LIBRARY = 1e4
 # Element budget of one (samples, conditions, genes) block in predict_normalized_expression.
 PREDICT_BLOCK_ELEMENTS = 2 ** 22
 
@@ -52,12 +54,25 @@ def rng_scope(generator: Optional[torch.Generator], device: torch.device):
     if generator is None:
         yield
         return
-    # The seed comes from the generator's state, read on the host (a CUDA generator keeps its
-    # seed and offset there): drawing it from the generator and reading it back with .item()
-    # would synchronise with the device on every step. One draw then advances the generator.
+    with seeded_rng(seed_from(generator), device):
+        yield
+
+
+def seed_from(generator: torch.Generator) -> int:
+    """An integer seed drawn from ``generator`` (which advances by one draw).
+
+    The seed comes from the generator's state, read on the host (a CUDA generator keeps its
+    seed and offset there): drawing it from the generator and reading it back with .item()
+    would synchronise with the device on every step."""
     state = generator.get_state().numpy().tobytes()
     seed = int.from_bytes(hashlib.blake2b(state, digest_size=8).digest(), "little") >> 2
     torch.empty(1, device=generator.device).uniform_(generator=generator)
+    return seed
+
+
+@contextlib.contextmanager
+def seeded_rng(seed: int, device):
+    """Run the block on the global RNG seeded with ``seed`` (restored afterwards)."""
     devices = [device] if torch.device(device).type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
@@ -199,7 +214,7 @@ class PerturbationModel(nn.Module):
                           particles, chunk)
 
     @torch.no_grad()
-    def predict_normalized_expression(self, dosage, *, n_samples: int, library: float = 1e4,
+    def predict_normalized_expression(self, dosage, *, n_samples: int, library=1e4,
                                       generator: Optional[torch.Generator] = None) -> torch.Tensor:
         """Posterior-predictive mean normalised expression of conditions.
 
@@ -207,15 +222,20 @@ class PerturbationModel(nn.Module):
             dosage: (n, T) CSR (torch or scipy) rows, one per condition; an empty row is the
                 control.
             n_samples: simulated cells per condition.
-            library: library size of the simulated cells (1e4: the "perturbseq" normalisation).
+            library: the simulated cells' library sizes (total counts): a number (every cell),
+                or a 1-D array of sizes that simulated cell ``s`` takes in turn
+                (``library[s % len(library)]``), e.g. the observed sizes of control cells, so
+                that the predicted cells are sequenced as deeply as the measured ones.
             generator: optional ``torch.Generator`` making the result reproducible.
 
         Returns:
-            (n, G) float32: mean over the simulated cells of ``log2(1 + x)``,
-            ``x ~ NB(library softmax(f(z)), theta)``, with the local latent from its prior and
-            the globals from the guide. All conditions share the same local latent draws and
-            global draws (common random numbers), which lowers the variance of differences
-            between conditions such as treatment effects.
+            (n, G) float32: mean over the simulated cells of ``log2(1 + 1e4 x / l)``,
+            ``x ~ NB(l softmax(f(z)), theta)`` at the cell's library ``l``: the normalisation
+            of the data's ATE. The local latent comes from its prior and the globals from the
+            guide. All conditions share the same latent and global draws and library sizes
+            (common random numbers), which lowers the variance of differences between
+            conditions such as treatment effects. Each condition's result depends on the
+            generator's seed and on that condition only, not on the other rows of the call.
         """
         if n_samples < 1:
             raise ValueError(f"n_samples must be >= 1, got {n_samples}")
@@ -223,16 +243,35 @@ class PerturbationModel(nn.Module):
         dtype = self.likelihood.log_theta.dtype
         dosage = as_torch_csr(dosage, self.n_perturbations, device=device, dtype=dtype)
         n = dosage.shape[0]
+        sizes = torch.as_tensor(np.asarray(library, dtype=np.float64).reshape(-1))
+        if sizes.numel() == 0 or not bool(torch.isfinite(sizes).all()) or bool((sizes <= 0).any()):
+            raise ValueError("library must be a positive number or a non-empty array of positive "
+                             "library sizes (total counts per simulated cell)")
+        sizes = sizes.to(device=device, dtype=dtype)
+        seed = (seed_from(generator) if generator is not None
+                else int(torch.randint(0, 2 ** 62, (1,))))
+        crow, col, val = (t.cpu() for t in (dosage.crow_indices(), dosage.col_indices(),
+                                             dosage.values()))
         total = torch.zeros(n, self.n_genes, dtype=torch.float64, device=device)
-        step = max(1, PREDICT_BLOCK_ELEMENTS // max(1, n * self.n_genes))
-        with rng_scope(generator, device):
-            for s0 in range(0, n_samples, step):
-                s = min(step, n_samples - s0)
-                hidden = self._predictive_hidden(dosage, s)                  # (s, n, H)
-                logits = self.decoder.logits(hidden)
-                mu = float(library) * torch.softmax(logits, dim=-1)
-                x = _nb_sample(mu, self.likelihood.log_theta)
-                total += torch.log2(1.0 + x).sum(0, dtype=torch.float64)
+        step = max(1, PREDICT_BLOCK_ELEMENTS // self.n_genes)
+        for i in range(n):
+            # every condition restarts the same random stream: its draws depend on the seed and
+            # the condition only, and conditions share their basal and library draws
+            lo, hi = int(crow[i]), int(crow[i + 1])
+            row = torch.sparse_csr_tensor(torch.tensor([0, hi - lo]), col[lo:hi], val[lo:hi],
+                                          size=(1, self.n_perturbations),
+                                          check_invariants=False).to(device)
+            with seeded_rng(seed, device):
+                for s0 in range(0, n_samples, step):
+                    s = min(step, n_samples - s0)
+                    hidden = self._predictive_hidden(row, s, seed=seed, start=s0)   # (s, 1, H)
+                    logits = self.decoder.logits(hidden)
+                    lib = sizes[torch.arange(s0, s0 + s, device=device) % sizes.numel()]
+                    lib = lib.view(s, 1, 1)
+                    x = _nb_sample(lib * torch.softmax(logits, dim=-1),
+                                   self.likelihood.log_theta)
+                    total[i] += torch.log2(1.0 + x * (NORMALIZED_LIBRARY / lib)).sum(
+                        (0, 1), dtype=torch.float64)
         return (total / n_samples).to(torch.float32)
 
     def latent_representation(self, batch, kind: str = "basal") -> torch.Tensor:
@@ -323,8 +362,12 @@ class PerturbationModel(nn.Module):
         """(n, B) log importance weights of particles start .. start+n-1."""
         raise NotImplementedError
 
-    def _predictive_hidden(self, dosage, n_samples) -> torch.Tensor:  # pragma: no cover
-        """(n_samples, n, H) decoder hidden layer of simulated cells of each condition."""
+    def _predictive_hidden(self, dosage, n_samples, *, seed: int,
+                           start: int) -> torch.Tensor:  # pragma: no cover
+        """(n_samples, n, H) decoder hidden layer of simulated cells ``start .. start +
+        n_samples - 1`` of each condition, on the global RNG: the basal draws first (shared by
+        all conditions), then the condition's own; globals keyed by ``seed`` and perturbation
+        id where the model has them (the same draws of A in "A" and in "A+B")."""
         raise NotImplementedError
 
     def _latent(self, batch, kind) -> torch.Tensor:  # pragma: no cover - abstract

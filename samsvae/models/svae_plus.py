@@ -239,15 +239,14 @@ class SVAEPlus(PerturbationModel):
         return (log_lik + normal_log_prob(z, prior_loc, 1.0).sum(-1)
                 - normal_log_prob(z, loc, scale).sum(-1))
 
-    def _predictive_hidden(self, dosage, n_samples):
+    def _predictive_hidden(self, dosage, n_samples, *, seed, start):
         _, present, pos = self._labels(dosage)
         dtype, device = self.shift.dtype, self.shift.device
+        z = torch.randn(n_samples, 1, self.n_latent, dtype=dtype, device=device)
         u = torch.rand(n_samples, present.numel(), self.n_latent, dtype=dtype, device=device)
         u = u.clamp(UNIFORM_EPS, 1 - UNIFORM_EPS)
         mask = relaxed_bernoulli_st(self.mask_logits[present], u, self.temperature)
-        z = torch.randn(n_samples, 1, self.n_latent, dtype=dtype, device=device) + \
-            self._prior_loc(mask, present, pos)
-        return self.decoder.hidden(z)
+        return self.decoder.hidden(z + self._prior_loc(mask, present, pos))
 
     def _latent(self, batch, kind):
         loc = self.encoder.posterior(self.encoder.gene_part(batch.counts)).loc

@@ -181,3 +181,41 @@ def test_global_param_scale_changes_only_the_step_size(guide, screen, batch):
     lb.backward()
     torch.testing.assert_close(b.emb_loc_raw.grad, 10.0 * a.emb_loc_raw.grad)
     torch.testing.assert_close(b.encoder.gene_weight.grad, a.encoder.gene_weight.grad)
+
+
+@pytest.mark.parametrize("name, guide", PAIRS)
+def test_prediction_of_a_condition_ignores_the_other_conditions(name, guide, screen):
+    """A condition's predicted expression depends on the seed and on that condition only
+    (issue: predict(["A", "A+B"]) and predict(["A+B"]) differed for the double)."""
+    from samsvae.infer.ate import label_dosage
+    model = make_model(name, guide, screen).eval()
+    labels = [l for l in np.unique(screen.labels) if "+" in l][:1]
+    part = labels[0].split("+")[0]
+    both = label_dosage(screen, [part, labels[0], "control"])
+    alone = label_dosage(screen, [labels[0]])
+
+    def predict(rows):
+        return model.predict_normalized_expression(rows, n_samples=64, library=[300.0, 900.0],
+                                                   generator=torch.Generator().manual_seed(7))
+    torch.testing.assert_close(predict(both)[1], predict(alone)[0], rtol=0, atol=0)
+    other_seed = model.predict_normalized_expression(
+        alone, n_samples=64, library=[300.0, 900.0], generator=torch.Generator().manual_seed(8))
+    assert not torch.equal(other_seed[0], predict(alone)[0])
+
+
+def test_prediction_is_normalised_at_the_simulated_depth(screen):
+    """log2(1 + 1e4 x / l): at library 1e4 that is log2(1 + x); cells simulated shallower
+    lose detections, and the normalised mean of a gene changes accordingly."""
+    model = make_model("sams_vae", "mean_field", screen).eval()
+    from samsvae.infer.ate import label_dosage
+    rows = label_dosage(screen, ["control"])
+    gen = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    deep = model.predict_normalized_expression(rows, n_samples=400, library=1e4, generator=gen())
+    same = model.predict_normalized_expression(rows, n_samples=400, library=[1e4],
+                                               generator=gen())
+    torch.testing.assert_close(deep, same)
+    shallow = model.predict_normalized_expression(rows, n_samples=400, library=50.0,
+                                                  generator=gen())
+    assert not torch.allclose(deep, shallow, atol=0.05)
+    with pytest.raises(ValueError, match="library"):
+        model.predict_normalized_expression(rows, n_samples=4, library=[0.0])
