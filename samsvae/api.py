@@ -23,7 +23,7 @@ import numpy as np
 
 from . import ops
 from .data import MinibatchLoader, check_indices, load_screen, make_split, parse_labels
-from .data.perturbations import read_label_column
+from .data.perturbations import noncell_labels, read_label_column, refuse_noncell_labels
 from .infer import baseline_anndata, data_ate, model_ate, pearson, test_iwelbo
 from .infer.ate import condition_dosage, warn_untrained_parts
 from .train import TrainConfig, fit
@@ -32,7 +32,7 @@ from .train.run_dir import align_screen, load_run, read_config, run_config, save
 
 UNS_KEY = "_samsvae"
 _SETUP_FIELDS = ("perturbation_key", "layer", "control_label", "separator", "drop_labels",
-                 "dosage_key")
+                 "dosage_key", "keep_labels")
 
 
 class SAMSVAE:
@@ -80,7 +80,8 @@ class SAMSVAE:
     @staticmethod
     def setup_anndata(adata, perturbation_key: str = "perturbation", layer: Optional[str] = None,
                       control_label: Optional[str] = None, separator: str = "+",
-                      drop_labels: Sequence[str] = (), dosage_key: Optional[str] = None) -> None:
+                      drop_labels: Sequence[str] = (), dosage_key: Optional[str] = None,
+                      keep_labels: Sequence[str] = ()) -> None:
         """Register where the counts and perturbations of ``adata`` live.
 
         Checks the fields exist and the labels parse (finding the control label), then stores
@@ -91,6 +92,8 @@ class SAMSVAE:
             layer: layer holding raw integer counts (None: ``X``).
             control_label: label of unperturbed cells (None: detect control/ctrl/non-targeting).
             drop_labels: labels whose cells are left out (e.g. unassigned guides).
+            keep_labels: labels that look like non-cells (unassigned, multiplet, NA, nan,
+                None, empty, ...: refused otherwise) but are real perturbations to model.
             dosage_key: obsm key of a precomputed cells x perturbations dosage matrix, used
                 instead of labels.
         """
@@ -99,6 +102,8 @@ class SAMSVAE:
             raise TypeError(f"setup_anndata needs an AnnData, got {type(adata).__name__}")
         if isinstance(drop_labels, str):
             drop_labels = [drop_labels]
+        if isinstance(keep_labels, str):
+            keep_labels = [keep_labels]
         if layer is not None and layer not in adata.layers:
             raise ValueError(f"layer {layer!r} not found; available layers: "
                              f"{list(adata.layers.keys()) or 'none'}. Pass layer=None to use X.")
@@ -109,10 +114,13 @@ class SAMSVAE:
         else:
             labels = read_label_column(adata.obs, perturbation_key).to_numpy()
             keep = ~np.isin(labels, np.asarray(list(drop_labels), dtype=object))
+            refuse_noncell_labels(noncell_labels(labels[keep], keep=keep_labels,
+                                                 control_label=control_label), perturbation_key)
             parse_labels(labels[keep], separator=separator, control_label=control_label)
         options = {"perturbation_key": perturbation_key, "layer": layer,
                    "control_label": control_label, "separator": separator,
-                   "drop_labels": [str(x) for x in drop_labels], "dosage_key": dosage_key}
+                   "drop_labels": [str(x) for x in drop_labels], "dosage_key": dosage_key,
+                   "keep_labels": [str(x) for x in keep_labels]}
         # h5ad cannot store None: absent keys mean None
         adata.uns[UNS_KEY] = {k: v for k, v in options.items() if v is not None}
 
@@ -227,6 +235,7 @@ class SAMSVAE:
         import anndata
         import pandas as pd
         import torch
+        self._require_trained("predict")
         labels = _as_label_list(perturbations)
         dosage, canonical = self._dosage_rows(labels)
         warn_untrained_parts(self.module, self.screen, dosage, canonical)
@@ -260,6 +269,7 @@ class SAMSVAE:
         import anndata
         import pandas as pd
 
+        self._require_trained("average_treatment_effects")
         idx = (np.arange(self.screen.n_cells) if split == "all"
                else np.flatnonzero(self.split == split))
         if idx.size:
@@ -358,6 +368,7 @@ class SAMSVAE:
         config = read_config(dir_path)
         setup = {k: config["data"].get(k) for k in _SETUP_FIELDS}
         setup["drop_labels"] = list(setup.get("drop_labels") or [])
+        setup["keep_labels"] = list(setup.get("keep_labels") or [])
         setup["separator"] = setup.get("separator") or "+"
         setup["perturbation_key"] = setup.get("perturbation_key") or "perturbation"
         if UNS_KEY not in adata.uns:
@@ -412,6 +423,12 @@ class SAMSVAE:
     def _loader(screen, idx, batch_size):
         return MinibatchLoader(screen, idx, batch_size, shuffle=False)
 
+    def _require_trained(self, what: str) -> None:
+        if not getattr(self, "is_trained", False):
+            raise RuntimeError(f"{what}() needs a trained model: this SAMSVAE was neither "
+                               "trained nor loaded, so its predictions would be random. Call "
+                               "model.train(...) first, or SAMSVAE.load(dir_path, adata)")
+
     def _control_label(self) -> str:
         return self.screen.control_label or "control"
 
@@ -425,12 +442,14 @@ def _registered(adata) -> dict:
     if setup is None:
         raise ValueError("this AnnData is not registered: call "
                          "samsvae.SAMSVAE.setup_anndata(adata, perturbation_key=...) first")
-    return {k: (list(v) if k == "drop_labels" else v) for k, v in dict(setup).items()}
+    return {k: (list(v) if k in ("drop_labels", "keep_labels") else v)
+            for k, v in dict(setup).items()}
 
 
 def _load_options(setup: dict) -> dict:
     opts = {k: setup.get(k) for k in _SETUP_FIELDS}
     opts["drop_labels"] = tuple(opts.get("drop_labels") or ())
+    opts["keep_labels"] = tuple(opts.get("keep_labels") or ())
     opts["separator"] = opts.get("separator") or "+"
     opts["perturbation_key"] = opts.get("perturbation_key") or "perturbation"
     return opts
@@ -443,7 +462,7 @@ def _registered_screen(adata, setup: Optional[dict] = None):
         setup = _registered(adata)
     with warnings.catch_warnings():
         # other data (e.g. a subset) need not hold the labels dropped at training
-        warnings.filterwarnings("ignore", message="drop_labels .* do not occur")
+        warnings.filterwarnings("ignore", message="drop labels .* do not occur")
         return load_screen(adata, **_load_options(setup))
 
 

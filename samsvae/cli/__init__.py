@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import warnings
 
 SUBCOMMANDS = {
     # name: (module, one-line help)
@@ -18,7 +19,9 @@ SUBCOMMANDS = {
 
 
 def build_parser(names=None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="samsvae", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="samsvae", description="SAMS-VAE for perturbation screens: simulate, train, "
+        "evaluate, benchmark. `samsvae COMMAND --help` for the options of a command.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_) in SUBCOMMANDS.items():
         p = sub.add_parser(name, help=help_, description=help_)
@@ -36,7 +39,18 @@ def main(argv=None) -> int:
         parser.print_help()
         return 2
     module = importlib.import_module(SUBCOMMANDS[args.command][0])
-    return int(module.run(args) or 0)
+    from ..data.options import option_style  # messages name --flags, not keyword arguments
+    formatwarning, warnings.formatwarning = warnings.formatwarning, _one_line_warning
+    try:
+        with option_style("cli"):
+            return int(module.run(args) or 0)
+    finally:
+        warnings.formatwarning = formatwarning
+
+
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    # a user of the command sees the message, not the source line that raised it
+    return f"samsvae: warning: {message}\n"
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import argparse
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 from .. import ops
@@ -40,7 +41,7 @@ DEMO = {"cells": 5000, "genes": 500, "perturbations": 20, "combinations": 5, "la
 TRAIN_DEFAULTS = {"lr": 3e-4, "batch_size": 512}
 # Options that define the model and the data: --resume must be given the run's values.
 IDENTITY_OPTIONS = ("model", "guide", "latent", "hidden", "split", "seed", "perturbation_key",
-                    "control_label", "drop_labels", "layer", "model_options")
+                    "control_label", "drop_labels", "keep_labels", "layer", "model_options")
 # Model options of the command line: (flag, build_model keyword, type, help). Unset flags keep
 # the model's default (the paper's); build_model rejects an option the chosen model lacks.
 MODEL_OPTIONS = (
@@ -134,7 +135,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--control-label", default=None,
                    help="label of control cells (default: detect control/ctrl/non-targeting)")
     g.add_argument("--drop-labels", default=None, metavar="L1,L2",
-                   help="comma-separated labels whose cells are left out")
+                   help="comma-separated labels whose cells are left out (e.g. unassigned; "
+                        "'' drops empty labels). Labels that look like non-cells (unassigned, "
+                        "multiplet, NA, nan, None, empty) are refused unless dropped or kept")
+    g.add_argument("--keep-labels", default=None, metavar="L1,L2",
+                   help="comma-separated labels that look like non-cells but are real "
+                        "perturbations: model them")
     g.add_argument("--layer", default=None, help="AnnData layer with raw counts (default: X)")
     g.add_argument("--backed", action="store_true",
                    help="stream the counts from the file instead of loading them (screens larger "
@@ -204,8 +210,11 @@ def _check_model_guide(model: str, guide: str) -> None:
         raise UserError(f"{what}. Valid pairs: {pairs}")
 
 
-def _drop_labels(args) -> list:
-    return [s.strip() for s in (args.drop_labels or "").split(",") if s.strip()]
+def _drop_labels(args, name: str = "drop_labels") -> list:
+    value = getattr(args, name, None)
+    if value is not None and value.strip() == "":
+        return [""]  # --drop-labels '': the cells with an empty label
+    return [s.strip() for s in (value or "").split(",") if s.strip()]
 
 
 def model_options(args) -> dict:
@@ -220,7 +229,7 @@ def _identity(args) -> dict:
             "latent": args.latent if args.latent is not None else 100, "hidden": args.hidden,
             "split": args.split, "seed": args.seed, "perturbation_key": args.perturbation_key,
             "control_label": args.control_label, "drop_labels": _drop_labels(args),
-            "layer": args.layer}
+            "keep_labels": _drop_labels(args, "keep_labels"), "layer": args.layer}
 
 
 def train_from_args(args, *, log=print):
@@ -233,7 +242,10 @@ def train_from_args(args, *, log=print):
     completed = False
     trainer = None
     try:
-        with ops.use_backend(args.backend):  # an execution setting: never saved with the run
+        with ops.use_backend(args.backend), warnings.catch_warnings():
+            # an execution setting (never saved with the run); zero-count cells: the log says
+            # "dropped N cells (zero counts)"
+            warnings.filterwarnings("ignore", message=r"dropping \d+ cells with zero counts")
             trainer = _train(args, log=log if comm is None or comm.is_main else _silent,
                              comm=comm)
         completed = True
@@ -260,7 +272,7 @@ def _train(args, *, log, comm):
     data_options = {"layer": args.layer, "perturbation_key": args.perturbation_key,
                     "separator": "+", "control_label": args.control_label,
                     "drop_labels": identity["drop_labels"], "dosage_key": None,
-                    "backed": args.backed}
+                    "keep_labels": identity["keep_labels"], "backed": args.backed}
     train_config = TrainConfig(max_steps=args.max_steps, max_epochs=args.max_epochs,
                                batch_size=args.batch_size, particles=args.particles, lr=args.lr,
                                weight_decay=args.weight_decay, grad_clip=args.grad_clip,
@@ -268,6 +280,7 @@ def _train(args, *, log, comm):
                                checkpoint_minutes=getattr(args, "checkpoint_minutes", 5.0),
                                seed=args.seed, device=args.device,
                                progress=not args.no_progress)
+    log(ops.backends.kernels_line(args.device))
     log("backends (auto):\n  " + ops.backend_report().replace("\n", "\n  ")
         + (f"\nrequested backend: {args.backend}" if args.backend != "auto" else ""))
 
@@ -304,7 +317,8 @@ def _train(args, *, log, comm):
         screen, split, stats = load_backed_screen(
             args.data, split_fn, cache_path=out / CACHE_NAME, comm=comm, log=log,
             layer=args.layer, perturbation_key=args.perturbation_key,
-            control_label=args.control_label, drop_labels=tuple(identity["drop_labels"]))
+            control_label=args.control_label, drop_labels=tuple(identity["drop_labels"]),
+            keep_labels=tuple(identity["keep_labels"]))
         if resuming:
             screen = align_screen(screen, config["genes"], config["perturbations"])
         gene_stats = (stats.gene_log1p_mean, stats.gene_log1p_std)
@@ -314,7 +328,8 @@ def _train(args, *, log, comm):
     else:
         screen = load_screen(args.data, layer=args.layer, perturbation_key=args.perturbation_key,
                              control_label=args.control_label,
-                             drop_labels=tuple(identity["drop_labels"]), backed=args.backed)
+                             drop_labels=tuple(identity["drop_labels"]), backed=args.backed,
+                             keep_labels=tuple(identity["keep_labels"]))
         split = np.asarray(make_split(screen, args.split, seed=args.seed)).astype(str)
     log(f"data: {screen!r} ({time.perf_counter() - t0:.1f} s)")
     parts = {k: int((split == k).sum()) for k in ("train", "val", "test")}

@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from .options import opt
 from .validate import check_dosage_values
 
 CONTROL_CANDIDATES = ("control", "ctrl", "non-targeting", "NT")
@@ -42,12 +43,42 @@ class PerturbationDesign:
     control_label: Optional[str]
 
 
+# Labels that name no perturbation but a failed assignment (no guide called, several guides, a
+# missing value written as text). Matched case-insensitively on the stripped label.
+NONCELL_LABELS = ("unassigned", "multiplet", "multiplets", "doublet", "NA", "N/A", "nan",
+                  "None", "null", "")
+
+
+def noncell_labels(values, *, keep=(), control_label: Optional[str] = None) -> dict:
+    """``{label: cells}`` of the labels in ``values`` (n,) that look like non-cells
+    (:data:`NONCELL_LABELS`), except those in ``keep`` and the control label."""
+    names, counts = np.unique(np.asarray(values, dtype=object).astype(str), return_counts=True)
+    lowered = {x.lower() for x in NONCELL_LABELS}
+    keep = set(keep) | ({control_label} if control_label is not None else set())
+    return {str(n): int(c) for n, c in zip(names, counts)
+            if n.strip().lower() in lowered and n not in keep}
+
+
+def refuse_noncell_labels(found: dict, key: str) -> None:
+    """Raise the error that names the non-cell labels ``found`` and the options to drop or keep
+    them."""
+    if not found:
+        return
+    shown = ", ".join(f"{lab!r} ({n} cells)" for lab, n in found.items())
+    labels = list(found)
+    raise ValueError(
+        f"obs[{key!r}] holds label(s) that look like cells without a perturbation call "
+        f"(no guide, several guides, or a missing value): {shown}. They would be modelled as a "
+        f"perturbation. Drop those cells with {opt('drop_labels', labels)}, or, if a label is a "
+        f"real perturbation, keep it with {opt('keep_labels', labels)}.")
+
+
 def read_label_column(obs: pd.DataFrame, key: str) -> pd.Series:
     """``obs[key]`` as strings; raises on a missing column or NaN labels."""
     if key not in obs.columns:
         cols = ", ".join(map(repr, obs.columns)) or "(none)"
         raise ValueError(f"obs has no perturbation column {key!r}; available obs columns: {cols}. "
-                         "Pass perturbation_key='<column>' (or dosage_key for a dosage matrix in obsm).")
+                         f"Name the column of labels with {opt('perturbation_key', placeholder='column')}.")
     col = obs[key]
     missing = col.isna().to_numpy()
     if missing.any():
@@ -55,7 +86,7 @@ def read_label_column(obs: pd.DataFrame, key: str) -> pd.Series:
             f"obs[{key!r}] has {int(missing.sum())} missing (NaN) labels, e.g. cell "
             f"{obs.index[np.flatnonzero(missing)[0]]!r}. Give every cell a label: the control label "
             "for unperturbed cells, or a placeholder such as 'unassigned' dropped with "
-            "drop_labels=['unassigned'].")
+            f"{opt('drop_labels', ['unassigned'])}.")
     return col.astype(str)
 
 
@@ -64,7 +95,7 @@ def _split_label(label: str, separator: str) -> list:
     if any(p == "" for p in parts):
         raise ValueError(f"perturbation label {label!r} has an empty component (separator "
                          f"{separator!r}). Fix the label, or drop those cells with "
-                         f"drop_labels=[{label!r}].")
+                         f"{opt('drop_labels', [label])}.")
     return parts
 
 
@@ -76,9 +107,11 @@ def detect_control_label(components: set) -> str:
     if not found:
         raise ValueError(
             f"no control label found: none of {list(CONTROL_CANDIDATES)} occurs in the labels. "
-            "Name it with control_label='<label>' (the label of unperturbed cells).")
+            f"Name it with {opt('control_label', placeholder='label')} (the label of unperturbed "
+            "cells).")
     raise ValueError(f"ambiguous control label: {found} all occur in the labels. Choose one with "
-                     f"control_label=..., and relabel or drop (drop_labels=...) the other cells.")
+                     f"{opt('control_label', placeholder='label')}, and relabel or drop "
+                     f"({opt('drop_labels', placeholder='labels')}) the other cells.")
 
 
 def parse_labels(labels: Sequence[str], *, separator: str = "+",
@@ -101,7 +134,8 @@ def parse_labels(labels: Sequence[str], *, separator: str = "+",
         common = pd.Series(codes).value_counts().index[:10]
         raise ValueError(
             f"control label {control_label!r} does not occur in the labels (most common labels: "
-            f"{[str(uniques[c]) for c in common]}). Pass the label used for unperturbed cells.")
+            f"{[str(uniques[c]) for c in common]}). Pass the label used for unperturbed cells "
+            f"({opt('control_label', placeholder='label')}).")
 
     per_label = [Counter(p for p in parts if p != control_label) for parts in split]
     vocab = sorted(set().union(*per_label)) if per_label else []

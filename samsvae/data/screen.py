@@ -20,12 +20,15 @@ import pandas as pd
 import scipy.sparse as sp
 
 from .backed import BackedCSR, open_csr_group, scan_rows
-from .perturbations import (PerturbationDesign, design_from_dosage, parse_labels,
-                            perturbation_cell_counts, read_label_column)
+from .options import current_style, opt
+from .perturbations import (PerturbationDesign, design_from_dosage, noncell_labels, parse_labels,
+                            perturbation_cell_counts, read_label_column, refuse_noncell_labels)
 from .sparse import uniform_index_dtype
 from .validate import check_count_values
 
 SIMULATION_UNS_KEY = "samsvae_simulation"
+# a perturbation carried by fewer cells than this (in the whole data) gets a warning at load
+MIN_PERTURBATION_CELLS = 10
 STAT_CHUNK_ROWS = 4096
 
 
@@ -51,6 +54,8 @@ class ScreenData:
                          ``embeddings`` and ``perturbations`` reordered to this vocabulary;
                          None for real data.
     separator:           combination separator used in ``labels``.
+    dropped:             ``{reason: cells}`` of the cells left out, e.g.
+                         ``{"drop_labels: unassigned": 662, "zero counts": 3}``.
     """
     counts: Union[sp.csr_matrix, BackedCSR]
     dosage: sp.csr_matrix
@@ -66,6 +71,7 @@ class ScreenData:
     obs: pd.DataFrame
     ground_truth: Optional[dict] = None
     separator: str = field(default="+")
+    dropped: dict = field(default_factory=dict)
 
     @property
     def n_cells(self) -> int:
@@ -107,7 +113,7 @@ class ScreenData:
 def _counts_fix(layer: Optional[str], layers: Sequence[str]) -> str:
     names = ", ".join(map(repr, layers)) or "none"
     where = f"layer {layer!r}" if layer else "X"
-    return (f"Pass raw counts: put them in X or name their layer with layer='counts' "
+    return (f"Pass raw counts: put them in X or name their layer with {opt('layer', 'counts')} "
             f"(this read {where}; available layers: {names}).")
 
 
@@ -192,7 +198,8 @@ def _simulation_truth(uns, vocab: list) -> Optional[dict]:
 def load_screen(adata_or_path, *, layer: Optional[str] = None, perturbation_key: str = "perturbation",
                 separator: str = "+", control_label: Optional[str] = None,
                 drop_labels: Sequence[str] = (), dosage_key: Optional[str] = None,
-                backed: bool = False, library: Optional[np.ndarray] = None) -> ScreenData:
+                backed: bool = False, library: Optional[np.ndarray] = None,
+                keep_labels: Sequence[str] = ()) -> ScreenData:
     """Read a perturbation screen from an AnnData (or an .h5ad path) into a :class:`ScreenData`.
 
     adata_or_path:    AnnData (in memory or backed) or path to an .h5ad file.
@@ -201,6 +208,10 @@ def load_screen(adata_or_path, *, layer: Optional[str] = None, perturbation_key:
     control_label:    label of unperturbed cells; None detects one of control/ctrl/
                       non-targeting/NT.
     drop_labels:      labels whose cells are removed (e.g. ``["unassigned"]``).
+    keep_labels:      labels that look like non-cells (:data:`~samsvae.data.perturbations.
+                      NONCELL_LABELS`: unassigned, multiplet, NA, nan, None, empty, ...) but
+                      are real perturbations to model. Any other such label is refused: name
+                      it in ``drop_labels`` or here.
     dosage_key:       read a precomputed (cells x perturbations) dosage matrix from
                       ``obsm[dosage_key]`` instead of labels (names from
                       ``uns[dosage_key + "_names"]`` or the DataFrame columns, else P0..).
@@ -209,23 +220,35 @@ def load_screen(adata_or_path, *, layer: Optional[str] = None, perturbation_key:
                       already (e.g. cached by :mod:`samsvae.data.stream_stats`): skips the pass
                       over the counts that computes and validates them. Used with backed files.
 
-    Cells with zero counts are dropped with a warning. In memory, ``counts`` shares memory with
+    Cells with zero counts are dropped with a warning; ``dropped`` of the result counts the cells
+    left out by reason. Perturbations carried by fewer than 10 cells are listed in a warning.
+    Duplicated gene names, an empty AnnData and data without any perturbed cell are refused.
+    In memory, ``counts`` shares memory with
     the AnnData when it is already float32 CSR and no cell is dropped.
     """
     adata, opened_backed = _open(adata_or_path, backed)
     try:
         return _load(adata, layer=layer, perturbation_key=perturbation_key, separator=separator,
                      control_label=control_label, drop_labels=drop_labels, dosage_key=dosage_key,
-                     library=library)
+                     library=library, keep_labels=keep_labels)
     finally:
         if opened_backed:  # rows are read through BackedCSR's own handle
             adata.file.close()
 
 
 def _load(adata, *, layer, perturbation_key, separator, control_label, drop_labels,
-          dosage_key, library=None) -> ScreenData:
+          dosage_key, library=None, keep_labels=()) -> ScreenData:
     is_backed = bool(adata.isbacked)
     n_obs = adata.n_obs
+    if n_obs == 0 or adata.n_vars == 0:
+        raise ValueError(f"the data is empty ({n_obs} cells x {adata.n_vars} genes): nothing to "
+                         "model; pass the screen with its cells and genes")
+    if not adata.var_names.is_unique:
+        dup = pd.Index(adata.var_names)[pd.Index(adata.var_names).duplicated()].unique()
+        raise ValueError(
+            f"{len(dup)} gene name(s) occur more than once in var_names, e.g. "
+            f"{[str(g) for g in dup[:5]]}; make them unique with adata.var_names_make_unique() "
+            "(and save the file again) or drop the duplicated genes")
     if is_backed:  # backed layers are read from the file itself
         with h5py.File(adata.filename, "r") as f:
             layer_names = list(f["layers"].keys()) if "layers" in f else []
@@ -233,8 +256,10 @@ def _load(adata, *, layer, perturbation_key, separator, control_label, drop_labe
         layer_names = list(adata.layers.keys())
     fix = _counts_fix(layer, layer_names)
     if layer is not None and layer not in layer_names:
+        to_x = "leave out --layer" if current_style() == "cli" else "pass layer=None"
         raise ValueError(f"layer {layer!r} not found; available layers: {layer_names or 'none'}. "
-                         "Pass layer=None to read X.")
+                         f"Name one of them with {opt('layer', placeholder='name')}, or "
+                         f"{to_x} to read X.")
     source = f"adata.layers[{layer!r}]" if layer else "adata.X"
 
     # Labels first (cheap): errors about them should not wait for a pass over the counts.
@@ -247,13 +272,22 @@ def _load(adata, *, layer, perturbation_key, separator, control_label, drop_labe
         if isinstance(drop_labels, str):
             drop_labels = [drop_labels]
         if labels_raw is None:
-            raise ValueError(f"drop_labels needs the label column obs[{perturbation_key!r}]")
+            raise ValueError(f"{opt('drop_labels', None)} needs the label column "
+                             f"obs[{perturbation_key!r}]")
         values = labels_raw.to_numpy()
         absent = [lab for lab in drop_labels if not np.any(values == lab)]
         if absent:
-            warnings.warn(f"drop_labels {absent} do not occur in obs[{perturbation_key!r}]",
-                          stacklevel=3)
+            warnings.warn(f"drop labels {absent} do not occur in obs[{perturbation_key!r}] "
+                          f"({opt('drop_labels', absent)})", stacklevel=3)
         drop = np.isin(values, np.asarray(list(drop_labels), dtype=object))
+    dropped = {}
+    if drop.any():
+        names, counts = np.unique(labels_raw.to_numpy()[drop].astype(str), return_counts=True)
+        dropped.update({f"drop_labels: {n}": int(c) for n, c in zip(names, counts)})
+    if labels_raw is not None and dosage_key is None:
+        keep_labels = [keep_labels] if isinstance(keep_labels, str) else (keep_labels or ())
+        refuse_noncell_labels(noncell_labels(labels_raw.to_numpy()[~drop], keep=keep_labels,
+                                             control_label=control_label), perturbation_key)
     if dosage_key is not None and dosage_key not in adata.obsm:
         raise ValueError(f"obsm has no dosage matrix {dosage_key!r}; available obsm keys: "
                          f"{list(adata.obsm.keys()) or 'none'}")
@@ -275,10 +309,12 @@ def _load(adata, *, layer, perturbation_key, separator, control_label, drop_labe
 
     empty = (library_all == 0) & ~drop
     if empty.any():
+        dropped["zero counts"] = int(empty.sum())
         warnings.warn(f"dropping {int(empty.sum())} cells with zero counts in {source}", stacklevel=3)
     keep = np.flatnonzero(~drop & ~empty)
     if keep.size == 0:
-        raise ValueError("no cells left after dropping drop_labels and zero-count cells")
+        raise ValueError(f"no cells left after dropping {opt('drop_labels', None)} labels and "
+                         f"zero-count cells (dropped: {dropped})")
 
     # Perturbations of the kept cells.
     if dosage_key is not None:
@@ -291,6 +327,21 @@ def _load(adata, *, layer, perturbation_key, separator, control_label, drop_labe
     else:
         design = parse_labels(labels_raw.to_numpy()[keep], separator=separator,
                               control_label=control_label)
+
+    if not design.perturbations:
+        raise ValueError(
+            f"no perturbed cells: all {keep.size} cells kept carry the control label "
+            f"{design.control_label!r}, so there is no perturbation effect to learn. Check "
+            f"{opt('perturbation_key', None)} (the column of labels) and "
+            f"{opt('control_label', None)}")
+    pert_counts = perturbation_cell_counts(design.dosage)
+    few = sorted(((int(n), p) for p, n in zip(design.perturbations, pert_counts)
+                  if n < MIN_PERTURBATION_CELLS))
+    if few:
+        shown = ", ".join(f"{p} ({n})" for n, p in few[:20]) + (" ..." if len(few) > 20 else "")
+        warnings.warn(f"{len(few)} perturbation(s) carried by fewer than "
+                      f"{MIN_PERTURBATION_CELLS} cells in the data: {shown}; their effects rest "
+                      "on too few cells to be trusted", UserWarning, stacklevel=3)
 
     if is_backed:
         counts = BackedCSR(adata.filename, key, rows=keep if keep.size < n_obs else None)
@@ -307,7 +358,7 @@ def _load(adata, *, layer, perturbation_key, separator, control_label, drop_labe
         dosage=uniform_index_dtype(design.dosage),
         library=library_all[keep],
         perturbations=list(design.perturbations),
-        perturbation_counts=perturbation_cell_counts(design.dosage),
+        perturbation_counts=pert_counts,
         gene_names=np.asarray(adata.var_names, dtype=str),
         cell_names=np.asarray(adata.obs_names, dtype=str)[keep],
         cell_index=keep.astype(np.int64),
@@ -317,6 +368,7 @@ def _load(adata, *, layer, perturbation_key, separator, control_label, drop_labe
         obs=adata.obs.iloc[keep].copy(),
         ground_truth=_simulation_truth(adata.uns, list(design.perturbations)),
         separator=separator,
+        dropped=dropped,
     )
 
 

@@ -23,6 +23,7 @@ import contextlib
 import contextvars
 import importlib
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterator, Optional, Union
 
@@ -140,6 +141,8 @@ def resolve(op: str, backend: Optional[str] = "auto", device: torch.device | str
         for cand in _AUTO_ORDER.get(dev, ("reference",)):
             impl = impls.get(cand)
             if impl is not None and dev in impl.devices and impl.available():
+                if cand == "reference" and dev == "cpu" and not _WARNED_REFERENCE:
+                    _warn_reference_fallback()
                 return cand, impl.fn
         return "reference", impls["reference"].fn
     impl = impls.get(name)
@@ -186,6 +189,36 @@ def auto_plan(device: torch.device | str = "cuda", *, assume_available: bool = T
     return plan
 
 
+_WARNED_REFERENCE = False
+
+
+def _warn_reference_fallback() -> None:
+    """Once per process: say that ``auto`` runs the slow pure-PyTorch reference on CPU because
+    the C++ extension did not build (silent when it did: then the reference is a choice)."""
+    global _WARNED_REFERENCE
+    from . import cpp_extension
+    if cpp_extension.ext_available():
+        return
+    _WARNED_REFERENCE = True
+    warnings.warn("the C++ extension did not build, so the CPU kernels run the pure-PyTorch "
+                  "reference (several times slower); `samsvae info` says why", UserWarning,
+                  stacklevel=3)
+
+
+def kernels_line(device: torch.device | str = "cpu") -> str:
+    """One line for a run's header: which kernels ``auto`` runs on ``device``."""
+    from . import cpp_extension
+    dev = torch.device(device).type
+    if dev == "cuda":
+        plan = set(auto_plan("cuda", assume_available=False).values())
+        return "kernels: " + ("Triton (GPU)" if plan == {"triton"} else
+                              "mixed: " + ", ".join(sorted(plan)))
+    if cpp_extension.ext_available():
+        return f"kernels: C++ extension samsvae._C (CPU, {cpp_extension.cpu_isa()})"
+    return ("kernels: pure-PyTorch reference (SLOW): the C++ extension did not build; "
+            "`samsvae info` says why")
+
+
 def backend_report() -> str:
     """One line per op saying which backend ``auto`` picks on CPU and on CUDA tensors; a
     composite op says which op it follows."""
@@ -193,7 +226,8 @@ def backend_report() -> str:
     for op in sorted(set(_REGISTRY) | set(_FOLLOWS)):
         cpu = resolve(op, "auto", "cpu")[0]
         cuda = resolve(op, "auto", "cuda")[0] if torch.cuda.is_available() else "n/a (no CUDA)"
-        follows = f" (follows {_FOLLOWS[op]})" if op in _FOLLOWS else ""
+        follows = (f" (composite: runs the {_FOLLOWS[op]} kernel of that backend inside)"
+                   if op in _FOLLOWS else "")
         lines.append(f"{op}: cpu -> {cpu}, cuda -> {cuda}{follows}")
     return "\n".join(lines)
 

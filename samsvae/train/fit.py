@@ -39,6 +39,16 @@ def few_cell_labels(screen, split, min_cells: int = MIN_TRAIN_CELLS) -> List[Tup
     return sorted(few, key=lambda x: (x[1], x[0]))
 
 
+def dropped_lines(dropped) -> List[str]:
+    """Log lines for ``ScreenData.dropped``: ``"dropped 662 cells (label unassigned)"``."""
+    lines = []
+    for reason, n in (dropped or {}).items():
+        if reason.startswith("drop_labels: "):
+            reason = f"label {reason[len('drop_labels: '):] or repr('')}"
+        lines.append(f"dropped {int(n)} cells ({reason})")
+    return lines
+
+
 def still_improving(history: dict, *, fraction: float = 0.1,
                     tol: float = IMPROVING_TOLERANCE) -> Optional[str]:
     """A one-line warning when the validation ELBO was still improving as training ended: the
@@ -114,12 +124,20 @@ def fit(model, screen, split: np.ndarray, config: TrainConfig, *, run_dir=None,
         where = f"{comm.world_size} processes ({config.device} ...)"
     say = log if (log is not None and is_main) else None
     few = few_cell_labels(screen, split) if is_main else []
+    # labels made only of perturbations with < 10 cells in the whole data were listed by
+    # load_screen's warning already: this one is about what the split leaves for training
+    rare = {p for p, n in zip(screen.perturbations, screen.perturbation_counts)
+            if n < MIN_TRAIN_CELLS}
+    sep = getattr(screen, "separator", "+") or "+"
+    few = [(lab, n) for lab, n in few if not set(lab.split(sep)) <= rare]
     if few:
         shown = ", ".join(f"{lab} ({n})" for lab, n in few[:10])
         warnings.warn(f"{len(few)} label(s) have fewer than {MIN_TRAIN_CELLS} training cells: "
                       f"{shown}{' ...' if len(few) > 10 else ''}; their effects are learned from "
                       "too few cells to be trusted", UserWarning, stacklevel=2)
     if say is not None:
+        for line in dropped_lines(getattr(screen, "dropped", None)):
+            say(line)
         n_params = sum(p.numel() for p in model.parameters())
         say(f"model {model.model_name}/{model.guide_name} ({n_params:,} parameters), "
             f"{trainer.total_steps} steps of {config.batch_size} cells "

@@ -36,7 +36,7 @@ NO_SPLIT = "none"  # split value of cells absent from split.csv (data other than
 
 # load_screen keyword arguments recorded in config.json["data"]
 DATA_OPTIONS = ("layer", "perturbation_key", "separator", "control_label", "drop_labels",
-                "dosage_key")
+                "dosage_key", "keep_labels")
 
 
 @dataclass
@@ -81,7 +81,9 @@ def run_config(*, model_name: str, guide: str, model_config: dict, screen, data_
         "model": {"name": model_name, "guide": guide, "config": plain_json(model_config)},
         "data": {"path": None if data_path is None else str(Path(data_path).resolve()),
                  **{k: plain_json(data_options.get(k)) for k in DATA_OPTIONS},
-                 "backed": bool(data_options.get("backed", False))},
+                 "backed": bool(data_options.get("backed", False)),
+                 # cells left out, by reason ({"drop_labels: unassigned": 662, ...})
+                 "dropped_cells": plain_json(dict(getattr(screen, "dropped", {}) or {}))},
         "split": plain_json(split_options),
         "train": plain_json(train_config or {}),
         "control_label": screen.control_label,
@@ -264,6 +266,7 @@ def screen_for_run(config: dict, data=None, run_dir=None):
             raise FileNotFoundError(f"data file {data} does not exist")
         options = {k: config["data"].get(k) for k in DATA_OPTIONS}
         options["drop_labels"] = tuple(options.get("drop_labels") or ())
+        options["keep_labels"] = tuple(options.get("keep_labels") or ())
         if options.get("separator") is None:
             options.pop("separator")
         if options.get("perturbation_key") is None:

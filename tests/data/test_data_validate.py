@@ -152,7 +152,9 @@ def test_dropped_labels_removed(load):
     labels = np.array(["control", "A", "unassigned", "A+B"])[np.arange(40) % 4]
     screen = load(_adata(labels=labels), drop_labels=["unassigned"])
     assert screen.n_cells == 30 and "unassigned" not in set(screen.labels)
-    with pytest.warns(UserWarning, match="do not occur"):
+    # a misspelt drop label: warned about, and the non-cell label left in is refused
+    with pytest.warns(UserWarning, match="do not occur"), pytest.raises(ValueError,
+                                                                      match="'unassigned'"):
         load(_adata(labels=labels), drop_labels=["unasigned"])
 
 

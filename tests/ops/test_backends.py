@@ -82,7 +82,7 @@ def test_use_backend_reaches_the_ops_and_an_unavailable_one_raises():
 def test_composite_op_follows_its_kernel_op_in_the_report():
     report = dict(line.split(": ", 1) for line in ops.backend_report().splitlines())
     assert report["nb_log_prob_linear"].startswith(report["nb_log_prob"])
-    assert report["nb_log_prob_linear"].endswith("(follows nb_log_prob)")
+    assert report["nb_log_prob_linear"].endswith("(composite: runs the nb_log_prob kernel of that backend inside)")
     assert "nb_log_prob_linear" not in backends._REGISTRY
     assert ops.available_backends("nb_log_prob_linear") == ops.available_backends("nb_log_prob")
     with pytest.raises(ValueError, match="follows"):

@@ -159,7 +159,7 @@ def test_follows_the_nb_log_prob_backend():
         backends.resolve("nb_log_prob", "auto", "cpu")[0]
     line = [ln for ln in ops.backend_report().splitlines()
             if ln.startswith("nb_log_prob_linear:")]
-    assert len(line) == 1 and line[0].endswith("(follows nb_log_prob)")
+    assert len(line) == 1 and line[0].endswith("(composite: runs the nb_log_prob kernel of that backend inside)")
     assert "nb_log_prob_linear_stored" not in ops.backend_report()
 
 
