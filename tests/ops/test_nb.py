@@ -815,3 +815,25 @@ def test_logit_bias_is_added_before_the_kernel():
     torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-3)
     out.sum().backward()
     assert bias.grad is not None and torch.isfinite(bias.grad).all()
+
+
+def test_float32_reference_gradient_at_theta_1e6_within_3e_4():
+    """Issue 15: at theta = 1e6 the float32 reference's gradients (logits, log_theta) stay
+    within 3e-4 (relative, max-norm) of float64: the theta-gradient of theta * log1p(mu/theta)
+    and of the Stirling form cancel O(mu/theta) terms unless written as O((mu/theta)^2) ones."""
+    from samsvae.ops.nb.reference import nb_log_prob_reference
+    g = torch.Generator().manual_seed(0)
+    cells, genes = 64, 50
+    counts = torch.poisson(torch.rand(cells, genes, generator=g) * 5, generator=g)
+    logits = torch.randn(cells, genes, generator=g)
+    ll = math.log(1e4) + 0.2 * torch.randn(cells, generator=g)
+    lt = torch.full((genes,), math.log(1e6))
+
+    def grads(dtype):
+        lg = logits.to(dtype).requires_grad_()
+        th = lt.to(dtype).requires_grad_()
+        nb_log_prob_reference(counts.to(dtype), lg, ll.to(dtype), th).sum().backward()
+        return lg.grad.double(), th.grad.double()
+    for got, want in zip(grads(torch.float32), grads(torch.float64)):
+        rel = float((got - want).abs().max() / want.abs().max())
+        assert rel < 3e-4, rel
