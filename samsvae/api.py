@@ -24,6 +24,7 @@ import numpy as np
 from . import ops
 from .data import MinibatchLoader, check_indices, load_screen, make_split, parse_labels
 from .data.perturbations import noncell_labels, read_label_column, refuse_noncell_labels
+from .data.screen import check_not_empty
 from .infer import baseline_anndata, data_ate, model_ate, pearson, test_iwelbo
 from .infer.ate import condition_dosage, warn_untrained_parts
 from .train import TrainConfig, fit
@@ -104,6 +105,7 @@ class SAMSVAE:
             drop_labels = [drop_labels]
         if isinstance(keep_labels, str):
             keep_labels = [keep_labels]
+        check_not_empty(adata)
         if layer is not None and layer not in adata.layers:
             raise ValueError(f"layer {layer!r} not found; available layers: "
                              f"{list(adata.layers.keys()) or 'none'}. Pass layer=None to use X.")

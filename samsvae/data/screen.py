@@ -195,6 +195,13 @@ def _simulation_truth(uns, vocab: list) -> Optional[dict]:
     return truth
 
 
+def check_not_empty(adata) -> None:
+    """The one message for an AnnData without cells or genes (API and CLI alike)."""
+    if adata.n_obs == 0 or adata.n_vars == 0:
+        raise ValueError(f"the data is empty ({adata.n_obs} cells x {adata.n_vars} genes): "
+                         "nothing to model; pass the screen with its cells and genes")
+
+
 def load_screen(adata_or_path, *, layer: Optional[str] = None, perturbation_key: str = "perturbation",
                 separator: str = "+", control_label: Optional[str] = None,
                 drop_labels: Sequence[str] = (), dosage_key: Optional[str] = None,
@@ -240,9 +247,7 @@ def _load(adata, *, layer, perturbation_key, separator, control_label, drop_labe
           dosage_key, library=None, keep_labels=()) -> ScreenData:
     is_backed = bool(adata.isbacked)
     n_obs = adata.n_obs
-    if n_obs == 0 or adata.n_vars == 0:
-        raise ValueError(f"the data is empty ({n_obs} cells x {adata.n_vars} genes): nothing to "
-                         "model; pass the screen with its cells and genes")
+    check_not_empty(adata)
     if not adata.var_names.is_unique:
         dup = pd.Index(adata.var_names)[pd.Index(adata.var_names).duplicated()].unique()
         raise ValueError(
