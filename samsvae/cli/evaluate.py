@@ -95,6 +95,8 @@ def run(args) -> int:
     if comm is None or comm.is_main:
         print_metrics(metrics)
         print(f"wrote {Path(args.run_dir) / 'metrics.json'}")
+        if metrics.get("plots"):
+            print(f"wrote {len(metrics['plots'])} plots (PNG) to {Path(args.run_dir) / 'plots'}")
     return 0
 
 
@@ -247,6 +249,17 @@ def _ate_arrays(loaded, idx, raw, *, ate_particles, seed):
     return list(labels), np.asarray(d_ate), np.asarray(m_ate)
 
 
+SCALAR_LEGEND = (
+    "test_iwelbo: importance-weighted lower bound of log p(x), nats per cell, mean over the "
+    "split's cells; higher is better\n"
+    "ate_pearson: Pearson r between model and data ATE over genes, mean over labels; higher is "
+    "better (1 = same shape); ATE = mean log2(1 + 1e4 x / library) of a label's cells minus "
+    "the controls' (log2 units; scanpy's log1p is natural log: divide by ln 2 = 0.693)\n"
+    "ate_pearson_top20: the same over each label's 20 genes of largest data |ATE|\n"
+    "mask_f1/precision/recall (simulated data): recovery of the true masks, 0-1, higher is "
+    "better")
+
+
 def print_metrics(metrics: dict) -> None:
     shown = [k for k in ("test_iwelbo", "ate_pearson", "ate_pearson_top20", "mask_f1",
                          "mask_precision", "mask_recall", "n_cells") if k in metrics]
@@ -258,6 +271,8 @@ def print_metrics(metrics: dict) -> None:
     for k in shown:
         v = metrics[k]
         print(f"  {k:<{width}}  {v:.4f}" if isinstance(v, float) else f"  {k:<{width}}  {v}")
+    for line in SCALAR_LEGEND.splitlines():
+        print("  " + line)
     if "baselines" in metrics:
         print_table(metrics)
     for line in metrics.get("notes", []):

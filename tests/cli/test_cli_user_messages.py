@@ -142,3 +142,16 @@ def test_reference_fallback_warns_once(monkeypatch):
     text = [str(w.message) for w in caught]
     assert len(text) == 1 and "C++ extension did not build" in text[0]
     assert "pure-PyTorch reference (SLOW)" in backends.kernels_line("cpu")
+
+
+def test_evaluate_defines_metrics_and_says_where_plots_went(h5ad, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", str(h5ad), "--out", str(out), "--drop-labels", "unassigned",
+                 *TINY]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", str(out), "--plots", "--iwelbo-particles", "2",
+                 "--ate-particles", "20"]) == 0
+    text = capsys.readouterr().out
+    assert "test_iwelbo: importance-weighted lower bound of log p(x), nats per cell" in text
+    assert "higher is better" in text and "log2(1 + 1e4 x / library)" in text
+    assert f"plots (PNG) to {out / 'plots'}" in text
