@@ -129,7 +129,9 @@ class SAMSVAE:
     # -- training ---------------------------------------------------------------------------
 
     def train(self, max_epochs: Optional[int] = None, max_steps: Optional[int] = None,
-              batch_size: int = 512, particles: int = 5, lr: float = 3e-4,
+              batch_size: int = 512, particles: int = 5, lr: float = TrainConfig.lr,
+              perturbation_lr_scale: float = TrainConfig.perturbation_lr_scale,
+              early_stopping_patience: Optional[int] = TrainConfig.early_stopping_patience,
               weight_decay: float = 1e-6, grad_clip: Optional[float] = None,
               val_every: Optional[int] = None, val_particles: int = 1, device: str = "cpu",
               backend: str = "auto", progress: bool = True, checkpoint_dir=None,
@@ -140,7 +142,8 @@ class SAMSVAE:
         Args:
             max_epochs / max_steps: length of training (at most one; default:
                 ``min(400, round(8e6 / n_train_cells))`` epochs).
-            batch_size, particles, lr, weight_decay, grad_clip: see ``TrainConfig``.
+            batch_size, particles, lr, perturbation_lr_scale, early_stopping_patience,
+                weight_decay, grad_clip: see ``TrainConfig``.
             val_every: steps between validations (default: each epoch).
             device: ``"cpu"`` or ``"cuda"``; the model stays there afterwards.
             backend: kernel backend of the fused ops for this training (``"auto"``,
@@ -152,7 +155,10 @@ class SAMSVAE:
             log: called with progress lines when no bar is shown (None: silent).
         """
         config = TrainConfig(max_steps=max_steps, max_epochs=max_epochs, batch_size=batch_size,
-                             particles=particles, lr=lr, weight_decay=weight_decay,
+                             particles=particles, lr=lr,
+                             perturbation_lr_scale=perturbation_lr_scale,
+                             early_stopping_patience=early_stopping_patience,
+                             weight_decay=weight_decay,
                              grad_clip=grad_clip, val_every=val_every,
                              val_particles=val_particles, checkpoint_every=checkpoint_every,
                              seed=self.init_params["seed"], device=device, progress=progress)

@@ -38,7 +38,7 @@ DEMO_DIR = "samsvae-demo"
 DEMO = {"cells": 5000, "genes": 500, "perturbations": 20, "combinations": 5, "latent": 10,
         "epochs": 30, "guide": "corr_both", "lr": 3e-3, "batch_size": 256,
         "iwelbo_particles": 100, "ate_particles": 500}
-TRAIN_DEFAULTS = {"lr": 3e-4, "batch_size": 512}
+TRAIN_DEFAULTS = {"lr": TrainConfig.lr, "batch_size": 512}
 # Options that define the model and the data: --resume must be given the run's values.
 IDENTITY_OPTIONS = ("model", "guide", "latent", "hidden", "split", "seed", "perturbation_key",
                     "control_label", "drop_labels", "keep_labels", "layer", "model_options")
@@ -102,7 +102,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--particles", type=int, default=5,
                    help="Monte Carlo samples per cell in the ELBO (default: 5)")
     g.add_argument("--lr", type=float, default=None,
-                   help="Adam learning rate (default: 3e-4; --demo: 3e-3)")
+                   help=f"Adam learning rate of the networks (default: {TrainConfig.lr:g}; "
+                        "--demo: 3e-3)")
+    g.add_argument("--perturbation-lr-scale", type=float,
+                   default=TrainConfig.perturbation_lr_scale, metavar="K",
+                   help="per-perturbation parameters (embeddings, masks) learn at K x --lr: "
+                        "each gets gradient only from the few cells carrying it (default: "
+                        f"{TrainConfig.perturbation_lr_scale:g})")
+    g.add_argument("--early-stopping-patience", type=int,
+                   default=TrainConfig.early_stopping_patience, metavar="N",
+                   help="stop when N validations in a row brought no better validation ELBO "
+                        f"(default: {TrainConfig.early_stopping_patience}; 0: run the whole "
+                        "budget)"),
     g.add_argument("--weight-decay", type=float, default=1e-6, help="Adam weight decay (default: 1e-6)")
     g.add_argument("--grad-clip", type=float, default=None, help="clip the gradient norm to this")
     g.add_argument("--val-every", type=int, default=None,
@@ -275,6 +286,8 @@ def _train(args, *, log, comm):
                     "keep_labels": identity["keep_labels"], "backed": args.backed}
     train_config = TrainConfig(max_steps=args.max_steps, max_epochs=args.max_epochs,
                                batch_size=args.batch_size, particles=args.particles, lr=args.lr,
+                               perturbation_lr_scale=args.perturbation_lr_scale,
+                               early_stopping_patience=args.early_stopping_patience or None,
                                weight_decay=args.weight_decay, grad_clip=args.grad_clip,
                                val_every=args.val_every, checkpoint_every=args.checkpoint_every,
                                checkpoint_minutes=getattr(args, "checkpoint_minutes", 5.0),

@@ -180,8 +180,10 @@ def group_ate(model, dosage, start: int, group: int, gi: int, *, n_samples: int,
     rows = sp.vstack([dosage[start:start + group], empty]).tocsr()
     gen = torch.Generator(device=next(model.parameters()).device)
     gen.manual_seed(int(seed) * 1_000_003 + gi)
+    scale = (model.library_scale(rows) if hasattr(model, "library_scale") and
+             not np.isscalar(library) else None)
     pred = model.predict_normalized_expression(rows, n_samples=n_samples, library=library,
-                                               generator=gen)
+                                               library_scale=scale, generator=gen)
     pred = pred.detach().to("cpu", torch.float64).numpy()
     return pred[:-1] - pred[-1]
 
@@ -224,7 +226,9 @@ def model_ate(model, screen, labels: Sequence[str], *, n_samples: int = 2500,
 
     ``library``: ``"control"`` (default) simulates each cell at the library size of a control
     cell of ``screen`` (:func:`control_library`), the depth of the measured cells the data ATE
-    comes from; a number or an array of sizes as ``predict_normalized_expression``.
+    comes from, scaled for each label by the depth its perturbations give their cells
+    (``model.library_scale``, learnt from the training cells); a number: every cell at that
+    size, unscaled; an array: those sizes, scaled.
 
     Vectorised over labels: labels are processed in groups (each group with its own control
     row, sharing the group's random draws) so that one group's simulated cells fit in memory.

@@ -79,6 +79,13 @@ def seeded_rng(seed: int, device):
         yield
 
 
+def _default_log_depth(module, state_dict, prefix, *args) -> None:
+    """Load hook: models saved before the depth shifts existed predict at control depth."""
+    key = prefix + "perturbation_log_depth"
+    if key not in state_dict:
+        state_dict[key] = torch.zeros_like(module.perturbation_log_depth)
+
+
 def _nb_sample(mu: torch.Tensor, log_theta: torch.Tensor) -> torch.Tensor:
     """x ~ NB(mean mu, inverse dispersion theta) as Poisson(Gamma(theta, theta / mu))."""
     theta = log_theta.exp().to(mu.dtype).expand_as(mu)
@@ -141,6 +148,8 @@ class PerturbationModel(nn.Module):
         self.likelihood = NBLikelihood(self.n_genes)
         self.register_buffer("perturbation_counts", torch.zeros(self.n_perturbations))
         self.register_buffer("perturbation_counts_set", torch.zeros((), dtype=torch.bool))
+        self.register_buffer("perturbation_log_depth", torch.zeros(self.n_perturbations))
+        self._register_load_state_dict_pre_hook(_default_log_depth, with_module=True)
         if perturbation_counts is not None:
             self.set_perturbation_counts(perturbation_counts)
 
@@ -166,6 +175,23 @@ class PerturbationModel(nn.Module):
                              "(cells of the training split carrying each perturbation)")
         self.perturbation_counts.copy_(t.to(self.perturbation_counts.dtype))
         self.perturbation_counts_set.fill_(True)
+
+    def set_perturbation_log_depth(self, shifts) -> None:
+        """Set each perturbation's shift of log library size over control cells ((T,), from
+        the training cells: ``samsvae.data.log_depth_shifts``). Predictions of measured cells
+        (:meth:`library_scale`) sequence a condition's simulated cells that much deeper."""
+        t = torch.as_tensor(np.asarray(shifts, dtype=np.float64)).reshape(-1)
+        if t.numel() != self.n_perturbations or not bool(torch.isfinite(t).all()):
+            raise ValueError(f"log depth shifts must be {self.n_perturbations} finite values "
+                             "(one per perturbation)")
+        self.perturbation_log_depth.copy_(t.to(self.perturbation_log_depth.dtype))
+
+    def library_scale(self, dosage) -> np.ndarray:
+        """(n,) factor by which each condition's cells are expected to be deeper than control
+        cells: ``exp(dosage @ perturbation_log_depth)``."""
+        d = dosage.tocsr() if hasattr(dosage, "tocsr") else dosage
+        shifts = self.perturbation_log_depth.detach().cpu().double().numpy()
+        return np.exp(np.asarray(d @ shifts, dtype=np.float64).reshape(-1))
 
     def loss(self, batch, *, particles: int = 5,
              generator: Optional[torch.Generator] = None) -> dict:
@@ -215,6 +241,7 @@ class PerturbationModel(nn.Module):
 
     @torch.no_grad()
     def predict_normalized_expression(self, dosage, *, n_samples: int, library=1e4,
+                                      library_scale=None,
                                       generator: Optional[torch.Generator] = None) -> torch.Tensor:
         """Posterior-predictive mean normalised expression of conditions.
 
@@ -226,6 +253,8 @@ class PerturbationModel(nn.Module):
                 or a 1-D array of sizes that simulated cell ``s`` takes in turn
                 (``library[s % len(library)]``), e.g. the observed sizes of control cells, so
                 that the predicted cells are sequenced as deeply as the measured ones.
+            library_scale: optional (n,) factor multiplying the library sizes of each
+                condition (e.g. :meth:`library_scale`: the depth a perturbation gives its cells).
             generator: optional ``torch.Generator`` making the result reproducible.
 
         Returns:
@@ -254,6 +283,10 @@ class PerturbationModel(nn.Module):
                                              dosage.values()))
         total = torch.zeros(n, self.n_genes, dtype=torch.float64, device=device)
         step = max(1, PREDICT_BLOCK_ELEMENTS // self.n_genes)
+        scale = (np.ones(n) if library_scale is None
+                 else np.asarray(library_scale, dtype=np.float64).reshape(-1))
+        if scale.shape != (n,) or not np.all(np.isfinite(scale) & (scale > 0)):
+            raise ValueError(f"library_scale must be {n} positive factors, one per condition")
         for i in range(n):
             # every condition restarts the same random stream: its draws depend on the seed and
             # the condition only, and conditions share their basal and library draws
@@ -267,7 +300,7 @@ class PerturbationModel(nn.Module):
                     hidden = self._predictive_hidden(row, s, seed=seed, start=s0)   # (s, 1, H)
                     logits = self.decoder.logits(hidden)
                     lib = sizes[torch.arange(s0, s0 + s, device=device) % sizes.numel()]
-                    lib = lib.view(s, 1, 1)
+                    lib = lib.view(s, 1, 1) * float(scale[i])
                     x = _nb_sample(lib * torch.softmax(logits, dim=-1),
                                    self.likelihood.log_theta)
                     total[i] += torch.log2(1.0 + x * (NORMALIZED_LIBRARY / lib)).sum(
@@ -282,6 +315,12 @@ class PerturbationModel(nn.Module):
         self._check_batch(batch, need_counts=True)
         with torch.no_grad():
             return self._latent(batch, kind)
+
+    def perturbation_parameters(self) -> list:
+        """The parameters that belong to single perturbations (or labels), which learn from
+        the few cells of a batch carrying them: a trainer gives them a larger step size
+        (``TrainConfig.perturbation_lr_scale``). The networks' weights are not in it."""
+        return []
 
     def perturbation_masks(self) -> Optional[torch.Tensor]:
         """(T, L) guide probabilities q(m_tk = 1); None for models without masks."""

@@ -38,6 +38,8 @@ class ConditionalVAE(PerturbationModel):
                                        gene_log1p_mean=gene_log1p_mean,
                                        gene_log1p_std=gene_log1p_std, n_dosage=T)
         self.decoder = DecoderBody(L, self.n_hidden, self.n_genes, n_dosage=T)
+        with torch.no_grad():  # no perturbation effect until the data teach one
+            self.decoder.dosage_weight.zero_()
 
     def _encode(self, batch):
         pre = self.encoder.gene_part(batch.counts) + self.encoder.dosage_part(batch.dosage)
@@ -79,6 +81,10 @@ class ConditionalVAE(PerturbationModel):
     def _latent(self, batch, kind):
         # z is the only latent; it already plays the basal role, so "full" == "basal".
         return self._encode(batch)[0]
+
+    def perturbation_parameters(self) -> list:
+        """Each perturbation's rows of the encoder's and decoder's dosage inputs."""
+        return [self.encoder.dosage_weight, self.decoder.dosage_weight]
 
     def perturbation_embeddings(self) -> torch.Tensor:
         """(T, n_hidden): each perturbation's additive input to the decoder's hidden layer.

@@ -107,7 +107,11 @@ class SAMSVAE(PerturbationModel):
         temperature: Gumbel-sigmoid temperature of the mask samples (1).
         mask_init_logit: initial guide logit of every mask entry.
         embedding_init_scale: initial guide standard deviation of the embeddings.
-        embedding_init_loc_std: standard deviation of the random initial guide means.
+        embedding_init_loc_std: standard deviation of the random initial guide means (0, the
+            default: every embedding starts at the prior mean, so a perturbation has no
+            effect until its cells have taught it one; random starts give every perturbation
+            a random effect on the latent dimensions its masks let through, which the decoder
+            turns into large spurious treatment effects early in training).
         embedding_code_dim, embedding_hidden: code size and hidden width of the correlated
             embedding guide.
         global_param_scale: the per-perturbation guide parameters (mu_t, log sigma_t, mask
@@ -141,7 +145,7 @@ class SAMSVAE(PerturbationModel):
                  perturbation_counts=None, mask_prior_prob: float = 0.01,
                  embedding_prior_scale: float = 1.0, temperature: float = 1.0,
                  mask_init_logit: float = 0.0, embedding_init_scale: float = 0.1,
-                 embedding_init_loc_std: float = 0.1, embedding_code_dim: int = 16,
+                 embedding_init_loc_std: float = 0.0, embedding_code_dim: int = 16,
                  embedding_hidden: int = 64, global_param_scale: float = 1.0,
                  basal_covariance: str = "diagonal", mask_prior_weight: float = 0.0,
                  sparse_rotation_every: int = 0, sparse_rotation_until: int = 0,
@@ -463,6 +467,11 @@ class SAMSVAE(PerturbationModel):
             self.embedding_net[2].bias.zero_()
         self.latent_basis.copy_((r.T @ self.latent_basis.double()).to(self.latent_basis.dtype))
         return rot
+
+    def perturbation_parameters(self) -> list:
+        """Embedding means and scales, mask logits and the correlated guide's codes."""
+        return [p for p in (self.emb_loc_raw, self.emb_log_scale_raw, self.mask_logits_raw,
+                            getattr(self, "emb_code_raw", None)) if p is not None]
 
     # -- exports -----------------------------------------------------------------------------
 

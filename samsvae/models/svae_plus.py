@@ -65,7 +65,8 @@ class SVAEPlus(PerturbationModel):
             combinations; otherwise derived from the perturbation counts).
         beta2: second parameter of the Beta(1, beta2) prior on the mask probabilities.
         temperature: Gumbel-sigmoid temperature. mask_init_logit: initial guide logits.
-        shift_init_std: standard deviation of the random initial gamma.
+        shift_init_std: standard deviation of the random initial gamma (0, the default: no
+            shift until the label's cells teach one).
     """
 
     has_masks = True
@@ -75,7 +76,7 @@ class SVAEPlus(PerturbationModel):
                  gene_log1p_mean=None, gene_log1p_std=None,
                  perturbation_counts=None, labels: Optional[Sequence[Sequence[int]]] = None,
                  label_counts=None, beta2: float = 10.0, temperature: float = 1.0,
-                 mask_init_logit: float = 0.0, shift_init_std: float = 0.1):
+                 mask_init_logit: float = 0.0, shift_init_std: float = 0.0):
         if model != "svae_plus" or guide != "mean_field":
             raise ValueError(f"SVAEPlus is model 'svae_plus' with guide 'mean_field', got "
                              f"{model!r}/{guide!r}")
@@ -277,6 +278,10 @@ class SVAEPlus(PerturbationModel):
         has = single >= 0
         out[has] = values[single[has]]
         return out
+
+    def perturbation_parameters(self) -> list:
+        """Each label's shift and mask logits."""
+        return [self.shift, self.mask_logits]
 
     def perturbation_masks(self) -> torch.Tensor:
         """(T, L) q(m = 1) of each perturbation's single-perturbation label; NaN rows for

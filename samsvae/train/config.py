@@ -5,8 +5,8 @@ from dataclasses import asdict, dataclass, fields
 from typing import Optional
 
 # Options that change the sequence of updates: a resumed run must use the values it started with.
-RESUME_LOCKED = ("batch_size", "particles", "lr", "weight_decay", "grad_clip", "seed",
-                 "val_particles")
+RESUME_LOCKED = ("batch_size", "particles", "lr", "perturbation_lr_scale", "weight_decay",
+                 "grad_clip", "seed", "val_particles")
 
 
 @dataclass
@@ -19,11 +19,18 @@ class TrainConfig:
             ``min(400, round(400 * 20000 / n_train_cells))`` epochs.
         batch_size: cells per minibatch.
         particles: Monte Carlo samples per cell in the training ELBO.
-        lr: Adam learning rate.
+        lr: Adam learning rate of the networks (encoder, decoder, dispersion).
+        perturbation_lr_scale: the per-perturbation parameters (embeddings, masks, shifts; see
+            ``PerturbationModel.perturbation_parameters``) learn at ``lr`` times this. Adam
+            moves every parameter by about its learning rate per step, and each perturbation's
+            parameters get a gradient only from the few cells of a batch that carry it: at the
+            networks' rate they would travel too little in a training run (1 = one rate).
         weight_decay: Adam L2 weight decay.
         grad_clip: clip the global gradient norm to this value (None: no clipping).
         val_every: validate every this many steps (None: at the end of each epoch).
         val_particles: Monte Carlo samples per cell in the validation ELBO.
+        early_stopping_patience: stop when this many validations in a row brought no better
+            validation ELBO (None: run the whole budget); the best weights are kept either way.
         checkpoint_every: write ``checkpoints/last.pt`` every this many steps (and at the end).
         checkpoint_minutes: also write it when this many minutes of wall time have passed since
             the last one (None or 0: never by time); it is also written at each validation.
@@ -35,11 +42,13 @@ class TrainConfig:
     max_epochs: Optional[int] = None
     batch_size: int = 512
     particles: int = 5
-    lr: float = 3e-4
+    lr: float = 1e-3
+    perturbation_lr_scale: float = 10.0
     weight_decay: float = 1e-6
     grad_clip: Optional[float] = None
     val_every: Optional[int] = None
     val_particles: int = 1
+    early_stopping_patience: Optional[int] = 20
     checkpoint_every: int = 1000
     checkpoint_minutes: Optional[float] = 5.0
     seed: int = 0
@@ -53,6 +62,7 @@ class TrainConfig:
         positive = {"max_steps": self.max_steps, "max_epochs": self.max_epochs,
                     "batch_size": self.batch_size, "particles": self.particles,
                     "val_every": self.val_every, "val_particles": self.val_particles,
+                    "early_stopping_patience": self.early_stopping_patience,
                     "checkpoint_every": self.checkpoint_every}
         for name, value in positive.items():
             if value is not None and (int(value) != value or value < 1):
@@ -61,6 +71,9 @@ class TrainConfig:
             raise ValueError(f"checkpoint_minutes must be >= 0, got {self.checkpoint_minutes!r}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr!r}")
+        if not self.perturbation_lr_scale > 0:
+            raise ValueError(f"perturbation_lr_scale must be > 0, got "
+                             f"{self.perturbation_lr_scale!r}")
         if self.weight_decay < 0:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
         if self.grad_clip is not None and not self.grad_clip > 0:

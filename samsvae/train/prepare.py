@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..data import MinibatchLoader, gene_log1p_stats, perturbation_cell_counts
+from ..data import (MinibatchLoader, gene_log1p_stats, log_depth_shifts,
+                    perturbation_cell_counts)
 from ..data.streaming import StreamingLoader
 from ..models import build_model, svae_plus_labels
 
@@ -18,9 +19,10 @@ def build_model_for_screen(screen, train_idx: np.ndarray, *, model: str = "sams_
                            gene_stats=None, **kwargs):
     """A PerturbationModel for ``screen`` whose data-dependent parts come from training cells.
 
-    The encoder's input standardisation (per-gene mean/std of log1p counts) and the number of
-    cells N_t carrying each perturbation (which weights the global KL terms) are computed over
-    ``train_idx`` only, so nothing about validation or test cells leaks into the model.
+    The encoder's input standardisation (per-gene mean/std of log1p counts), the number of
+    cells N_t carrying each perturbation (which weights the global KL terms) and each
+    perturbation's shift of log depth (which predictions of measured cells use) are computed
+    over ``train_idx`` only, so nothing about validation or test cells leaks into the model.
     ``gene_stats``: ``(mean, std)`` of log1p counts over ``train_idx`` already computed (e.g.
     by the one-pass statistics of a backed screen, ``samsvae.data.stream_stats``), which
     spares a pass over the counts.
@@ -34,10 +36,12 @@ def build_model_for_screen(screen, train_idx: np.ndarray, *, model: str = "sams_
     if model == "svae_plus" and "labels" not in kwargs:
         # SVAE+ gives each seen combination its own shift: its vocabulary is the training labels
         kwargs.update(svae_plus_labels(screen.dosage[train_idx]))
-    return build_model(model, guide, n_genes=screen.n_genes,
-                       n_perturbations=screen.n_perturbations, n_latent=n_latent,
-                       n_hidden=n_hidden, gene_log1p_mean=mean, gene_log1p_std=std,
-                       perturbation_counts=counts, **kwargs)
+    built = build_model(model, guide, n_genes=screen.n_genes,
+                        n_perturbations=screen.n_perturbations, n_latent=n_latent,
+                        n_hidden=n_hidden, gene_log1p_mean=mean, gene_log1p_std=std,
+                        perturbation_counts=counts, **kwargs)
+    built.set_perturbation_log_depth(log_depth_shifts(screen.dosage, screen.library, train_idx))
+    return built
 
 
 def make_loaders(screen, split: np.ndarray, *, batch_size: int = 512, seed: int = 0,

@@ -17,9 +17,17 @@ def screen():
 
 
 def _model(name, screen):
+    """An untrained model whose perturbations already have (random) effects: effects start at
+    the prior mean 0 by default, which would give every ATE exactly 0."""
     torch.manual_seed(0)
-    return build_model(name, n_genes=screen.n_genes, n_perturbations=screen.n_perturbations,
-                       n_latent=3, n_hidden=8, perturbation_counts=screen.perturbation_counts)
+    start = {"embedding_init_loc_std": 0.3} if name == "sams_vae" else {}
+    model = build_model(name, n_genes=screen.n_genes, n_perturbations=screen.n_perturbations,
+                        n_latent=3, n_hidden=8, perturbation_counts=screen.perturbation_counts,
+                        **start)
+    if name == "cvae":
+        with torch.no_grad():
+            model.decoder.dosage_weight.normal_(0.0, 0.3)
+    return model
 
 
 def test_test_iwelbo_in_loader_order(screen):

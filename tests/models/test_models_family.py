@@ -118,7 +118,10 @@ def test_counter_noise_keyed_by_particle_and_perturbation():
 
 @pytest.mark.parametrize("name,guide", PAIRS)
 def test_latent_and_prediction_shapes(name, guide, screen, batch):
-    model = make_model(name, guide, screen)
+    # effects start at the prior mean 0 by default: give them random starts to see them added
+    start = ({"shift_init_std": 0.1} if name == "svae_plus" else
+             {} if name == "cvae" else {"embedding_init_loc_std": 0.1})
+    model = make_model(name, guide, screen, **start)
     basal = model.latent_representation(batch, "basal")
     full = model.latent_representation(batch, "full")
     assert basal.shape == full.shape == (screen.n_cells, L)

@@ -117,7 +117,7 @@ def _train_steps(model, batch, callbacks, steps, gen, after_step=None):
 def test_training_steps_trigger_the_rotation(screen):
     """The model does not rotate itself (loss() in any mode leaves the basis alone); the
     trainer callback built from its options rotates before every 2nd step."""
-    model = _model(screen, "corr_both", sparse_rotation_every=2)
+    model = _model(screen, "corr_both", sparse_rotation_every=2, embedding_init_loc_std=0.1)
     batch = make_batch(screen, np.arange(64))
     gen = torch.Generator().manual_seed(0)
     eye = torch.eye(4, dtype=model.latent_basis.dtype)

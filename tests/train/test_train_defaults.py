@@ -1,0 +1,93 @@
+"""The training defaults of issue 12: per-perturbation learning rates, early stopping on
+validation, initialisation at the prior, and each perturbation's depth shift."""
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+
+from samsvae.data import load_screen, log_depth_shifts, make_split, simulate_screen
+from samsvae.models import MODEL_GUIDES, build_model
+from samsvae.train import Trainer, TrainConfig
+from samsvae.train.prepare import build_model_for_screen, make_loaders, split_indices
+from samsvae.train.trainer import parameter_groups
+
+
+@pytest.fixture(scope="module")
+def screen_split():
+    screen = load_screen(simulate_screen(n_cells=400, n_genes=40, n_perturbations=6,
+                                         n_combinations=2, n_latent=4, seed=3))
+    return screen, make_split(screen, "random", seed=0)
+
+
+def _model(screen_split, name="sams_vae", guide="mean_field"):
+    screen, split = screen_split
+    torch.manual_seed(0)
+    return build_model_for_screen(screen, split_indices(split, "train"), model=name,
+                                  guide=guide, n_latent=4, n_hidden=16)
+
+
+@pytest.mark.parametrize("name, guide", [(m, g) for m, gs in MODEL_GUIDES.items() for g in gs])
+def test_per_perturbation_parameters_learn_faster(screen_split, name, guide):
+    model = _model(screen_split, name, guide)
+    fast = model.perturbation_parameters()
+    assert fast, "every model row has per-perturbation parameters"
+    groups = parameter_groups(model, TrainConfig(lr=1e-3, perturbation_lr_scale=10.0))
+    assert [len(g["params"]) for g in groups] == [len(list(model.parameters())) - len(fast),
+                                                 len(fast)]
+    assert groups[1]["lr"] == pytest.approx(1e-2)
+    assert {id(p) for p in groups[1]["params"]} == {id(p) for p in fast}
+    one = parameter_groups(model, TrainConfig(perturbation_lr_scale=1.0))
+    assert len(one) == 1
+
+
+@pytest.mark.parametrize("name", ["sams_vae", "cpa_vae", "svae_plus", "cvae"])
+def test_perturbations_start_at_the_prior_mean(screen_split, name):
+    """No perturbation has an effect before its cells taught it one: the guide means of the
+    effects start at 0 (random starts made an untrained model report large effects)."""
+    model = _model(screen_split, name)
+    if name in ("sams_vae", "cpa_vae"):
+        effects = model._shift_mean(torch.arange(model.n_perturbations))
+    elif name == "svae_plus":
+        effects = model.shift
+    else:
+        effects = model.decoder.dosage_weight
+    assert float(effects.detach().abs().max()) == 0.0
+
+
+def test_training_stops_when_validation_stalls(screen_split):
+    screen, split = screen_split
+    model = _model(screen_split)
+    config = TrainConfig(max_steps=400, batch_size=64, val_every=2, early_stopping_patience=3,
+                         progress=False)
+    train, val = make_loaders(screen, split, batch_size=64)
+    trainer = Trainer(model, train, val, config, log=None)
+    trainer.validate = lambda: -1.0 - 1e-3 * trainer.step  # never improves after the first
+    trainer.fit()
+    assert trainer.best_step == 2
+    assert trainer.history["stopped_early"] == trainer.step == 8
+    assert trainer.history["val"]["step"] == [2, 4, 6, 8]
+    free = Trainer(_model(screen_split), train, val,
+                   TrainConfig(max_steps=12, batch_size=64, val_every=2,
+                               early_stopping_patience=None, progress=False), log=None)
+    free.validate = lambda: -1.0 - 1e-3 * free.step
+    free.fit()
+    assert free.step == 12 and "stopped_early" not in free.history
+
+
+def test_log_depth_shifts_are_fitted_additively():
+    rng = np.random.default_rng(0)
+    group = rng.integers(0, 4, 4000)             # control, A, B, A+B
+    d = np.zeros((group.size, 3))
+    d[(group == 1) | (group == 3), 0] = 1
+    d[(group == 2) | (group == 3), 1] = 1
+    lib = np.exp(5.0 + 0.5 * d[:, 0] - 0.2 * d[:, 1] + rng.normal(0, 0.1, group.size))
+    shifts = log_depth_shifts(sp.csr_matrix(d), lib, np.arange(group.size))
+    np.testing.assert_allclose(shifts, [0.5, -0.2, 0.0], atol=0.01)  # C: no cell, no shift
+    model = build_model("sams_vae", n_genes=5, n_perturbations=3, n_latent=2, n_hidden=4)
+    model.set_perturbation_log_depth(shifts)
+    scale = model.library_scale(sp.csr_matrix(np.array([[1, 1, 0], [0, 0, 0]], float)))
+    np.testing.assert_allclose(scale, [np.exp(shifts[0] + shifts[1]), 1.0])
+    state = {k: v for k, v in model.state_dict().items() if k != "perturbation_log_depth"}
+    fresh = build_model("sams_vae", n_genes=5, n_perturbations=3, n_latent=2, n_hidden=4)
+    fresh.load_state_dict(state)  # a model saved before the depth shifts existed
+    assert float(fresh.perturbation_log_depth.abs().sum()) == 0.0
