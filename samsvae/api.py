@@ -26,7 +26,7 @@ from .data import MinibatchLoader, check_indices, load_screen, make_split, parse
 from .data.perturbations import noncell_labels, read_label_column, refuse_noncell_labels
 from .data.screen import check_not_empty
 from .infer import baseline_anndata, data_ate, model_ate, pearson, test_iwelbo
-from .infer.ate import condition_dosage, warn_untrained_parts
+from .infer.ate import condition_dosage, control_library, warn_untrained_parts
 from .train import TrainConfig, fit
 from .train.prepare import build_model_for_screen, split_indices
 from .train.run_dir import align_screen, load_run, read_config, run_config, save_run
@@ -227,18 +227,24 @@ class SAMSVAE:
         return float(values.mean()) if return_mean else values
 
     def predict(self, perturbations: Sequence[str], n_samples: int = 1000,
-                library: float = 1e4, seed: int = 0):
+                library="control", effects: str = "mean", seed: int = 0):
         """Predicted mean normalised expression of conditions, as an AnnData.
 
         Args:
             perturbations: labels of seen perturbations or compositions of seen ones
                 (``"A"``, ``"A+B"``; the control label or ``"control"`` for the control).
             n_samples: simulated cells per condition.
-            library: library size of the simulated cells (1e4: "perturbseq" normalisation).
+            library: ``"control"`` (default): the simulated cells are sequenced as deeply as
+                the data's control cells, each condition scaled by the depth its
+                perturbations give their cells (learnt from the training cells); a number:
+                every cell at that library size (1e4: "perturbseq" counts per 10,000).
+            effects: ``"mean"`` (default) or ``"sample"``, see
+                ``PerturbationModel.predict_normalized_expression``.
 
         Returns:
-            AnnData (conditions x genes), ``X`` = mean of log2(1 + x) over simulated cells,
-            ``obs["label"]`` the canonical label.
+            AnnData (conditions x genes), ``X`` = mean of log2(1 + 1e4 x / library) over the
+            simulated cells (the normalisation of the ATEs), ``obs["label"]`` the canonical
+            label. Each condition depends on the seed and on that condition only.
         """
         import anndata
         import pandas as pd
@@ -250,13 +256,20 @@ class SAMSVAE:
         self.module.eval()
         gen = torch.Generator(device=self.device)
         gen.manual_seed(int(seed))
+        scale = None
+        if isinstance(library, str):
+            if library != "control":
+                raise ValueError(f"library must be 'control' or a number, got {library!r}")
+            library, scale = control_library(self.screen, seed), self.module.library_scale(dosage)
         pred = self.module.predict_normalized_expression(dosage, n_samples=n_samples,
-                                                         library=library, generator=gen)
+                                                         library=library, library_scale=scale,
+                                                         effects=effects, generator=gen)
         obs = pd.DataFrame({"label": canonical}, index=pd.Index(labels, dtype=str))
         var = pd.DataFrame(index=pd.Index(self.screen.gene_names, dtype=str))
         out = anndata.AnnData(X=pred.cpu().numpy().astype(np.float32), obs=obs, var=var)
-        out.uns["samsvae_predict"] = {"n_samples": int(n_samples), "library": float(library),
-                                      "seed": int(seed)}
+        out.uns["samsvae_predict"] = {
+            "n_samples": int(n_samples), "seed": int(seed), "effects": effects,
+            "library": "control" if scale is not None else float(library)}
         return out
 
     def average_treatment_effects(self, perturbations: Optional[Sequence[str]] = None,

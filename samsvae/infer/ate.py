@@ -171,7 +171,7 @@ def control_library(screen, seed: int = 0) -> np.ndarray:
 
 
 def group_ate(model, dosage, start: int, group: int, gi: int, *, n_samples: int,
-              seed: int, library=NORMALIZED_LIBRARY) -> np.ndarray:
+              seed: int, library=NORMALIZED_LIBRARY, effects: str = "mean") -> np.ndarray:
     """(rows in the group, G) model ATE of labels ``start .. start + group`` of ``dosage``:
     predicted normalised expression under each label minus under control (one control row
     appended to the group, sharing its random draws); ``library`` as
@@ -183,7 +183,8 @@ def group_ate(model, dosage, start: int, group: int, gi: int, *, n_samples: int,
     scale = (model.library_scale(rows) if hasattr(model, "library_scale") and
              not np.isscalar(library) else None)
     pred = model.predict_normalized_expression(rows, n_samples=n_samples, library=library,
-                                               library_scale=scale, generator=gen)
+                                               library_scale=scale, effects=effects,
+                                               generator=gen)
     pred = pred.detach().to("cpu", torch.float64).numpy()
     return pred[:-1] - pred[-1]
 
@@ -220,7 +221,8 @@ def warn_untrained_parts(model, screen, dosage, labels: Sequence[str]) -> List[s
 
 
 def model_ate(model, screen, labels: Sequence[str], *, n_samples: int = 2500,
-              seed: int = 0, comm=None, library="control") -> np.ndarray:
+              seed: int = 0, comm=None, library="control",
+              effects: str = "mean") -> np.ndarray:
     """Model ATE of each label: predicted normalised expression under the label minus under
     control, from ``n_samples`` simulated cells.
 
@@ -228,7 +230,8 @@ def model_ate(model, screen, labels: Sequence[str], *, n_samples: int = 2500,
     cell of ``screen`` (:func:`control_library`), the depth of the measured cells the data ATE
     comes from, scaled for each label by the depth its perturbations give their cells
     (``model.library_scale``, learnt from the training cells); a number: every cell at that
-    size, unscaled; an array: those sizes, scaled.
+    size, unscaled; an array: those sizes, scaled. ``effects``: ``"mean"`` (default) or
+    ``"sample"``, as ``predict_normalized_expression``.
 
     Vectorised over labels: labels are processed in groups (each group with its own control
     row, sharing the group's random draws) so that one group's simulated cells fit in memory.
@@ -249,7 +252,7 @@ def model_ate(model, screen, labels: Sequence[str], *, n_samples: int = 2500,
             raise ValueError(f"library must be 'control', a number or an array, got {library!r}")
         library = control_library(screen, seed)
     local = {gi: group_ate(model, dosage, starts[gi], group, gi, n_samples=n_samples, seed=seed,
-                           library=library)
+                           library=library, effects=effects)
              for gi in my_items(len(starts), comm)}
     return np.concatenate(gather_in_order(comm, local, len(starts)), axis=0)
 

@@ -73,7 +73,7 @@ class ConditionalVAE(PerturbationModel):
                                 state["log_library"])
         return log_lik + std_normal_log_prob(z).sum(-1) - normal_log_prob(z, loc, scale).sum(-1)
 
-    def _predictive_hidden(self, dosage, n_samples, *, seed, start):
+    def _predictive_hidden(self, dosage, n_samples, *, seed, start, mean_effects=False):
         dtype, device = self.decoder.input.weight.dtype, self.decoder.input.weight.device
         z = torch.randn(n_samples, 1, self.n_latent, dtype=dtype, device=device)
         return self.decoder.hidden(z, self._decoder_dosage(dosage))

@@ -398,14 +398,18 @@ class SAMSVAE(PerturbationModel):
                                 state["log_library"])
         return log_lik + std_normal_log_prob(z_basal).sum(-1) - q.log_prob_of_sample(eps_b)
 
-    def _predictive_hidden(self, dosage, n_samples, *, seed, start):
+    def _predictive_hidden(self, dosage, n_samples, *, seed, start, mean_effects=False):
         index = batch_perturbations(dosage)[0]
         dtype, device = self.emb_loc_raw.dtype, self.emb_loc_raw.device
         z_basal = torch.randn(n_samples, 1, self.n_latent, dtype=dtype, device=device)
-        eps, u = global_noise(seed, start, n_samples, index, self.n_latent, dtype=dtype,
-                              masked=self.masked)
-        emb, mask, _, _ = self._globals_from_noise(index, eps, u)
-        z_p = self._internal(perturbation_sum(dosage, index, emb if mask is None else emb * mask))
+        if mean_effects:
+            effect = self._shift_mean(index).unsqueeze(0)                        # (1, U, L)
+        else:
+            eps, u = global_noise(seed, start, n_samples, index, self.n_latent, dtype=dtype,
+                                  masked=self.masked)
+            emb, mask, _, _ = self._globals_from_noise(index, eps, u)
+            effect = emb if mask is None else emb * mask
+        z_p = self._internal(perturbation_sum(dosage, index, effect))
         return self.decoder.hidden(z_basal + z_p)
 
     def _latent(self, batch, kind):

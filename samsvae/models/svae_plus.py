@@ -240,13 +240,16 @@ class SVAEPlus(PerturbationModel):
         return (log_lik + normal_log_prob(z, prior_loc, 1.0).sum(-1)
                 - normal_log_prob(z, loc, scale).sum(-1))
 
-    def _predictive_hidden(self, dosage, n_samples, *, seed, start):
+    def _predictive_hidden(self, dosage, n_samples, *, seed, start, mean_effects=False):
         _, present, pos = self._labels(dosage)
         dtype, device = self.shift.dtype, self.shift.device
         z = torch.randn(n_samples, 1, self.n_latent, dtype=dtype, device=device)
-        u = torch.rand(n_samples, present.numel(), self.n_latent, dtype=dtype, device=device)
-        u = u.clamp(UNIFORM_EPS, 1 - UNIFORM_EPS)
-        mask = relaxed_bernoulli_st(self.mask_logits[present], u, self.temperature)
+        if mean_effects:
+            mask = torch.sigmoid(self.mask_logits[present]).unsqueeze(0)        # (1, U, L)
+        else:
+            u = torch.rand(n_samples, present.numel(), self.n_latent, dtype=dtype,
+                           device=device).clamp(UNIFORM_EPS, 1 - UNIFORM_EPS)
+            mask = relaxed_bernoulli_st(self.mask_logits[present], u, self.temperature)
         return self.decoder.hidden(z + self._prior_loc(mask, present, pos))
 
     def _latent(self, batch, kind):

@@ -222,3 +222,24 @@ def test_prediction_is_normalised_at_the_simulated_depth(screen):
     assert not torch.allclose(deep, shallow, atol=0.05)
     with pytest.raises(ValueError, match="library"):
         model.predict_normalized_expression(rows, n_samples=4, library=[0.0])
+
+
+@pytest.mark.parametrize("name", ["sams_vae", "cpa_vae"])
+def test_mean_effects_ignore_the_guide_width(name, screen):
+    """effects="mean" decodes the guide mean of the effects; "sample" draws them, so a wider
+    guide changes its predictions and not the mean's."""
+    from samsvae.infer.ate import label_dosage
+    model = make_model(name, "mean_field", screen, embedding_init_loc_std=0.5).eval()
+    rows = label_dosage(screen, [l for l in np.unique(screen.labels) if "+" in l][:1])
+
+    def predict(effects):
+        return model.predict_normalized_expression(rows, n_samples=64, library=800.0,
+                                                   effects=effects,
+                                                   generator=torch.Generator().manual_seed(4))
+    before = {e: predict(e) for e in ("mean", "sample")}
+    with torch.no_grad():
+        model.emb_log_scale_raw.add_(2.0 / model.global_param_scale)  # guide sd x e^2
+    torch.testing.assert_close(predict("mean"), before["mean"], rtol=0, atol=0)
+    assert not torch.allclose(predict("sample"), before["sample"])
+    with pytest.raises(ValueError, match="effects"):
+        predict("median")
