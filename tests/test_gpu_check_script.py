@@ -13,4 +13,8 @@ def test_gpu_check_dry_run(tmp_path):
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     table = proc.stdout.strip().splitlines()
-    assert any(line.startswith("same_metrics_cpu") and " ok " in line for line in table)
+    for step in ("nb_table", "bench_step", "simulate", "train", "evaluate", "load_on_cpu"):
+        assert any(line.startswith(step + " ") and " ok " in line for line in table), step
+    assert table[-1].startswith("load_on_cpu")  # the step table comes last
+    assert (tmp_path / "nb_table.json").exists() and (tmp_path / "metrics_cpu_loaded.json").exists()
+    assert "| P | B | G |" in proc.stdout  # the NB table (interpreter, tiny sizes)

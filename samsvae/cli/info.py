@@ -20,6 +20,8 @@ def run(args) -> int:
     print(f"CUDA available: {torch.cuda.is_available()}")
     ext = cpp_extension
     print(f"C++ extension: {'loaded' if ext.ext_available() else ext.EXT_ERROR}")
+    from ..ops import triton_support as ts
+    print(f"Triton GPU kernels: {'available' if ts.triton_cuda_available() else ts.why_triton_unavailable()}")
     for name, err in backends.LOAD_ERRORS.items():
         print(f"optional backend module {name} failed to load: {err}")
     print("backends available:", ", ".join(ops.available_backends()))
