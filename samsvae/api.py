@@ -6,6 +6,7 @@
     model.train(max_epochs=200)
     z = model.get_latent_representation(store=True)          # also adata.obsm["X_samsvae_basal"]
     pred = model.predict(["KLF1", "KLF1+MAP2K6"])            # AnnData: conditions x genes
+    counts = model.sample_counts(["KLF1", "control"], n_cells=500)   # AnnData: cells x genes
     ate = model.average_treatment_effects()                  # AnnData with the data ATE layer
     masks = model.get_perturbation_masks()                   # DataFrame: perturbations x latent
     model.save("run/"); model = samsvae.SAMSVAE.load("run/", adata)
@@ -33,7 +34,7 @@ from .train.run_dir import align_screen, load_run, read_config, run_config, save
 
 UNS_KEY = "_samsvae"
 _SETUP_FIELDS = ("perturbation_key", "layer", "control_label", "separator", "drop_labels",
-                 "dosage_key", "keep_labels")
+                 "dosage_key", "keep_labels", "batch_key")
 
 
 class SAMSVAE:
@@ -82,7 +83,7 @@ class SAMSVAE:
     def setup_anndata(adata, perturbation_key: str = "perturbation", layer: Optional[str] = None,
                       control_label: Optional[str] = None, separator: str = "+",
                       drop_labels: Sequence[str] = (), dosage_key: Optional[str] = None,
-                      keep_labels: Sequence[str] = ()) -> None:
+                      keep_labels: Sequence[str] = (), batch_key: Optional[str] = None) -> None:
         """Register where the counts and perturbations of ``adata`` live.
 
         Checks the fields exist and the labels parse (finding the control label), then stores
@@ -97,6 +98,10 @@ class SAMSVAE:
                 None, empty, ...: refused otherwise) but are real perturbations to model.
             dosage_key: obsm key of a precomputed cells x perturbations dosage matrix, used
                 instead of labels.
+            batch_key: obs column of a batch covariate (cell line, donor, lane; None: none).
+                The encoder and decoder read its one-hot (scvi-tools style); predictions,
+                simulated counts and treatment effects are made per batch, each against that
+                batch's control cells.
         """
         import anndata
         if not isinstance(adata, anndata.AnnData):
@@ -119,10 +124,15 @@ class SAMSVAE:
             refuse_noncell_labels(noncell_labels(labels[keep], keep=keep_labels,
                                                  control_label=control_label), perturbation_key)
             parse_labels(labels[keep], separator=separator, control_label=control_label)
+        if batch_key is not None:
+            if batch_key not in adata.obs.columns:
+                raise ValueError(f"batch_key {batch_key!r} is not a column of adata.obs "
+                                 f"(columns: {', '.join(map(repr, list(adata.obs.columns)[:12]))})"
+                                 "; pass the obs column holding each cell's batch")
         options = {"perturbation_key": perturbation_key, "layer": layer,
                    "control_label": control_label, "separator": separator,
                    "drop_labels": [str(x) for x in drop_labels], "dosage_key": dosage_key,
-                   "keep_labels": [str(x) for x in keep_labels]}
+                   "keep_labels": [str(x) for x in keep_labels], "batch_key": batch_key}
         # h5ad cannot store None: absent keys mean None
         adata.uns[UNS_KEY] = {k: v for k, v in options.items() if v is not None}
 
@@ -227,7 +237,7 @@ class SAMSVAE:
         return float(values.mean()) if return_mean else values
 
     def predict(self, perturbations: Sequence[str], n_samples: int = 1000,
-                library="control", effects: str = "mean", seed: int = 0):
+                library="control", effects: str = "mean", seed: int = 0, batch=None):
         """Predicted mean normalised expression of conditions, as an AnnData.
 
         Args:
@@ -240,12 +250,16 @@ class SAMSVAE:
                 every cell at that library size (1e4: "perturbseq" counts per 10,000).
             effects: ``"mean"`` (default) or ``"sample"``, see
                 ``PerturbationModel.predict_normalized_expression``.
+            batch: a model set up with ``batch_key``: the batch (a name, or a list) to predict
+                in, at that batch's control depth; None: every batch (one row per condition
+                and batch, ``obs["batch"]``).
 
         Returns:
             AnnData (conditions x genes), ``X`` = mean of log2(1 + 1e4 x / library) over the
             simulated cells (the normalisation of the ATEs), ``obs["label"]`` the canonical
             label. Each condition depends on the seed and on that condition only.
         """
+        from .infer.counts import batch_codes_for
         import anndata
         import pandas as pd
         import torch
@@ -256,21 +270,59 @@ class SAMSVAE:
         self.module.eval()
         gen = torch.Generator(device=self.device)
         gen.manual_seed(int(seed))
-        scale = None
-        if isinstance(library, str):
-            if library != "control":
-                raise ValueError(f"library must be 'control' or a number, got {library!r}")
-            library, scale = control_library(self.screen, seed), self.module.library_scale(dosage)
-        pred = self.module.predict_normalized_expression(dosage, n_samples=n_samples,
-                                                         library=library, library_scale=scale,
-                                                         effects=effects, generator=gen)
-        obs = pd.DataFrame({"label": canonical}, index=pd.Index(labels, dtype=str))
+        if isinstance(library, str) and library != "control":
+            raise ValueError(f"library must be 'control' or a number, got {library!r}")
+        codes = batch_codes_for(self.module, self.screen, batch)
+        preds, rows = [], []
+        for code in codes:
+            scale, lib = None, library
+            if isinstance(library, str):
+                lib = control_library(self.screen, seed, batch=code)
+                scale = self.module.library_scale(dosage)
+            gen.manual_seed(int(seed))
+            kw = {} if code is None else {"batch": code}
+            preds.append(self.module.predict_normalized_expression(
+                dosage, n_samples=n_samples, library=lib, library_scale=scale,
+                effects=effects, generator=gen, **kw).cpu().numpy().astype(np.float32))
+            rows.append(code)
+        obs = pd.DataFrame({"label": canonical * len(codes)},
+                           index=pd.Index(labels * len(codes), dtype=str))
+        if codes != [None]:
+            cats = list(self.screen.batch_categories)
+            obs["batch"] = [cats[c] for c in codes for _ in labels]
+            obs.index = pd.Index([f"{l}|{b}" for l, b in zip(obs.index, obs["batch"])],
+                                 dtype=str)
         var = pd.DataFrame(index=pd.Index(self.screen.gene_names, dtype=str))
-        out = anndata.AnnData(X=pred.cpu().numpy().astype(np.float32), obs=obs, var=var)
+        out = anndata.AnnData(X=np.concatenate(preds), obs=obs, var=var)
         out.uns["samsvae_predict"] = {
             "n_samples": int(n_samples), "seed": int(seed), "effects": effects,
             "library": "control" if scale is not None else float(library)}
         return out
+
+    def sample_counts(self, perturbations: Sequence[str], n_cells: int = 100,
+                      library="control", batch=None, seed: int = 0, effects: str = "mean"):
+        """Simulated raw counts of ``n_cells`` cells per condition (and batch), as an AnnData.
+
+        Args:
+            perturbations: conditions (seen perturbations, compositions ``"A+B"``, or the
+                control label, e.g. to test each condition against control).
+            n_cells: cells per condition (per batch with a batch covariate).
+            library: ``"control"`` (default): each cell's library size drawn (seeded) from
+                the data's control cells (of its batch), scaled by the condition's learnt depth
+                shift; a number: every cell at that size.
+            batch: a model set up with ``batch_key``: a batch name or a list; None: all.
+            seed: a condition's cells depend on the seed and that condition only.
+
+        Returns:
+            AnnData (simulated cells x genes): ``X`` int32 CSR counts, ``obs["condition"]``,
+            ``obs["library"]`` (and ``obs["batch"]``): ready for ``scanpy.pp.normalize_total``,
+            ``log1p``, ``rank_genes_groups``, pertpy or PyDESeq2.
+        """
+        from .infer.counts import sample_counts_anndata
+        self._require_trained("sample_counts")
+        return sample_counts_anndata(self.module, self.screen, _as_label_list(perturbations),
+                                     n_cells=n_cells, library=library, batch=batch, seed=seed,
+                                     effects=effects)
 
     def average_treatment_effects(self, perturbations: Optional[Sequence[str]] = None,
                                   n_samples: int = 2500, split: str = "test", seed: int = 0):
@@ -309,8 +361,23 @@ class SAMSVAE:
             if control in labels:
                 raise ValueError("the control has no treatment effect against itself; leave it "
                                  "out of perturbations")
-        m_ate = np.asarray(model_ate(self.module, self.screen, labels, n_samples=n_samples,
-                                     seed=seed), dtype=np.float32)
+        if getattr(self.screen, "batch_codes", None) is not None:
+            # within each batch against its controls, pooled by the cells of each label
+            from .infer.by_batch import model_ate_by_batch, pool
+            from .infer.by_batch import label_batch_counts
+            weights = label_batch_counts(self.screen, idx, labels) if idx.size else \
+                np.zeros((len(labels), self.screen.n_batches), np.int64)
+            weights[weights.sum(axis=1) == 0] = 1  # no evaluated cell: every batch alike
+            m_ate = pool(model_ate_by_batch(self.module, self.screen, labels, weights,
+                                            n_samples=n_samples, seed=seed),
+                         weights).astype(np.float32)
+            if idx.size and d_labels:
+                from .infer.by_batch import data_ate_by_batch
+                d_pb, w_d = data_ate_by_batch(self.screen, idx, d_labels)
+                d_ate = pool(d_pb, w_d)
+        else:
+            m_ate = np.asarray(model_ate(self.module, self.screen, labels, n_samples=n_samples,
+                                         seed=seed), dtype=np.float32)
         row = {lab: i for i, lab in enumerate(d_labels)}
         data = np.full_like(m_ate, np.nan)
         for i, lab in enumerate(labels):
@@ -433,7 +500,9 @@ class SAMSVAE:
         if adata is None or adata is self.adata:
             return self.screen
         return align_screen(_registered_screen(adata, self.setup), self.screen.gene_names,
-                            self.screen.perturbations)
+                            self.screen.perturbations,
+                            batches=getattr(self.screen, "batch_categories", None),
+                            batch_key=getattr(self.screen, "batch_key", None))
 
     @staticmethod
     def _rows(screen, indices) -> np.ndarray:

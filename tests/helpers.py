@@ -46,3 +46,20 @@ def random_inputs(cells=5, genes=9, particles=None, dtype=torch.float64, seed=0,
     log_library = (torch.rand(cells, generator=g, dtype=dtype) * 3 + 5)
     log_theta = torch.randn(genes, generator=g, dtype=dtype) * 2
     return x, logits, log_library, log_theta
+
+
+def two_batch_screen(n_cells=240, n_genes=20, n_perturbations=3, seed=0):
+    """A tiny simulated screen (AnnData) with two batches of different baseline expression:
+    obs["line"] is "L1" / "L2" alternately, and the L2 cells' counts of the first half of the
+    genes are tripled (before the batch's cells are drawn), so the batches differ."""
+    import numpy as np
+    import scipy.sparse as sp
+    from samsvae.data import simulate_screen
+    adata = simulate_screen(n_cells=n_cells, n_genes=n_genes, n_perturbations=n_perturbations,
+                            n_latent=3, seed=seed, control_fraction=0.3)
+    line = np.where(np.arange(adata.n_obs) % 2 == 0, "L1", "L2")
+    x = sp.csr_matrix(adata.X).astype(np.float64).toarray()
+    x[line == "L2", : n_genes // 2] *= 3
+    adata.X = sp.csr_matrix(x.astype(np.float32))
+    adata.obs["line"] = line
+    return adata

@@ -13,6 +13,8 @@ SUBCOMMANDS = {
     "simulate": ("samsvae.cli.simulate", "write a simulated perturbation screen (.h5ad)"),
     "train": ("samsvae.cli.train", "train a model on a screen (or --demo)"),
     "evaluate": ("samsvae.cli.evaluate", "evaluate a trained run: IWELBO, ATE, masks"),
+    "predict": ("samsvae.cli.predict", "simulate integer counts of conditions from a trained "
+                "run (.h5ad)"),
     "bench": ("samsvae.cli.bench", "time the training step and IWELBO per backend"),
     "info": ("samsvae.cli.info", "print versions and the backend each op uses"),
 }

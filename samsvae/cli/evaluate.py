@@ -24,6 +24,8 @@ from ..infer import (METRIC_LEGEND, METRICS, NOISE_CEILING, compare_with_baselin
                      evaluate_model, masks_untrained, model_ate)
 from ..infer.masks import UNTRAINED_MASK_TOLERANCE
 from ..infer import plots as figures
+from ..data import with_batches
+from ..infer.by_batch import compare_by_batch
 from ..train.checkpoint import atomic_write_text
 from ..train.distributed import init_from_env, shutdown
 from ..train.run_dir import load_run, plain_json
@@ -53,6 +55,11 @@ def add_arguments(parser) -> None:
                         help="also write PNG figures into RUN_DIR/plots/")
     parser.add_argument("--batch-size", type=int, default=512,
                         help="cells per IWELBO batch (default: 512)")
+    parser.add_argument("--batch-key", default=None, metavar="COL",
+                        help="compute treatment effects within each batch of this obs column "
+                             "(against that batch's controls) and pool them, for a run trained "
+                             "without --batch-key (a run trained with one always does, with its "
+                             "own key)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the Monte Carlo estimates")
     parser.add_argument("--device", default="cpu", help="cpu | cuda (default: cpu)")
     parser.add_argument("--tf32", action="store_true",
@@ -78,6 +85,9 @@ def run(args) -> int:
             ops.backends.require_backend(args.backend, device)
         ops.backends.set_tf32(getattr(args, "tf32", False), device)
         loaded = load_run(args.run_dir, data=args.data, map_location=device)
+        key = getattr(args, "batch_key", None)
+        if key is not None:
+            loaded = with_batch_key(loaded, key)
         with ops.use_backend(args.backend):
             metrics = evaluate_run(loaded, split=args.split,
                                    iwelbo_particles=args.iwelbo_particles,
@@ -98,6 +108,18 @@ def run(args) -> int:
         if metrics.get("plots"):
             print(f"wrote {len(metrics['plots'])} plots (PNG) to {Path(args.run_dir) / 'plots'}")
     return 0
+
+
+def with_batch_key(loaded, key: str):
+    """``loaded`` with its screen's batches read from ``obs[key]`` (``--batch-key``)."""
+    import dataclasses
+    own = loaded.config["data"].get("batch_key")
+    if own is not None:
+        if own != key:
+            raise ValueError(f"this run was trained with --batch-key {own}; evaluate it with "
+                             f"that key (or leave out --batch-key), not {key}")
+        return loaded
+    return dataclasses.replace(loaded, screen=with_batches(loaded.screen, key))
 
 
 def evaluate_run(loaded, *, split: str = "test", iwelbo_particles: int = 100,
@@ -126,6 +148,9 @@ def evaluate_run(loaded, *, split: str = "test", iwelbo_particles: int = 100,
     if comm is not None and not comm.is_main:
         return {k: plain_json(v) for k, v in raw.items() if _is_scalar(v)}
     metrics = {k: plain_json(v) for k, v in raw.items() if _is_scalar(v)}
+    if "ate_by_batch" in raw:
+        metrics["ate_by_batch"] = plain_json(raw["ate_by_batch"])
+        metrics["ate_pooling"] = "cell-weighted mean of the per-batch ATEs"
     per_label = None
     if baselines:
         per_label = _baselines(loaded, idx, raw, metrics, seed=seed, min_cells=min_cells)
@@ -144,6 +169,11 @@ def evaluate_run(loaded, *, split: str = "test", iwelbo_particles: int = 100,
         csv = Path(loaded.run_dir) / "ate_per_label.csv"
         atomic_write_text(csv, per_label.to_csv(float_format="%.6g"))
         metrics["per_label_csv"] = str(csv)
+        per_batch = per_label.attrs.get("per_batch")
+        if per_batch is not None and len(per_batch):
+            csv = Path(loaded.run_dir) / "ate_per_batch.csv"
+            atomic_write_text(csv, per_batch.to_csv(index=False, float_format="%.6g"))
+            metrics["per_batch_csv"] = str(csv)
     if plots:
         metrics["plots"] = write_plots(loaded, idx, raw, ate_particles=ate_particles, seed=seed,
                                        per_label=per_label)
@@ -174,8 +204,14 @@ def _baselines(loaded, idx, raw: dict, metrics: dict, *, seed: int, min_cells: i
         notes.append("no training cell of the run is in these data: baselines skipped")
         return None
     m_ate = np.asarray(raw["model_ate"], np.float64)
-    per_label, summary, reasons, info = compare_with_baselines(
-        loaded.screen, idx, train, labels, m_ate, seed=seed)
+    per_batch = None
+    if "model_ate_by_batch" in raw:
+        per_label, summary, reasons, info, by_batch, per_batch = compare_by_batch(
+            loaded.screen, idx, train, labels, raw["model_ate_by_batch"], seed=seed)
+        metrics["baselines_by_batch"] = by_batch
+    else:
+        per_label, summary, reasons, info = compare_with_baselines(
+            loaded.screen, idx, train, labels, m_ate, seed=seed)
     model = summary.pop("model")
     metrics.update(ate_mse_top20=model["mse_top20"], ate_sign_top20=model["sign_top20"],
                    ate_systema_pearson=model["systema_pearson"],
@@ -203,6 +239,8 @@ def _baselines(loaded, idx, raw: dict, metrics: dict, *, seed: int, min_cells: i
         warnings.warn(line, UserWarning, stacklevel=3)
         notes.append(line)
     per_label = per_label.rename(columns={"n_cells": "n_cells_eval"})
+    if per_batch is not None:
+        per_label.attrs["per_batch"] = per_batch
     return per_label
 
 
@@ -275,6 +313,8 @@ def print_metrics(metrics: dict) -> None:
         print("  " + line)
     if "baselines" in metrics:
         print_table(metrics)
+    if metrics.get("baselines_by_batch"):
+        print_batch_table(metrics)
     for line in metrics.get("notes", []):
         print(f"note: {line}")
 
@@ -310,6 +350,25 @@ def print_table(metrics: dict) -> None:
         print(f"  {name:<11}" + "".join(cells))
     for line in METRIC_LEGEND.splitlines():
         print("  " + line)
+
+
+def print_batch_table(metrics: dict) -> None:
+    """ate_pearson of the model, each baseline and the split-half ceiling within each batch."""
+    by = metrics["baselines_by_batch"]
+    rows = [r for r in TABLE_ROWS if any(r in v for v in by.values())]
+    print(f"ATE within each batch of {metrics.get('batch_key')!r} (against the batch's own "
+          "controls; the table above pools them, cell-weighted): ate_pearson, mean over the "
+          "batch's labels")
+    widths = [max(len(r), 7) + 2 for r in rows]
+    print("  " + f"{'batch':<14}" + "".join(f"{r:>{w}}" for r, w in zip(rows, widths))
+          + f"{'n_labels':>10}{'n_cells':>9}")
+    for name, row in by.items():
+        cells = []
+        for r, w in zip(rows, widths):
+            v = row.get(r, {}).get("ate_pearson")
+            cells.append(f"{'n/a':>{w}}" if v is None or not math.isfinite(v) else f"{v:>{w}.3f}")
+        n_lab = row.get("model", row.get("control", {})).get("n_labels", 0)
+        print(f"  {str(name)[:13]:<14}" + "".join(cells) + f"{n_lab:>10d}{row.get('n_cells', 0):>9d}")
 
 
 def _is_scalar(v) -> bool:

@@ -41,7 +41,8 @@ DEMO = {"cells": 5000, "genes": 500, "perturbations": 20, "combinations": 5, "la
 TRAIN_DEFAULTS = {"lr": TrainConfig.lr, "batch_size": 512}
 # Options that define the model and the data: --resume must be given the run's values.
 IDENTITY_OPTIONS = ("model", "guide", "latent", "hidden", "split", "seed", "perturbation_key",
-                    "control_label", "drop_labels", "keep_labels", "layer", "model_options")
+                    "control_label", "drop_labels", "keep_labels", "layer", "model_options",
+                    "batch_key")
 # Model options of the command line: (flag, build_model keyword, type, help). Unset flags keep
 # the model's default (the paper's); build_model rejects an option the chosen model lacks.
 MODEL_OPTIONS = (
@@ -153,6 +154,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="comma-separated labels that look like non-cells but are real "
                         "perturbations: model them")
     g.add_argument("--layer", default=None, help="AnnData layer with raw counts (default: X)")
+    g.add_argument("--batch-key", default=None, metavar="COL",
+                   help="obs column of a batch covariate (cell line, donor, lane): encoder and "
+                        "decoder read its one-hot, and evaluate computes treatment effects "
+                        "within each batch against that batch's controls (default: none)")
     g.add_argument("--backed", action="store_true",
                    help="stream the counts from the file instead of loading them (screens larger "
                         "than memory; statistics cached in RUN_DIR/data_stats.npz)")
@@ -240,7 +245,8 @@ def _identity(args) -> dict:
             "latent": args.latent if args.latent is not None else 100, "hidden": args.hidden,
             "split": args.split, "seed": args.seed, "perturbation_key": args.perturbation_key,
             "control_label": args.control_label, "drop_labels": _drop_labels(args),
-            "keep_labels": _drop_labels(args, "keep_labels"), "layer": args.layer}
+            "keep_labels": _drop_labels(args, "keep_labels"), "layer": args.layer,
+            "batch_key": getattr(args, "batch_key", None)}
 
 
 def train_from_args(args, *, log=print):
@@ -283,7 +289,8 @@ def _train(args, *, log, comm):
     data_options = {"layer": args.layer, "perturbation_key": args.perturbation_key,
                     "separator": "+", "control_label": args.control_label,
                     "drop_labels": identity["drop_labels"], "dosage_key": None,
-                    "keep_labels": identity["keep_labels"], "backed": args.backed}
+                    "keep_labels": identity["keep_labels"], "backed": args.backed,
+                    "batch_key": identity["batch_key"]}
     train_config = TrainConfig(max_steps=args.max_steps, max_epochs=args.max_epochs,
                                batch_size=args.batch_size, particles=args.particles, lr=args.lr,
                                perturbation_lr_scale=args.perturbation_lr_scale,
@@ -331,7 +338,8 @@ def _train(args, *, log, comm):
             args.data, split_fn, cache_path=out / CACHE_NAME, comm=comm, log=log,
             layer=args.layer, perturbation_key=args.perturbation_key,
             control_label=args.control_label, drop_labels=tuple(identity["drop_labels"]),
-            keep_labels=tuple(identity["keep_labels"]))
+            keep_labels=tuple(identity["keep_labels"]), batch_key=identity["batch_key"],
+            batch_categories=config.get("batches") if resuming else None)
         if resuming:
             screen = align_screen(screen, config["genes"], config["perturbations"])
         gene_stats = (stats.gene_log1p_mean, stats.gene_log1p_std)
@@ -342,9 +350,14 @@ def _train(args, *, log, comm):
         screen = load_screen(args.data, layer=args.layer, perturbation_key=args.perturbation_key,
                              control_label=args.control_label,
                              drop_labels=tuple(identity["drop_labels"]), backed=args.backed,
-                             keep_labels=tuple(identity["keep_labels"]))
+                             keep_labels=tuple(identity["keep_labels"]),
+                             batch_key=identity["batch_key"])
         split = np.asarray(make_split(screen, args.split, seed=args.seed)).astype(str)
     log(f"data: {screen!r} ({time.perf_counter() - t0:.1f} s)")
+    if getattr(screen, "batch_key", None):
+        log(f"batch covariate {screen.batch_key!r}: {screen.n_batches} batches "
+            f"({', '.join(screen.batch_categories[:10])}"
+            f"{' ...' if screen.n_batches > 10 else ''})")
     parts = {k: int((split == k).sum()) for k in ("train", "val", "test")}
     log(f"split {args.split!r}: " + ", ".join(f"{k} {v}" for k, v in parts.items()))
 

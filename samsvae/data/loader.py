@@ -49,6 +49,9 @@ class Batch:
              find them with ``torch.unique``, which synchronises a GPU with the host.
     host_dosage: the dosage as a CPU tensor (kept on the host by :meth:`to`), for per-batch
              bookkeeping that is done on the host (SVAE+'s labels), or None.
+    batch_index: (B,) int64 batch covariate of each cell (its column in the one-hot over
+             ``ScreenData.batch_categories``: the one-hot in index form, as the dosage is a
+             CSR), or None when the screen has no batch key.
     """
     counts: torch.Tensor
     dosage: torch.Tensor
@@ -56,6 +59,7 @@ class Batch:
     index: torch.Tensor
     perturbations: Optional[torch.Tensor] = None
     host_dosage: Optional[torch.Tensor] = None
+    batch_index: Optional[torch.Tensor] = None
 
     def to(self, device, non_blocking: bool = False) -> "Batch":
         """The batch on ``device``. To a GPU the host tensors are pinned first and copied with
@@ -74,7 +78,7 @@ class Batch:
         if host is None and self.dosage.device.type == "cpu":
             host = self.dosage
         return Batch(move(self.counts), move(self.dosage), move(self.library), move(self.index),
-                     move(self.perturbations), host)
+                     move(self.perturbations), host, move(self.batch_index))
 
     def __len__(self) -> int:
         return int(self.index.shape[0])
@@ -94,6 +98,12 @@ def batch_perturbation_ids(dosage: sp.csr_matrix) -> torch.Tensor:
     return torch.from_numpy(np.unique(dosage.indices).astype(np.int64))
 
 
+def batch_codes(screen, rows: np.ndarray) -> Optional[torch.Tensor]:
+    """(B,) int64 batch covariate of ``rows`` (None when the screen has no batch key)."""
+    codes = getattr(screen, "batch_codes", None)
+    return None if codes is None else torch.from_numpy(np.asarray(codes[rows], dtype=np.int64))
+
+
 def make_batch(screen, rows: np.ndarray) -> Batch:
     """The :class:`Batch` of rows ``rows`` (int64, any order) of ``screen``."""
     rows = np.asarray(rows, dtype=np.int64)
@@ -104,6 +114,7 @@ def make_batch(screen, rows: np.ndarray) -> Batch:
         library=torch.from_numpy(screen.library[rows].astype(np.float32)),
         index=torch.from_numpy(rows.copy()),
         perturbations=batch_perturbation_ids(dosage),
+        batch_index=batch_codes(screen, rows),
     )
 
 

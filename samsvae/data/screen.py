@@ -56,6 +56,10 @@ class ScreenData:
     separator:           combination separator used in ``labels``.
     dropped:             ``{reason: cells}`` of the cells left out, e.g.
                          ``{"drop_labels: unassigned": 662, "zero counts": 3}``.
+    batch_key:           obs column of the batch covariate (e.g. the cell line), or None.
+    batch_categories:    (n_batches,) names of the batches (sorted, or the run's order), or None.
+    batch_codes:         (n_cells,) int64 position of each cell's batch in ``batch_categories``
+                         (the column of its one-hot), or None without a batch key.
     """
     counts: Union[sp.csr_matrix, BackedCSR]
     dosage: sp.csr_matrix
@@ -72,6 +76,14 @@ class ScreenData:
     ground_truth: Optional[dict] = None
     separator: str = field(default="+")
     dropped: dict = field(default_factory=dict)
+    batch_key: Optional[str] = None
+    batch_categories: Optional[list] = None
+    batch_codes: Optional[np.ndarray] = None
+
+    @property
+    def n_batches(self) -> int:
+        """Number of batches of the covariate (0 without a batch key)."""
+        return 0 if self.batch_categories is None else len(self.batch_categories)
 
     @property
     def n_cells(self) -> int:
@@ -206,7 +218,8 @@ def load_screen(adata_or_path, *, layer: Optional[str] = None, perturbation_key:
                 separator: str = "+", control_label: Optional[str] = None,
                 drop_labels: Sequence[str] = (), dosage_key: Optional[str] = None,
                 backed: bool = False, library: Optional[np.ndarray] = None,
-                keep_labels: Sequence[str] = ()) -> ScreenData:
+                keep_labels: Sequence[str] = (), batch_key: Optional[str] = None,
+                batch_categories: Optional[Sequence[str]] = None) -> ScreenData:
     """Read a perturbation screen from an AnnData (or an .h5ad path) into a :class:`ScreenData`.
 
     adata_or_path:    AnnData (in memory or backed) or path to an .h5ad file.
@@ -235,9 +248,13 @@ def load_screen(adata_or_path, *, layer: Optional[str] = None, perturbation_key:
     """
     adata, opened_backed = _open(adata_or_path, backed)
     try:
-        return _load(adata, layer=layer, perturbation_key=perturbation_key, separator=separator,
-                     control_label=control_label, drop_labels=drop_labels, dosage_key=dosage_key,
-                     library=library, keep_labels=keep_labels)
+        screen = _load(adata, layer=layer, perturbation_key=perturbation_key,
+                       separator=separator, control_label=control_label,
+                       drop_labels=drop_labels, dosage_key=dosage_key, library=library,
+                       keep_labels=keep_labels)
+        if batch_key is not None:
+            screen = with_batches(screen, batch_key, batch_categories)
+        return screen
     finally:
         if opened_backed:  # rows are read through BackedCSR's own handle
             adata.file.close()
@@ -375,6 +392,40 @@ def _load(adata, *, layer, perturbation_key, separator, control_label, drop_labe
         separator=separator,
         dropped=dropped,
     )
+
+
+def with_batches(screen: ScreenData, batch_key: str,
+                 categories: Optional[Sequence[str]] = None) -> ScreenData:
+    """``screen`` with its batch covariate read from ``screen.obs[batch_key]``.
+
+    ``categories``: the batch names of a trained run, in its order (a cell of a batch not
+    among them is refused); None: the sorted names found. Cells without a batch (NaN, empty)
+    are refused: drop them or fill the column."""
+    import dataclasses
+    obs = screen.obs
+    if batch_key not in obs.columns:
+        shown = ", ".join(map(repr, list(obs.columns)[:12])) or "none"
+        raise ValueError(f"batch key {batch_key!r} is not a column of obs (columns: {shown}); "
+                         f"name the column of batches with {opt('batch_key', placeholder='column')}")
+    col = obs[batch_key]
+    missing = col.isna().to_numpy() | (col.astype(str).str.strip() == "").to_numpy()
+    if missing.any():
+        raise ValueError(f"{int(missing.sum())} cell(s) have no value in obs[{batch_key!r}] "
+                         f"({opt('batch_key', batch_key)}): every cell needs a batch; fill the "
+                         "column or leave those cells out")
+    names = col.astype(str).to_numpy()
+    found = sorted(set(names.tolist()))
+    if categories is None:
+        categories = found
+    categories = [str(c) for c in categories]
+    pos = {c: i for i, c in enumerate(categories)}
+    unknown = [c for c in found if c not in pos]
+    if unknown:
+        raise ValueError(f"obs[{batch_key!r}] holds batch(es) the model was not trained on: "
+                         f"{', '.join(unknown[:10])}; the model knows {', '.join(categories)}")
+    codes = np.array([pos[n] for n in names], dtype=np.int64)
+    return dataclasses.replace(screen, batch_key=str(batch_key), batch_categories=categories,
+                               batch_codes=codes)
 
 
 # --------------------------------------------------------------------------------------------

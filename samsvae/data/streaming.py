@@ -45,7 +45,7 @@ import scipy.sparse as sp
 import torch
 
 from .backed import BackedCSR
-from .loader import Batch, batch_perturbation_ids, check_indices, csr_to_torch
+from .loader import Batch, batch_codes, batch_perturbation_ids, check_indices, csr_to_torch
 
 DEFAULT_CHUNK_ROWS = 1024      # backed: cells per contiguous read unit
 DEFAULT_BUFFER_CHUNKS = 16     # chunks shuffled together
@@ -322,7 +322,8 @@ class StreamingLoader:
                             dosage=csr_to_torch(dosage),
                             library=torch.from_numpy(screen.library[rows].astype(np.float32)),
                             index=torch.from_numpy(rows.copy()),
-                            perturbations=batch_perturbation_ids(dosage))
+                            perturbations=batch_perturbation_ids(dosage),
+                            batch_index=batch_codes(screen, rows))
         finally:
             if reader is not None:
                 reader.close()

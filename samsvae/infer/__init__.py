@@ -10,10 +10,14 @@
   (control, train_mean, additive, linear), from training cells
 * :func:`evaluate_predictions`, :func:`data_ate_anndata`, :func:`compare_with_baselines`   the
   evaluation harness: any tool's predicted ATE vs the data's, beside the baselines
+* :mod:`samsvae.infer.by_batch` treatment effects within the batches of a covariate, pooled
+* :func:`sample_counts_anndata`   simulated integer counts per cell (``samsvae predict``)
 * :mod:`samsvae.infer.plots` the figures of ``samsvae evaluate --plots``
 """
 from .ate import (ate_pearson, condition_dosage, data_ate, label_dosage, model_ate, pearson,
                   untrained_parts, warn_untrained_parts)
+from .by_batch import compare_by_batch, data_ate_by_batch, model_ate_by_batch
+from .counts import sample_counts_anndata
 from .baselines import BASELINES, BaselineATE, baseline_anndata, baseline_ate, perturbed_shift
 from .evaluate import evaluate_model
 from .harness import (METRIC_LEGEND, METRICS, NOISE_CEILING, compare_with_baselines,
@@ -26,4 +30,5 @@ __all__ = ["test_iwelbo", "cells_iwelbo", "data_ate", "model_ate", "ate_pearson"
            "mask_recovery", "masks_untrained", "evaluate_model", "BASELINES", "BaselineATE",
            "baseline_ate", "baseline_anndata", "perturbed_shift", "METRICS", "METRIC_LEGEND",
            "NOISE_CEILING", "evaluate_predictions", "data_ate_anndata", "compare_with_baselines",
-           "label_metrics", "split_half_ate"]
+           "label_metrics", "split_half_ate", "compare_by_batch", "data_ate_by_batch",
+           "model_ate_by_batch", "sample_counts_anndata"]

@@ -21,7 +21,7 @@ by absolute data ATE.
 from __future__ import annotations
 
 import warnings
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import scipy.sparse as sp
@@ -156,12 +156,15 @@ def ate_label_groups(screen, labels: Sequence[str]):
     return dosage, list(range(0, len(labels), group)), group
 
 
-def control_library(screen, seed: int = 0) -> np.ndarray:
+def control_library(screen, seed: int = 0, batch: Optional[int] = None) -> np.ndarray:
     """Library sizes of (a seeded subsample of at most 4,096) control cells of ``screen``: the
     depth at which :func:`model_ate` simulates cells. Falls back to all cells without
-    controls."""
+    controls. ``batch``: only the cells of that batch (``screen.batch_codes``)."""
     lib = np.asarray(screen.library, dtype=np.float64)
     is_control = np.asarray(screen.is_control, dtype=bool)
+    if batch is not None:
+        in_batch = np.asarray(screen.batch_codes) == int(batch)
+        lib, is_control = lib[in_batch], is_control[in_batch]
     pool = lib[is_control] if is_control.any() else lib
     pool = pool[pool > 0]
     if pool.size == 0:
@@ -171,20 +174,23 @@ def control_library(screen, seed: int = 0) -> np.ndarray:
 
 
 def group_ate(model, dosage, start: int, group: int, gi: int, *, n_samples: int,
-              seed: int, library=NORMALIZED_LIBRARY, effects: str = "mean") -> np.ndarray:
+              seed: int, library=NORMALIZED_LIBRARY, effects: str = "mean",
+              batch: Optional[int] = None) -> np.ndarray:
     """(rows in the group, G) model ATE of labels ``start .. start + group`` of ``dosage``:
     predicted normalised expression under each label minus under control (one control row
     appended to the group, sharing its random draws); ``library`` as
-    ``PerturbationModel.predict_normalized_expression``."""
+    ``PerturbationModel.predict_normalized_expression``; ``batch``: the batch covariate of the
+    simulated cells (models trained with a batch key)."""
     empty = sp.csr_matrix((1, dosage.shape[1]), dtype=np.float32)
     rows = sp.vstack([dosage[start:start + group], empty]).tocsr()
     gen = torch.Generator(device=next(model.parameters()).device)
     gen.manual_seed(int(seed) * 1_000_003 + gi)
     scale = (model.library_scale(rows) if hasattr(model, "library_scale") and
              not np.isscalar(library) else None)
+    kw = {} if batch is None else {"batch": int(batch)}
     pred = model.predict_normalized_expression(rows, n_samples=n_samples, library=library,
                                                library_scale=scale, effects=effects,
-                                               generator=gen)
+                                               generator=gen, **kw)
     pred = pred.detach().to("cpu", torch.float64).numpy()
     return pred[:-1] - pred[-1]
 

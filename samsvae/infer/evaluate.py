@@ -5,6 +5,7 @@ import numpy as np
 
 from ..data.loader import check_indices
 from .ate import ate_pearson, data_ate, label_dosage, model_ate
+from .by_batch import data_ate_by_batch, has_batches, model_ate_by_batch, pool
 from .iwelbo import cells_iwelbo
 from .masks import mask_recovery
 
@@ -52,6 +53,13 @@ def evaluate_model(model, screen, indices, *, iwelbo_particles: int = 100,
         ``screen.ground_truth`` holding masks:
         ``mask_f1``, ``mask_precision``, ``mask_recall`` (None for models without masks:
         cvae, cpa_vae).
+
+        With a batch covariate (``screen.batch_codes``): ``data_ate`` / ``model_ate`` are the
+        pooled (cell-weighted mean over batches) of the ATEs within each batch against that
+        batch's controls (``samsvae.infer.by_batch``), ``ate_pearson`` scores them;
+        ``ate_by_batch`` ``{batch: {"ate_pearson", "ate_pearson_top20", "n_labels"}}``, the
+        arrays ``data_ate_by_batch`` / ``model_ate_by_batch`` (n_batches, n_labels, G) and
+        ``ate_batch_weights`` (n_labels, n_batches) evaluated cells.
     """
     rows = check_indices(screen, indices)
     if rows.size == 0:
@@ -84,9 +92,26 @@ def evaluate_model(model, screen, indices, *, iwelbo_particles: int = 100,
             out["ate_labels_unpredictable"] = [l for l, k in zip(labels, known) if not k]
             labels = [l for l, k in zip(labels, known) if k]
             d_ate = d_ate[np.asarray(known, dtype=bool)]
-        if labels:
+        if labels and has_batches(screen):
+            d_pb, weights = data_ate_by_batch(screen, all_rows, labels)
+            m_pb = model_ate_by_batch(model, screen, labels, weights, n_samples=ate_particles,
+                                      seed=seed, comm=comm)
+            d_ate, m_ate = pool(d_pb, weights), pool(m_pb, weights)
+            by_batch = {}
+            for b, name in enumerate(screen.batch_categories):
+                sel = weights[:, b] > 0
+                if sel.any():
+                    rb = ate_pearson(m_pb[b, sel], d_pb[b, sel], top_k=20)
+                    by_batch[str(name)] = {"ate_pearson": rb["ate_pearson"],
+                                           "ate_pearson_top20": rb["ate_pearson_top20"],
+                                           "n_labels": int(sel.sum()),
+                                           "n_cells": int(weights[sel, b].sum())}
+            out.update(ate_by_batch=by_batch, data_ate_by_batch=d_pb, model_ate_by_batch=m_pb,
+                       ate_batch_weights=weights, batch_key=screen.batch_key)
+        elif labels:
             m_ate = model_ate(model, screen, labels, n_samples=ate_particles, seed=seed,
                               comm=comm)
+        if labels:
             r = ate_pearson(m_ate, d_ate, top_k=20)
             out.update(ate_pearson=r["ate_pearson"], ate_pearson_top20=r["ate_pearson_top20"],
                        n_ate_labels=len(labels), ate_labels=list(labels), data_ate=d_ate,

@@ -128,13 +128,17 @@ class PerturbationModel(nn.Module):
     Attributes:
         config: JSON-serialisable keyword arguments; ``build_model(**model.config)`` rebuilds the
             model (gene statistics and perturbation counts live in buffers, i.e. the state_dict).
+        n_batches: number of batches of a batch covariate (0: none): the encoder's and the
+            decoder's first layers read the cell's batch one-hot (``Batch.batch_index``), and
+            predictions are made for a given batch. Recorded in ``config`` only when > 0.
     """
 
     has_masks = False
 
     def __init__(self, *, model: str, guide: str, n_genes: int, n_perturbations: int,
                  n_latent: int, n_hidden: int,
-                 perturbation_counts=None, extra_config: Optional[dict] = None):
+                 perturbation_counts=None, extra_config: Optional[dict] = None,
+                 n_batches: int = 0):
         super().__init__()
         for name, v in (("n_genes", n_genes), ("n_perturbations", n_perturbations),
                         ("n_latent", n_latent), ("n_hidden", n_hidden)):
@@ -142,9 +146,15 @@ class PerturbationModel(nn.Module):
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
         self.n_genes, self.n_perturbations = int(n_genes), int(n_perturbations)
         self.n_latent, self.n_hidden = int(n_latent), int(n_hidden)
+        if int(n_batches) != n_batches or n_batches < 0:
+            raise ValueError(f"n_batches must be a non-negative integer (0: no batch "
+                             f"covariate), got {n_batches!r}")
+        self.n_batches = int(n_batches)
         self.config = dict(model=model, guide=guide, n_genes=self.n_genes,
                            n_perturbations=self.n_perturbations, n_latent=self.n_latent,
                            n_hidden=self.n_hidden, **(extra_config or {}))
+        if self.n_batches:  # absent key = no covariate: configs of earlier runs load unchanged
+            self.config["n_batches"] = self.n_batches
         self.likelihood = NBLikelihood(self.n_genes)
         self.register_buffer("perturbation_counts", torch.zeros(self.n_perturbations))
         self.register_buffer("perturbation_counts_set", torch.zeros((), dtype=torch.bool))
@@ -242,7 +252,8 @@ class PerturbationModel(nn.Module):
     @torch.no_grad()
     def predict_normalized_expression(self, dosage, *, n_samples: int, library=1e4,
                                       library_scale=None, effects: str = "mean",
-                                      generator: Optional[torch.Generator] = None) -> torch.Tensor:
+                                      generator: Optional[torch.Generator] = None,
+                                      batch=None) -> torch.Tensor:
         """Posterior-predictive mean normalised expression of conditions.
 
         Args:
@@ -265,6 +276,9 @@ class PerturbationModel(nn.Module):
                 (on norman2019's held-out doubles, CPA-VAE's ATE-Pearson 0.15 sampled, 0.31 at
                 the mean).
             generator: optional ``torch.Generator`` making the result reproducible.
+            batch: for a model with a batch covariate (``n_batches`` > 0), the batch the cells
+                are simulated in: an int (every condition) or (n,) ints, positions in the
+                run's batch categories; None for a model without one.
 
         Returns:
             (n, G) float32: mean over the simulated cells of ``log2(1 + 1e4 x / l)``,
@@ -275,22 +289,54 @@ class PerturbationModel(nn.Module):
             conditions such as treatment effects. Each condition's result depends on the
             generator's seed and on that condition only, not on the other rows of the call.
         """
+        device = self.likelihood.log_theta.device
+        dosage = as_torch_csr(dosage, self.n_perturbations, device=device,
+                              dtype=self.likelihood.log_theta.dtype)
+        total = torch.zeros(dosage.shape[0], self.n_genes, dtype=torch.float64, device=device)
+        for i, _, lib, x in self._simulate(dosage, n_samples, library, library_scale, effects,
+                                           generator, batch):
+            total[i] += torch.log2(1.0 + x * (NORMALIZED_LIBRARY / lib)).sum(
+                (0, 1), dtype=torch.float64)
+        return (total / n_samples).to(torch.float32)
+
+    @torch.no_grad()
+    def sample_counts(self, dosage, *, n_cells: int, library, library_scale=None,
+                      effects: str = "mean", generator: Optional[torch.Generator] = None,
+                      batch=None):
+        """Simulated raw counts of ``n_cells`` cells per condition.
+
+        Arguments as :meth:`predict_normalized_expression` (``library``: a number, or sizes
+        that simulated cell ``s`` takes in turn); the same random stream, so a condition's
+        cells depend on the generator's seed and that condition only.
+
+        Yields ``(condition i, first cell s0, library (s,) float64, counts (s, G) int64 CPU
+        tensor)`` blocks in order (condition by condition; memory of one block)."""
+        device = self.likelihood.log_theta.device
+        dosage = as_torch_csr(dosage, self.n_perturbations, device=device,
+                              dtype=self.likelihood.log_theta.dtype)
+        for i, s0, lib, x in self._simulate(dosage, n_cells, library, library_scale, effects,
+                                            generator, batch):
+            yield (i, s0, lib.reshape(-1).to("cpu", torch.float64),
+                   x[:, 0].to("cpu").round().to(torch.int64))
+
+    def _simulate(self, dosage, n_samples, library, library_scale, effects, generator, batch):
+        """The simulation loop shared by prediction and :meth:`sample_counts`: yields
+        ``(condition i, first cell s0, library (s, 1, 1), counts (s, 1, G))`` blocks."""
         if n_samples < 1:
             raise ValueError(f"n_samples must be >= 1, got {n_samples}")
         device = self.likelihood.log_theta.device
         dtype = self.likelihood.log_theta.dtype
-        dosage = as_torch_csr(dosage, self.n_perturbations, device=device, dtype=dtype)
         n = dosage.shape[0]
         sizes = torch.as_tensor(np.asarray(library, dtype=np.float64).reshape(-1))
         if sizes.numel() == 0 or not bool(torch.isfinite(sizes).all()) or bool((sizes <= 0).any()):
             raise ValueError("library must be a positive number or a non-empty array of positive "
                              "library sizes (total counts per simulated cell)")
         sizes = sizes.to(device=device, dtype=dtype)
+        batches = self._condition_batches(batch, n)
         seed = (seed_from(generator) if generator is not None
                 else int(torch.randint(0, 2 ** 62, (1,))))
         crow, col, val = (t.cpu() for t in (dosage.crow_indices(), dosage.col_indices(),
                                              dosage.values()))
-        total = torch.zeros(n, self.n_genes, dtype=torch.float64, device=device)
         step = max(1, PREDICT_BLOCK_ELEMENTS // self.n_genes)
         scale = (np.ones(n) if library_scale is None
                  else np.asarray(library_scale, dtype=np.float64).reshape(-1))
@@ -305,19 +351,37 @@ class PerturbationModel(nn.Module):
             row = torch.sparse_csr_tensor(torch.tensor([0, hi - lo]), col[lo:hi], val[lo:hi],
                                           size=(1, self.n_perturbations),
                                           check_invariants=False).to(device)
+            kw = {} if batches is None else {"batch_index": batches[i:i + 1].to(device)}
             with seeded_rng(seed, device):
                 for s0 in range(0, n_samples, step):
                     s = min(step, n_samples - s0)
                     hidden = self._predictive_hidden(row, s, seed=seed, start=s0,
-                                                     mean_effects=effects == "mean")
+                                                     mean_effects=effects == "mean", **kw)
                     logits = self.decoder.logits(hidden)
                     lib = sizes[torch.arange(s0, s0 + s, device=device) % sizes.numel()]
                     lib = lib.view(s, 1, 1) * float(scale[i])
                     x = _nb_sample(lib * torch.softmax(logits, dim=-1),
                                    self.likelihood.log_theta)
-                    total[i] += torch.log2(1.0 + x * (NORMALIZED_LIBRARY / lib)).sum(
-                        (0, 1), dtype=torch.float64)
-        return (total / n_samples).to(torch.float32)
+                    yield i, s0, lib, x
+
+    def _condition_batches(self, batch, n: int) -> Optional[torch.Tensor]:
+        """(n,) int64 batch of each condition (None for a model without a batch covariate)."""
+        if not self.n_batches:
+            if batch is not None:
+                raise ValueError("this model has no batch covariate (trained without a batch "
+                                 "key): predict without batch=")
+            return None
+        if batch is None:
+            raise ValueError(f"this model is conditioned on a batch covariate ({self.n_batches} "
+                             "batches): name the batch to simulate the cells in (batch=)")
+        b = np.asarray(batch).reshape(-1)
+        if b.size == 1:
+            b = np.repeat(b, n)
+        if b.shape != (n,) or not np.issubdtype(b.dtype, np.integer) or \
+                (b.size and (b.min() < 0 or b.max() >= self.n_batches)):
+            raise ValueError(f"batch must be one batch or {n} batches, each in "
+                             f"[0, {self.n_batches}), got {batch!r}")
+        return torch.as_tensor(b, dtype=torch.int64)
 
     def latent_representation(self, batch, kind: str = "basal") -> torch.Tensor:
         """(B, L) guide means: ``"basal"`` the cell's basal state, ``"full"`` basal + the guide
@@ -368,6 +432,13 @@ class PerturbationModel(nn.Module):
         if tuple(library.shape) != (counts.shape[0],):
             raise ValueError(f"batch.library must be ({counts.shape[0]},), got "
                              f"{tuple(library.shape)}")
+        if self.n_batches:
+            codes = getattr(batch, "batch_index", None)
+            if codes is None or tuple(codes.shape) != (counts.shape[0],):
+                raise ValueError(f"this model is conditioned on a batch covariate "
+                                 f"({self.n_batches} batches): batch.batch_index must be "
+                                 f"({counts.shape[0]},); load the data with the run's batch "
+                                 f"key (batch_key=...)")
 
     def _log_library(self, batch) -> torch.Tensor:
         dtype = self.likelihood.log_theta.dtype
@@ -414,12 +485,14 @@ class PerturbationModel(nn.Module):
         raise NotImplementedError
 
     def _predictive_hidden(self, dosage, n_samples, *, seed: int, start: int,
-                           mean_effects: bool = False) -> torch.Tensor:  # pragma: no cover
+                           mean_effects: bool = False,
+                           batch_index=None) -> torch.Tensor:  # pragma: no cover
         """(n_samples, n, H) decoder hidden layer of simulated cells ``start .. start +
         n_samples - 1`` of each condition, on the global RNG: the basal draws first (shared by
         all conditions), then the condition's own; globals keyed by ``seed`` and perturbation
         id where the model has them (the same draws of A in "A" and in "A+B"), or at their
-        guide means with ``mean_effects``."""
+        guide means with ``mean_effects``. ``batch_index`` (1,): the batch covariate of the
+        simulated cells (models with ``n_batches`` > 0)."""
         raise NotImplementedError
 
     def _latent(self, batch, kind) -> torch.Tensor:  # pragma: no cover - abstract

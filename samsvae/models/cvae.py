@@ -26,23 +26,26 @@ class ConditionalVAE(PerturbationModel):
     def __init__(self, *, model: str = "cvae", guide: str = "mean_field", n_genes: int,
                  n_perturbations: int, n_latent: int = 100, n_hidden: int = 400,
                  gene_log1p_mean=None, gene_log1p_std=None,
-                 perturbation_counts=None):
+                 perturbation_counts=None, n_batches: int = 0):
         if model != "cvae" or guide != "mean_field":
             raise ValueError(f"ConditionalVAE is model 'cvae' with guide 'mean_field', got "
                              f"{model!r}/{guide!r}")
         super().__init__(model=model, guide=guide, n_genes=n_genes,
                          n_perturbations=n_perturbations, n_latent=n_latent, n_hidden=n_hidden,
-                         perturbation_counts=perturbation_counts)
+                         perturbation_counts=perturbation_counts, n_batches=n_batches)
         T, L = self.n_perturbations, self.n_latent
         self.encoder = GaussianEncoder(self.n_genes, self.n_hidden, L,
                                        gene_log1p_mean=gene_log1p_mean,
-                                       gene_log1p_std=gene_log1p_std, n_dosage=T)
-        self.decoder = DecoderBody(L, self.n_hidden, self.n_genes, n_dosage=T)
+                                       gene_log1p_std=gene_log1p_std, n_dosage=T,
+                                       n_batches=self.n_batches)
+        self.decoder = DecoderBody(L, self.n_hidden, self.n_genes, n_dosage=T,
+                                   n_batches=self.n_batches)
         with torch.no_grad():  # no perturbation effect until the data teach one
             self.decoder.dosage_weight.zero_()
 
     def _encode(self, batch):
-        pre = self.encoder.gene_part(batch.counts) + self.encoder.dosage_part(batch.dosage)
+        pre = (self.encoder.gene_part(batch.counts, getattr(batch, "batch_index", None))
+               + self.encoder.dosage_part(batch.dosage))
         q = self.encoder.posterior(pre)
         return q.loc, q.scale
 
@@ -53,7 +56,8 @@ class ConditionalVAE(PerturbationModel):
         loc, scale = self._encode(batch)
         eps = torch.randn((particles,) + tuple(loc.shape), dtype=loc.dtype, device=loc.device,
                           generator=generator)
-        hidden = self.decoder.hidden(loc + scale * eps, self._decoder_dosage(batch.dosage))
+        hidden = self.decoder.hidden(loc + scale * eps, self._decoder_dosage(batch.dosage),
+                                     getattr(batch, "batch_index", None))
         log_lik = self._log_lik(batch.counts, hidden, self._log_library(batch))
         return {"log_lik": log_lik, "kl_local": kl_normal(loc, scale).sum(-1), "global": None}
 
@@ -69,14 +73,17 @@ class ConditionalVAE(PerturbationModel):
         eps = local_noise(seed, start, n, state["cell_key"], loc.shape[0], self.n_latent,
                           dtype=loc.dtype, device=loc.device)
         z = loc + scale * eps
-        log_lik = self._log_lik(batch.counts, self.decoder.hidden(z, state["dosage_part"]),
+        log_lik = self._log_lik(batch.counts,
+                                self.decoder.hidden(z, state["dosage_part"],
+                                                    getattr(batch, "batch_index", None)),
                                 state["log_library"])
         return log_lik + std_normal_log_prob(z).sum(-1) - normal_log_prob(z, loc, scale).sum(-1)
 
-    def _predictive_hidden(self, dosage, n_samples, *, seed, start, mean_effects=False):
+    def _predictive_hidden(self, dosage, n_samples, *, seed, start, mean_effects=False,
+                           batch_index=None):
         dtype, device = self.decoder.input.weight.dtype, self.decoder.input.weight.device
         z = torch.randn(n_samples, 1, self.n_latent, dtype=dtype, device=device)
-        return self.decoder.hidden(z, self._decoder_dosage(dosage))
+        return self.decoder.hidden(z, self._decoder_dosage(dosage), batch_index)
 
     def _latent(self, batch, kind):
         # z is the only latent; it already plays the basal role, so "full" == "basal".

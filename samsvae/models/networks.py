@@ -63,11 +63,14 @@ class GaussianEncoder(nn.Module):
         n_conditioning: width of an extra dense input with optional particle dimension
             (the correlated z_basal guide reads the perturbation latent z_p).
         covariance: ``"diagonal"`` or ``"full"``.
+        n_batches: > 0 appends the one-hot of a batch covariate to the first layer's input
+            (scvi-tools style): ``pre += W_b[batch]``, a (n_batches, H) weight whose row of the
+            cell's batch is added (the product with the one-hot, without forming it).
     """
 
     def __init__(self, n_genes: int, n_hidden: int, n_latent: int, *, gene_log1p_mean=None,
                  gene_log1p_std=None, n_dosage: int = 0, n_conditioning: int = 0,
-                 covariance: str = "diagonal"):
+                 covariance: str = "diagonal", n_batches: int = 0):
         super().__init__()
         if covariance not in ("diagonal", "full"):
             raise ValueError(f"covariance must be 'diagonal' or 'full', got {covariance!r}")
@@ -76,7 +79,10 @@ class GaussianEncoder(nn.Module):
         self.register_buffer("gene_log1p_mean", torch.zeros(n_genes))
         self.register_buffer("gene_log1p_std", torch.ones(n_genes))
         self.set_gene_stats(gene_log1p_mean, gene_log1p_std)
-        fan_in = n_genes + n_dosage + n_conditioning
+        fan_in = n_genes + n_dosage + n_conditioning + n_batches
+        self.n_batches = int(n_batches)
+        self.batch_weight = (nn.Parameter(_uniform_(torch.empty(n_batches, n_hidden), fan_in))
+                             if n_batches else None)
         self.gene_weight = nn.Parameter(_uniform_(torch.empty(n_hidden, n_genes), fan_in))
         self.bias = nn.Parameter(_uniform_(torch.empty(n_hidden), fan_in))
         self.dosage_weight = (nn.Parameter(_uniform_(torch.empty(n_dosage, n_hidden), fan_in))
@@ -106,13 +112,16 @@ class GaussianEncoder(nn.Module):
                                  "training counts (samsvae.data.gene_log1p_stats)")
             getattr(self, name).copy_(t)
 
-    def gene_part(self, counts: torch.Tensor) -> torch.Tensor:
-        """(B, G) CSR or dense counts -> (B, H) pre-activation from the genes (+ bias)."""
+    def gene_part(self, counts: torch.Tensor,
+                  batch_index: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(B, G) CSR or dense counts -> (B, H) pre-activation from the genes (+ bias), plus
+        the batch covariate's term when the encoder has one (``batch_index`` (B,) int64)."""
         dtype = self.gene_weight.dtype
         std = self.gene_log1p_std
         std = torch.where(std > STD_FLOOR, std, torch.ones_like(std)).to(dtype)
-        return ops.log1p_standardize_linear(counts, self.gene_weight, self.bias,
-                                            self.gene_log1p_mean.to(dtype), 1.0 / std)
+        pre = ops.log1p_standardize_linear(counts, self.gene_weight, self.bias,
+                                           self.gene_log1p_mean.to(dtype), 1.0 / std)
+        return add_batch_part(pre, self.batch_weight, batch_index)
 
     def dosage_part(self, dosage: torch.Tensor) -> torch.Tensor:
         """(B, T) CSR dosage -> (B, H)."""
@@ -135,6 +144,19 @@ class GaussianEncoder(nn.Module):
         return GaussianPosterior(loc, scale_tril=tril)
 
 
+def add_batch_part(pre: torch.Tensor, weight: Optional[torch.Tensor],
+                   batch_index: Optional[torch.Tensor]) -> torch.Tensor:
+    """``pre`` (..., B, H) plus ``one_hot(batch_index) @ weight`` (rows of the (n_batches, H)
+    weight); ``pre`` unchanged for a network without a batch input."""
+    if weight is None:
+        return pre
+    if batch_index is None:
+        raise ValueError(f"this model is conditioned on a batch covariate ({weight.shape[0]} "
+                         "batches) but the cells come without one: load the data with the "
+                         "run's batch key (batch_key=...) so that batches carry batch_index")
+    return pre + weight.index_select(0, batch_index.to(weight.device).reshape(-1))
+
+
 def _scatter_offdiag(values: torch.Tensor, rows, cols, n: int) -> torch.Tensor:
     """(..., n(n-1)/2) strictly-lower entries -> (..., n, n) matrix (zeros elsewhere)."""
     flat = values.new_zeros(values.shape[:-1] + (n * n,))
@@ -143,23 +165,33 @@ def _scatter_offdiag(values: torch.Tensor, rows, cols, n: int) -> torch.Tensor:
 
 
 class DecoderBody(nn.Module):
-    """``hidden = LeakyReLU(W_z z + b [+ W_d^T dosage])``: the decoder up to its last layer.
+    """``hidden = LeakyReLU(W_z z + b [+ W_d^T dosage] [+ W_b^T one_hot(batch)])``: the
+    decoder up to its last layer.
 
     The last layer (``out``: H -> G logits) is applied by the model, fused with the likelihood.
+    ``n_batches`` > 0 appends the batch one-hot to the first layer's input (scvi-tools style).
     """
 
-    def __init__(self, n_latent: int, n_hidden: int, n_genes: int, *, n_dosage: int = 0):
+    def __init__(self, n_latent: int, n_hidden: int, n_genes: int, *, n_dosage: int = 0,
+                 n_batches: int = 0):
         super().__init__()
         self.input = nn.Linear(n_latent, n_hidden)
+        self.n_batches = int(n_batches)
+        self.batch_weight = (nn.Parameter(_uniform_(torch.empty(n_batches, n_hidden),
+                                                    n_latent + n_batches))
+                             if n_batches else None)
         self.dosage_weight = (nn.Parameter(_uniform_(torch.empty(n_dosage, n_hidden),
                                                      n_latent + 1)) if n_dosage else None)
         self.out = nn.Linear(n_hidden, n_genes)
 
-    def hidden(self, z: torch.Tensor, dosage_part: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """z (..., B, L) [+ dosage_part (B, H)] -> (..., B, H)."""
+    def hidden(self, z: torch.Tensor, dosage_part: Optional[torch.Tensor] = None,
+               batch_index: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """z (..., B, L) [+ dosage_part (B, H)] [+ batch term of batch_index (B,)] ->
+        (..., B, H)."""
         pre = self.input(z)
         if dosage_part is not None:
             pre = pre + dosage_part
+        pre = add_batch_part(pre, self.batch_weight, batch_index)
         return F.leaky_relu(pre, LEAKY_SLOPE)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

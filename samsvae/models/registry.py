@@ -17,7 +17,7 @@ _CLASSES = {"cvae": ConditionalVAE, "svae_plus": SVAEPlus, "cpa_vae": SAMSVAE,
 
 
 _COMMON = {"model", "guide", "n_genes", "n_perturbations", "n_latent", "n_hidden",
-           "gene_log1p_mean", "gene_log1p_std", "perturbation_counts"}
+           "gene_log1p_mean", "gene_log1p_std", "perturbation_counts", "n_batches"}
 
 
 def _valid_pairs() -> str:

@@ -149,7 +149,7 @@ class SAMSVAE(PerturbationModel):
                  embedding_hidden: int = 64, global_param_scale: float = 1.0,
                  basal_covariance: str = "diagonal", mask_prior_weight: float = 0.0,
                  sparse_rotation_every: int = 0, sparse_rotation_until: int = 0,
-                 sparse_rotation_reopen: float = 0.0):
+                 sparse_rotation_reopen: float = 0.0, n_batches: int = 0):
         if model not in ("sams_vae", "cpa_vae"):
             raise ValueError(f"SAMSVAE implements 'sams_vae' and 'cpa_vae', not {model!r}")
         guides = SAMS_GUIDES if model == "sams_vae" else CPA_GUIDES
@@ -194,7 +194,7 @@ class SAMSVAE(PerturbationModel):
         super().__init__(model=model, guide=guide, n_genes=n_genes,
                          n_perturbations=n_perturbations, n_latent=n_latent, n_hidden=n_hidden,
                          perturbation_counts=perturbation_counts,
-                         extra_config=extra)
+                         extra_config=extra, n_batches=n_batches)
         T, L = self.n_perturbations, self.n_latent
         self.masked = model == "sams_vae"
         self.has_masks = self.masked
@@ -218,8 +218,8 @@ class SAMSVAE(PerturbationModel):
                                        gene_log1p_mean=gene_log1p_mean,
                                        gene_log1p_std=gene_log1p_std,
                                        n_conditioning=L if self.corr_basal else 0,
-                                       covariance=basal_covariance)
-        self.decoder = DecoderBody(L, self.n_hidden, self.n_genes)
+                                       covariance=basal_covariance, n_batches=self.n_batches)
+        self.decoder = DecoderBody(L, self.n_hidden, self.n_genes, n_batches=self.n_batches)
         k = self.global_param_scale
         self.emb_loc_raw = nn.Parameter(torch.randn(T, L) * (float(embedding_init_loc_std) / k))
         self.emb_log_scale_raw = nn.Parameter(
@@ -367,17 +367,18 @@ class SAMSVAE(PerturbationModel):
         extra = self._mask_log_prior(mask) if self.mask_prior_weight and mask is not None else None
         glob = per_cell_global_term(batch.dosage, index, ratio, counts_n, extra,
                                     self.mask_prior_weight)
-        pre = self.encoder.gene_part(batch.counts)                      # (B, H), once per cell
+        cov = _covariate(batch)
+        pre = self.encoder.gene_part(batch.counts, cov)                 # (B, H), once per cell
         q = self._basal_guide(pre, z_p)                                 # (B, L) or (P, B, L)
         eps = torch.randn((particles,) + tuple(q.loc.shape[-2:]), dtype=q.loc.dtype,
                           device=q.loc.device, generator=generator)
         z_basal, kl_local = q.sample_and_kl(eps)                        # one fused node
-        hidden = self.decoder.hidden(z_basal + z_p)
+        hidden = self.decoder.hidden(z_basal + z_p, batch_index=cov)
         log_lik = self._log_lik(batch.counts, hidden, self._log_library(batch))
         return {"log_lik": log_lik, "kl_local": kl_local, "global": glob}
 
     def _iwelbo_setup(self, batch):
-        return {"pre": self.encoder.gene_part(batch.counts),
+        return {"pre": self.encoder.gene_part(batch.counts, _covariate(batch)),
                 "index": batch_perturbations(batch.dosage, _batch_index(batch))[0],
                 "log_library": self._log_library(batch),
                 "cell_key": int(batch.index[0]) if getattr(batch, "index", None) is not None
@@ -394,11 +395,13 @@ class SAMSVAE(PerturbationModel):
         eps_b = local_noise(seed, start, n, state["cell_key"], pre.shape[-2], self.n_latent,
                             dtype=pre.dtype, device=pre.device)
         z_basal = q.sample(eps_b)
-        log_lik = self._log_lik(batch.counts, self.decoder.hidden(z_basal + z_p),
+        log_lik = self._log_lik(batch.counts,
+                                self.decoder.hidden(z_basal + z_p, batch_index=_covariate(batch)),
                                 state["log_library"])
         return log_lik + std_normal_log_prob(z_basal).sum(-1) - q.log_prob_of_sample(eps_b)
 
-    def _predictive_hidden(self, dosage, n_samples, *, seed, start, mean_effects=False):
+    def _predictive_hidden(self, dosage, n_samples, *, seed, start, mean_effects=False,
+                           batch_index=None):
         index = batch_perturbations(dosage)[0]
         dtype, device = self.emb_loc_raw.dtype, self.emb_loc_raw.device
         z_basal = torch.randn(n_samples, 1, self.n_latent, dtype=dtype, device=device)
@@ -410,12 +413,13 @@ class SAMSVAE(PerturbationModel):
             emb, mask, _, _ = self._globals_from_noise(index, eps, u)
             effect = emb if mask is None else emb * mask
         z_p = self._internal(perturbation_sum(dosage, index, effect))
-        return self.decoder.hidden(z_basal + z_p)
+        return self.decoder.hidden(z_basal + z_p, batch_index=batch_index)
 
     def _latent(self, batch, kind):
         index = batch_perturbations(batch.dosage, _batch_index(batch))[0]
         z_p = perturbation_sum(batch.dosage, index, self._shift_mean(index).unsqueeze(0))[0]
-        loc = self._basal_guide(self.encoder.gene_part(batch.counts), self._internal(z_p)).loc
+        loc = self._basal_guide(self.encoder.gene_part(batch.counts, _covariate(batch)),
+                                self._internal(z_p)).loc
         if self.latent_basis is not None:  # report in the mask basis (Q orthogonal)
             loc = loc @ self.latent_basis.to(loc.dtype).T
         return loc if kind == "basal" else loc + z_p
@@ -499,6 +503,11 @@ def _batch_index(batch):
     """The batch's sorted perturbation ids when its loader computed them on the host
     (``samsvae.data.Batch.perturbations``), else None (found with ``torch.unique``)."""
     return getattr(batch, "perturbations", None)
+
+
+def _covariate(batch):
+    """(B,) int64 batch covariate of the cells (``Batch.batch_index``), or None."""
+    return getattr(batch, "batch_index", None)
 
 
 def _drop_step_counter(module, state_dict, prefix, *args) -> None:

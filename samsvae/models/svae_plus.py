@@ -76,7 +76,8 @@ class SVAEPlus(PerturbationModel):
                  gene_log1p_mean=None, gene_log1p_std=None,
                  perturbation_counts=None, labels: Optional[Sequence[Sequence[int]]] = None,
                  label_counts=None, beta2: float = 10.0, temperature: float = 1.0,
-                 mask_init_logit: float = 0.0, shift_init_std: float = 0.0):
+                 mask_init_logit: float = 0.0, shift_init_std: float = 0.0,
+                 n_batches: int = 0):
         if model != "svae_plus" or guide != "mean_field":
             raise ValueError(f"SVAEPlus is model 'svae_plus' with guide 'mean_field', got "
                              f"{model!r}/{guide!r}")
@@ -87,7 +88,7 @@ class SVAEPlus(PerturbationModel):
                      mask_init_logit=float(mask_init_logit), shift_init_std=float(shift_init_std))
         super().__init__(model=model, guide=guide, n_genes=n_genes,
                          n_perturbations=n_perturbations, n_latent=n_latent, n_hidden=n_hidden,
-                         perturbation_counts=None, extra_config=extra)
+                         perturbation_counts=None, extra_config=extra, n_batches=n_batches)
         self.label_index = LabelIndex(
             labels_cfg if labels_cfg is not None else [[t] for t in range(self.n_perturbations)],
             self.n_perturbations)
@@ -100,8 +101,9 @@ class SVAEPlus(PerturbationModel):
 
         self.encoder = GaussianEncoder(self.n_genes, self.n_hidden, L,
                                        gene_log1p_mean=gene_log1p_mean,
-                                       gene_log1p_std=gene_log1p_std)
-        self.decoder = DecoderBody(L, self.n_hidden, self.n_genes)
+                                       gene_log1p_std=gene_log1p_std,
+                                       n_batches=self.n_batches)
+        self.decoder = DecoderBody(L, self.n_hidden, self.n_genes, n_batches=self.n_batches)
         self.shift = nn.Parameter(torch.randn(n_labels, L) * float(shift_init_std))   # gamma
         self.mask_logits = nn.Parameter(torch.full((n_labels, L), float(mask_init_logit)))
         self.pi_raw_a = nn.Parameter(torch.full((L,), _inv_softplus(1.0)))
@@ -209,19 +211,22 @@ class SVAEPlus(PerturbationModel):
         glob = torch.cat([per_label, per_label.new_zeros(particles, 1)], dim=1)[
             :, torch.where(pos >= 0, pos, torch.full_like(pos, present.numel()))]
 
-        q = self.encoder.posterior(self.encoder.gene_part(batch.counts))  # (B, L) each
+        cov = getattr(batch, "batch_index", None)
+        q = self.encoder.posterior(self.encoder.gene_part(batch.counts, cov))  # (B, L) each
         loc, scale = q.loc, q.scale
         prior_loc = self._prior_loc(mask, present, pos)                        # (P, B, L)
         eps = torch.randn((particles,) + tuple(loc.shape), dtype=loc.dtype, device=loc.device,
                           generator=generator)
         z = loc + scale * eps
-        log_lik = self._log_lik(batch.counts, self.decoder.hidden(z), self._log_library(batch))
+        log_lik = self._log_lik(batch.counts, self.decoder.hidden(z, batch_index=cov),
+                                self._log_library(batch))
         return {"log_lik": log_lik, "kl_local": kl_normal(loc, scale, prior_loc).sum(-1),
                 "global": glob}
 
     def _iwelbo_setup(self, batch):
         lab, present, pos = self._labels(batch.dosage, getattr(batch, "host_dosage", None))
-        q = self.encoder.posterior(self.encoder.gene_part(batch.counts))
+        q = self.encoder.posterior(self.encoder.gene_part(batch.counts,
+                                                          getattr(batch, "batch_index", None)))
         loc, scale = q.loc, q.scale
         return {"loc": loc, "scale": scale, "present": present, "pos": pos,
                 "log_library": self._log_library(batch),
@@ -236,11 +241,15 @@ class SVAEPlus(PerturbationModel):
         eps = local_noise(seed, start, n, state["cell_key"], loc.shape[0], self.n_latent,
                           dtype=loc.dtype, device=loc.device)
         z = loc + scale * eps
-        log_lik = self._log_lik(batch.counts, self.decoder.hidden(z), state["log_library"])
+        log_lik = self._log_lik(batch.counts,
+                                self.decoder.hidden(z, batch_index=getattr(batch, "batch_index",
+                                                                           None)),
+                                state["log_library"])
         return (log_lik + normal_log_prob(z, prior_loc, 1.0).sum(-1)
                 - normal_log_prob(z, loc, scale).sum(-1))
 
-    def _predictive_hidden(self, dosage, n_samples, *, seed, start, mean_effects=False):
+    def _predictive_hidden(self, dosage, n_samples, *, seed, start, mean_effects=False,
+                           batch_index=None):
         _, present, pos = self._labels(dosage)
         dtype, device = self.shift.dtype, self.shift.device
         z = torch.randn(n_samples, 1, self.n_latent, dtype=dtype, device=device)
@@ -250,10 +259,12 @@ class SVAEPlus(PerturbationModel):
             u = torch.rand(n_samples, present.numel(), self.n_latent, dtype=dtype,
                            device=device).clamp(UNIFORM_EPS, 1 - UNIFORM_EPS)
             mask = relaxed_bernoulli_st(self.mask_logits[present], u, self.temperature)
-        return self.decoder.hidden(z + self._prior_loc(mask, present, pos))
+        return self.decoder.hidden(z + self._prior_loc(mask, present, pos),
+                                   batch_index=batch_index)
 
     def _latent(self, batch, kind):
-        loc = self.encoder.posterior(self.encoder.gene_part(batch.counts)).loc
+        loc = self.encoder.posterior(self.encoder.gene_part(
+            batch.counts, getattr(batch, "batch_index", None))).loc
         if kind == "full":
             return loc
         _, present, pos = self._labels(batch.dosage)

@@ -33,6 +33,9 @@ def build_model_for_screen(screen, train_idx: np.ndarray, *, model: str = "sams_
                          "fraction or split column) and drop_labels")
     mean, std = gene_log1p_stats(screen, train_idx) if gene_stats is None else gene_stats
     counts = perturbation_cell_counts(screen.dosage, train_idx)
+    if getattr(screen, "n_batches", 0) and "n_batches" not in kwargs:
+        # the batch covariate (screen.batch_key): encoder and decoder read its one-hot
+        kwargs["n_batches"] = screen.n_batches
     if model == "svae_plus" and "labels" not in kwargs:
         # SVAE+ gives each seen combination its own shift: its vocabulary is the training labels
         kwargs.update(svae_plus_labels(screen.dosage[train_idx]))

@@ -36,7 +36,7 @@ NO_SPLIT = "none"  # split value of cells absent from split.csv (data other than
 
 # load_screen keyword arguments recorded in config.json["data"]
 DATA_OPTIONS = ("layer", "perturbation_key", "separator", "control_label", "drop_labels",
-                "dosage_key", "keep_labels")
+                "dosage_key", "keep_labels", "batch_key")
 
 
 @dataclass
@@ -90,6 +90,9 @@ def run_config(*, model_name: str, guide: str, model_config: dict, screen, data_
         "n_cells": int(screen.n_cells),
         "genes": [str(g) for g in screen.gene_names],
         "perturbations": [str(p) for p in screen.perturbations],
+        # the batch covariate's categories in the order of the model's one-hot (None: no key)
+        "batches": (None if getattr(screen, "batch_categories", None) is None
+                    else [str(b) for b in screen.batch_categories]),
     }
 
 
@@ -271,6 +274,8 @@ def screen_for_run(config: dict, data=None, run_dir=None):
             options.pop("separator")
         if options.get("perturbation_key") is None:
             options.pop("perturbation_key")
+        if options.get("batch_key") is not None:  # the run's batches, in its one-hot order
+            options["batch_categories"] = config.get("batches")
         if isinstance(data, (str, Path)):  # read the file as training did (backed or not)
             options["backed"] = bool(config["data"].get("backed", False))
             if options["backed"] and run_dir is not None:
@@ -278,16 +283,26 @@ def screen_for_run(config: dict, data=None, run_dir=None):
                 options["library"] = cached_library(Path(run_dir) / CACHE_NAME, data,
                                                     f"layers/{layer}" if layer else "X")
         data = load_screen(data, **options)
-    return align_screen(data, config["genes"], config["perturbations"])
+    return align_screen(data, config["genes"], config["perturbations"],
+                        batches=config.get("batches"), batch_key=config["data"].get("batch_key"))
 
 
-def align_screen(screen, genes, perturbations):
-    """Return ``screen`` with its dosage columns in the order of ``perturbations``.
+def align_screen(screen, genes, perturbations, *, batches=None, batch_key=None):
+    """Return ``screen`` with its dosage columns in the order of ``perturbations`` (and, for a
+    run with a batch covariate, its batch codes in the order of ``batches``).
 
     Raises a ValueError naming the first differing gene when the genes differ, and naming the
     perturbations the run does not know when the data holds some.
     """
     check_genes(screen.gene_names, genes)
+    if batches is not None and list(getattr(screen, "batch_categories", None) or []) != \
+            [str(b) for b in batches]:
+        from ..data import with_batches
+        key = batch_key or getattr(screen, "batch_key", None)
+        if key is None:
+            raise ValueError("the run was trained with a batch covariate; load the data with "
+                             "its batch key")
+        screen = with_batches(screen, key, [str(b) for b in batches])
     run_vocab = [str(p) for p in perturbations]
     data_vocab = [str(p) for p in screen.perturbations]
     if data_vocab == run_vocab:
