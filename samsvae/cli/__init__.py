@@ -41,7 +41,9 @@ def main(argv=None) -> int:
         parser.print_help()
         return 2
     module = importlib.import_module(SUBCOMMANDS[args.command][0])
-    from ..data.options import option_style  # messages name --flags, not keyword arguments
+    from ..data.options import (
+        option_style,  # messages name --flags, not keyword arguments
+    )
     formatwarning, warnings.formatwarning = warnings.formatwarning, _one_line_warning
     try:
         with option_style("cli"):

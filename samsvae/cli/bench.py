@@ -52,9 +52,9 @@ from typing import Callable, Dict, List
 import numpy as np
 
 from .. import ops
-from ..ops.backends import set_tf32
 from ..data.simulate import synth_batch
 from ..models import MODEL_GUIDES, build_model
+from ..ops.backends import set_tf32
 from ..ops.encoder import cpp as encoder_cpp
 
 JSON_KEYS = ("config", "machine", "matmul_floor_s", "backends", "ratios", "iwelbo")

@@ -20,16 +20,24 @@ from pathlib import Path
 import numpy as np
 
 from .. import ops
-from ..infer import (METRIC_LEGEND, METRICS, NOISE_CEILING, compare_with_baselines, data_ate,
-                     evaluate_model, masks_untrained, model_ate)
-from ..infer.masks import UNTRAINED_MASK_TOLERANCE
+from ..infer import (
+    METRIC_LEGEND,
+    METRICS,
+    NOISE_CEILING,
+    compare_with_baselines,
+    data_ate,
+    evaluate_model,
+    masks_untrained,
+    model_ate,
+)
 from ..infer import plots as figures
 from ..data import with_batches
 from ..infer.by_batch import compare_by_batch
+from ..infer.masks import UNTRAINED_MASK_TOLERANCE
 from ..train.checkpoint import atomic_write_text
 from ..train.distributed import init_from_env, shutdown
 from ..train.run_dir import load_run, plain_json
-
+from .execution import add_execution_arguments
 
 MIN_CELLS = 20
 # mean |model ATE| above this many times the data's: the model invents effects
@@ -61,13 +69,7 @@ def add_arguments(parser) -> None:
                              "without --batch-key (a run trained with one always does, with its "
                              "own key)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the Monte Carlo estimates")
-    parser.add_argument("--device", default="cpu", help="cpu | cuda (default: cpu)")
-    parser.add_argument("--tf32", action="store_true",
-                   help="on --device cuda: TF32 matrix products (faster, ~1e-3 relative error "
-                        "per product); off by default; not saved with the run")
-    parser.add_argument("--backend", default="auto", choices=("auto",) + ops.backends.BACKENDS,
-                        help="kernel backend of the fused ops for this evaluation, whatever the "
-                             "run was trained with (default: auto)")
+    add_execution_arguments(parser, what="this evaluation")
 
 
 def run(args) -> int:

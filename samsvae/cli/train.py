@@ -30,6 +30,7 @@ from ..train.run_dir import (
     screen_for_run,
 )
 from .evaluate import evaluate_run, print_metrics
+from .execution import add_execution_arguments
 
 DEMO_DIR = "samsvae-demo"
 # The demo: a simulated screen sized to train and evaluate in about 1-2 minutes on 2 CPU cores.
@@ -87,9 +88,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--hidden", type=int, default=400, help="hidden units of the MLPs (default: 400)")
     g = p.add_argument_group(
         "model options", "not given: the paper's defaults. Mask recovery on simulated screens "
-        "(benchmarks/sim_recovery.py): --global-param-scale 10 --basal-covariance full "
+        "(benchmarks/sim_recovery.py): --basal-covariance full "
         "--mask-prior-weight 0.02 --sparse-rotation-every 300 --sparse-rotation-reopen 0.5 "
-        "--sparse-rotation-until (3/4 of --max-steps) --lr 3e-3")
+        "--sparse-rotation-until (3/4 of --max-steps) --lr 3e-3 (the per-perturbation "
+        "learning rate is already 10x: --perturbation-lr-scale)")
     for flag, _, kind, text in MODEL_OPTIONS:
         extra = {"choices": ("diagonal", "full")} if flag == "--basal-covariance" else {}
         g.add_argument(flag, type=kind, default=None, help=text, **extra)
@@ -127,13 +129,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "(default: 5; 0: never by time). The previous one is kept as "
                         "last.prev.pt, the fallback when last.pt cannot be read")
     g.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    g.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default: cpu)")
-    g.add_argument("--tf32", action="store_true",
-                   help="on --device cuda: TF32 matrix products (faster, ~1e-3 relative error "
-                        "per product); off by default; not saved with the run")
-    g.add_argument("--backend", default="auto", choices=("auto",) + ops.backends.BACKENDS,
-                   help="kernel backend of the fused ops for this process (default: auto); not "
-                        "saved with the run: evaluate may use another")
+    add_execution_arguments(g, what="this training")
     g.add_argument("--resume", action="store_true",
                    help="continue RUN_DIR from checkpoints/last.pt (same options as the first run)")
     g.add_argument("--no-progress", action="store_true",

@@ -29,6 +29,7 @@ import torch
 
 from ..data import CONTROL_CANDIDATES
 from ..data.loader import check_indices
+from ..data.options import opt
 from ..models.base import NORMALIZED_LIBRARY
 from .spread import gather_in_order, my_items
 
@@ -73,12 +74,7 @@ def data_ate(screen, indices) -> Tuple[List[str], np.ndarray]:
     is_control = np.asarray(screen.is_control, dtype=bool)
     pert_rows = rows[~is_control[rows]]
     labels = sorted(set(labels_all[pert_rows].tolist()))
-    ctrl_rows = rows[is_control[rows]]
-    if ctrl_rows.size == 0:
-        ctrl_rows = np.flatnonzero(is_control)
-    if ctrl_rows.size == 0:
-        raise ValueError("the screen has no control cells, so treatment effects are undefined; "
-                         "load it with the right control_label (load_screen(control_label=...))")
+    ctrl_rows = control_rows(screen, rows)
     if not labels:
         return [], np.zeros((0, screen.n_genes))
     pos = {lab: i for i, lab in enumerate(labels)}
@@ -126,6 +122,19 @@ def condition_dosage(screen, labels: Sequence[str]) -> Tuple[sp.csr_matrix, List
     dosage = sp.csr_matrix((np.asarray(vals, np.float32), (rows, cols)),
                            shape=(len(labels), len(vocab)), dtype=np.float32)
     return dosage, canonical
+
+
+def control_rows(screen, rows: np.ndarray) -> np.ndarray:
+    """The control cells among ``rows``, or all control cells of the screen when ``rows`` has
+    none (e.g. a held-out split made of perturbed cells only)."""
+    is_control = np.asarray(screen.is_control, dtype=bool)
+    ctrl = rows[is_control[rows]]
+    if ctrl.size == 0:
+        ctrl = np.flatnonzero(is_control)
+    if ctrl.size == 0:
+        raise ValueError("the screen has no control cells, so treatment effects are undefined; "
+                         f"name the label of unperturbed cells with {opt('control_label')}")
+    return ctrl
 
 
 def label_dosage(screen, labels: Sequence[str]) -> sp.csr_matrix:

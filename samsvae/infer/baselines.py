@@ -33,7 +33,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 
 from ..data.loader import check_indices
-from .ate import _group_means, condition_dosage, data_ate
+from .ate import _group_means, condition_dosage, control_rows, data_ate
 
 BASELINES = ("control", "train_mean", "additive", "linear")
 LINEAR_ALPHAS = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
@@ -56,23 +56,12 @@ class BaselineATE:
     notes: Dict[str, str] = field(default_factory=dict)
 
 
-def _control_rows(screen, rows: np.ndarray) -> np.ndarray:
-    is_control = np.asarray(screen.is_control, dtype=bool)
-    ctrl = rows[is_control[rows]]
-    if ctrl.size == 0:
-        ctrl = np.flatnonzero(is_control)
-    if ctrl.size == 0:
-        raise ValueError("the screen has no control cells, so treatment effects are undefined; "
-                         "load it with the right control_label (load_screen(control_label=...))")
-    return ctrl
-
-
 def perturbed_shift(screen, train_indices) -> np.ndarray:
     """(G,) mean normalised expression of all perturbed training cells minus that of the
     training control cells: the systematic perturbed-vs-control difference that Systema
     (Vinas Torne et al., Nat. Biotechnol. 2025) removes from both sides of a correlation."""
     rows = check_indices(screen, train_indices)
-    ctrl = _control_rows(screen, rows)
+    ctrl = control_rows(screen, rows)
     pert = rows[~np.asarray(screen.is_control, dtype=bool)[rows]]
     if pert.size == 0:
         return np.zeros(screen.n_genes)

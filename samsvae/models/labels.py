@@ -126,11 +126,5 @@ class LabelIndex:
         unknown = (out < 0) & (nnz > 0)
         if bool(unknown.any()):
             r = int(torch.nonzero(unknown)[0])
-            key = sorted(col[crow[r]:crow[r + 1]].tolist())
-            raise ValueError(
-                f"dosage row {r} holds the perturbation set {key}, which is not an SVAE+ label "
-                "of this model. SVAE+ treats each distinct combination as its own label and "
-                "cannot predict unseen ones: build the model with "
-                "**samsvae.models.svae_plus_labels(training dosage) covering every label to "
-                "evaluate, or use sams_vae / cpa_vae for combinatorial generalisation")
+            self._raise_unknown(r, sorted(col[crow[r]:crow[r + 1]].tolist()))
         return out
