@@ -134,6 +134,23 @@ def check_indices(screen, indices) -> np.ndarray:
     return idx
 
 
+def set_loader_options(loader, screen, indices, batch_size, *, shuffle, seed, drop_last,
+                       device) -> None:
+    """The checked options every loader of screen rows holds (``screen``, ``indices`` (n,)
+    int64, ``batch_size``, ``shuffle``, ``seed``, ``drop_last``, ``device``, ``epoch`` 0)."""
+    idx = check_indices(screen, indices)
+    if int(batch_size) < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    loader.screen = screen
+    loader.indices = idx
+    loader.batch_size = int(batch_size)
+    loader.shuffle = bool(shuffle)
+    loader.seed = int(seed)
+    loader.drop_last = bool(drop_last)
+    loader.device = torch.device(device)
+    loader.epoch = 0
+
+
 class MinibatchLoader:
     """Iterate over rows ``indices`` of a ScreenData in batches of ``batch_size``.
 
@@ -147,17 +164,8 @@ class MinibatchLoader:
 
     def __init__(self, screen, indices, batch_size: int = 512, *, shuffle: bool = True,
                  seed: int = 0, drop_last: bool = False, device="cpu"):
-        idx = check_indices(screen, indices)
-        if int(batch_size) < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.screen = screen
-        self.indices = idx
-        self.batch_size = int(batch_size)
-        self.shuffle = bool(shuffle)
-        self.seed = int(seed)
-        self.drop_last = bool(drop_last)
-        self.device = torch.device(device)
-        self.epoch = 0
+        set_loader_options(self, screen, indices, batch_size, shuffle=shuffle, seed=seed,
+                           drop_last=drop_last, device=device)
 
     def set_epoch(self, epoch: int) -> None:
         """Choose the epoch whose shuffle order the next iteration uses."""

@@ -45,7 +45,8 @@ import scipy.sparse as sp
 import torch
 
 from .backed import BackedCSR
-from .loader import Batch, batch_codes, batch_perturbation_ids, check_indices, csr_to_torch
+from .loader import (Batch, batch_codes, batch_perturbation_ids, csr_to_torch,
+                     set_loader_options)
 
 DEFAULT_CHUNK_ROWS = 1024      # backed: cells per contiguous read unit
 DEFAULT_BUFFER_CHUNKS = 16     # chunks shuffled together
@@ -123,9 +124,9 @@ class StreamingLoader:
                  chunk_rows: Optional[int] = None, buffer_chunks: int = DEFAULT_BUFFER_CHUNKS,
                  prefetch_batches: int = DEFAULT_PREFETCH_BATCHES, max_gap: int = DEFAULT_MAX_GAP,
                  rank: int = 0, world_size: int = 1, even_batches: bool = True):
-        idx = check_indices(screen, indices)
-        if int(batch_size) < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        set_loader_options(self, screen, indices, batch_size, shuffle=shuffle, seed=seed,
+                           drop_last=drop_last, device=device)
+        idx = self.indices
         if int(world_size) < 1 or not 0 <= int(rank) < int(world_size):
             raise ValueError(f"need 0 <= rank < world_size, got rank {rank}, world_size "
                              f"{world_size}")
@@ -140,13 +141,6 @@ class StreamingLoader:
                 raise ValueError(f"{name} must be >= 1, got {v}")
         if int(prefetch_batches) < 0 or int(max_gap) < 0:
             raise ValueError("prefetch_batches and max_gap must be >= 0")
-        self.screen = screen
-        self.indices = idx
-        self.batch_size = int(batch_size)
-        self.shuffle = bool(shuffle)
-        self.seed = int(seed)
-        self.drop_last = bool(drop_last)
-        self.device = torch.device(device)
         self.chunk_rows = int(chunk_rows)
         self.buffer_chunks = int(buffer_chunks)
         self.prefetch_batches = int(prefetch_batches)
@@ -154,7 +148,6 @@ class StreamingLoader:
         self.rank, self.world_size = int(rank), int(world_size)
         self.even_batches = bool(even_batches)
         self.backed = backed
-        self.epoch = 0
         self.stats = {"read_s": 0.0, "wait_s": 0.0, "bytes_read": 0, "batches": 0}
         # the cells in file order: chunks are runs of neighbouring rows
         self._sorted = np.sort(idx) if self.shuffle else idx

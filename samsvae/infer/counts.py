@@ -3,7 +3,7 @@ tools (scanpy, pertpy, PyDESeq2) take. Used by ``SAMSVAE.sample_counts`` and ``s
 predict``."""
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Sequence
 
 import numpy as np
 import scipy.sparse as sp

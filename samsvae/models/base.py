@@ -459,16 +459,23 @@ class PerturbationModel(nn.Module):
                                               recompute=None)
 
     def _require_counts(self) -> torch.Tensor:
-        # the flag lives in a buffer (state_dict); read it once per module, not every step
-        if self.__dict__.get("_counts_checked") is self.perturbation_counts_set:
-            return self.perturbation_counts
-        if not bool(self.perturbation_counts_set):
-            raise RuntimeError(
-                "perturbation counts N_t are not set: pass perturbation_counts= to build_model "
-                "or call model.set_perturbation_counts(counts) with the number of training "
-                "cells carrying each perturbation (samsvae.data.perturbation_cell_counts)")
-        self.__dict__["_counts_checked"] = self.perturbation_counts_set
-        return self.perturbation_counts
+        return self._require_set(
+            self.perturbation_counts, self.perturbation_counts_set,
+            "perturbation counts N_t are not set: pass perturbation_counts= to build_model "
+            "or call model.set_perturbation_counts(counts) with the number of training "
+            "cells carrying each perturbation (samsvae.data.perturbation_cell_counts)")
+
+    def _require_set(self, values: torch.Tensor, flag: torch.Tensor, message: str):
+        """``values`` once its buffer ``flag`` says they were set, else RuntimeError(message).
+        The flag lives in a buffer (state_dict): read once per module and buffer object (a
+        host sync), not every step."""
+        checked = self.__dict__.setdefault("_flags_checked", {})
+        if checked.get(message) is flag:
+            return values
+        if not bool(flag):
+            raise RuntimeError(message)
+        checked[message] = flag
+        return values
 
     # -- hooks for the subclasses ------------------------------------------------------------
 

@@ -136,15 +136,11 @@ class SVAEPlus(PerturbationModel):
         self.label_counts_set.fill_(True)
 
     def _require_label_counts(self) -> torch.Tensor:
-        if self.__dict__.get("_label_counts_checked") is self.label_counts_set:
-            return self.label_counts  # checked once per module, not every step
-        if not bool(self.label_counts_set):
-            raise RuntimeError(
-                "SVAE+ label counts are not set: build it with "
-                "**samsvae.models.svae_plus_labels(training dosage) (gives labels and "
-                "label_counts) or call set_perturbation_counts(counts, label_counts=...)")
-        self.__dict__["_label_counts_checked"] = self.label_counts_set
-        return self.label_counts
+        return self._require_set(
+            self.label_counts, self.label_counts_set,
+            "SVAE+ label counts are not set: build it with "
+            "**samsvae.models.svae_plus_labels(training dosage) (gives labels and "
+            "label_counts) or call set_perturbation_counts(counts, label_counts=...)")
 
     # -- sampling pieces -----------------------------------------------------------------------
 
