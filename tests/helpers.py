@@ -3,7 +3,10 @@
 Imported as ``helpers`` (``pythonpath = ["tests"]`` in pyproject.toml), never from a test
 module or conftest.
 """
+import pytest
 import torch
+
+from samsvae.ops import cpp_extension
 
 # the C++ kernels' instruction sets, best first (the ``isa`` fixture of conftest.py)
 CPU_ISAS = ("avx512", "avx2", "baseline")
@@ -63,3 +66,18 @@ def two_batch_screen(n_cells=240, n_genes=20, n_perturbations=3, seed=0):
     adata.X = sp.csr_matrix(x.astype(np.float32))
     adata.obs["line"] = line
     return adata
+
+
+needs_cpp = pytest.mark.skipif(not cpp_extension.ext_available(),
+                               reason=f"C++ extension not built: {cpp_extension.EXT_ERROR}")
+try:
+    import triton  # noqa: F401  (the kernels run under the interpreter without CUDA)
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover
+    HAS_TRITON = False
+needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
+# the interpreter evaluates both branches of tl.where: inf/nan in the discarded lanes are fine
+INTERPRETER_WARNINGS = [pytest.mark.filterwarnings("ignore:divide by zero encountered"),
+                        pytest.mark.filterwarnings("ignore:invalid value encountered"),
+                        pytest.mark.filterwarnings("ignore:overflow encountered"),
+                        pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")]

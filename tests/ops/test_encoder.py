@@ -6,12 +6,13 @@ import pytest
 import scipy.sparse as sp
 import torch
 from helpers import CPU_ISAS as ISAS
+from helpers import needs_cpp
 
 from samsvae.ops import cpp_extension, log1p_standardize, log1p_standardize_linear
 from samsvae.ops.encoder import cpp as encoder_cpp
 from samsvae.ops.encoder import log1p_standardize_reference
 
-needs_cpp = pytest.mark.skipif(not cpp_extension.ext_available(), reason="C++ extension not built")
+
 
 
 # ------------------------------------------------------------ ops_log1p_standardize

@@ -17,28 +17,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import CPU_ISAS
+from helpers import CPU_ISAS, HAS_TRITON, INTERPRETER_WARNINGS, needs_cpp, needs_triton
 from helpers import make_inputs, random_inputs
 
 from samsvae import ops
 from samsvae.ops import backends, cpp_extension, nb_log_prob, nb_log_prob_reference
 from samsvae.ops.nb import lgamma_ratio
 
-needs_cpp = pytest.mark.skipif(not cpp_extension.ext_available(),
-                               reason=f"C++ extension not built: {cpp_extension.EXT_ERROR}")
-try:
-    import triton  # noqa: F401  (the kernels run under the interpreter without CUDA)
-    HAS_TRITON = True
-except ImportError:  # pragma: no cover
-    HAS_TRITON = False
-needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
 if HAS_TRITON:
     from samsvae.ops.nb import triton as K
-# the interpreter evaluates both branches of tl.where: inf/nan in the discarded lanes are fine
-pytestmark = [pytest.mark.filterwarnings("ignore:divide by zero encountered"),
-              pytest.mark.filterwarnings("ignore:invalid value encountered"),
-              pytest.mark.filterwarnings("ignore:overflow encountered"),
-              pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")]
+pytestmark = INTERPRETER_WARNINGS
 
 
 # ------------------------------------------------------------ ops_reference
