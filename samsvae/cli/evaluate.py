@@ -226,6 +226,14 @@ def _baselines(loaded, idx, raw: dict, metrics: dict, *, seed: int, min_cells: i
             first = next(iter(why.values()))
             notes.append(f"{name} undefined for {len(why)} of {len(labels)} label(s) "
                          f"({first}{'; ...' if len(why) > 1 else ''})")
+    shared = info.get("shared_reference_controls", 0)
+    metrics["baselines"]["shared_reference_controls"] = shared
+    if shared:
+        notes.append(f"the evaluated split has no control cells, so its data ATE is measured "
+                     f"against all control cells, {shared} of them training cells that the "
+                     "baselines subtract too: they share that reference's noise with the data "
+                     "and score higher than they predict (hold control cells out in the "
+                     "evaluated split, as --split ood_combinations does)")
     ceiling = summary["split_half"]["ate_pearson"]
     if math.isfinite(ceiling) and ceiling < NOISE_CEILING:
         notes.append(f"split-half ceiling {ceiling:.2f} < {NOISE_CEILING}: these labels' effects "

@@ -63,6 +63,11 @@ MODEL_OPTIONS = (
      "sams_vae: last training step of the rotation phase (0 = rotate until the end)"),
     ("--sparse-rotation-reopen", "sparse_rotation_reopen", float,
      "sams_vae: after each rotation every mask probability is at least this (default: 0)"),
+    ("--gene-offsets", "gene_offset_prior_scale", float,
+     "sams_vae/cpa_vae, a variant of the paper's model: each perturbation also shifts every "
+     "gene's log rate directly, with a N(0, S^2) prior (S, e.g. 1; default 0 = the paper's "
+     "model). For effects the latent space does not span, e.g. a CRISPRi target's own "
+     "knockdown"),
 )
 
 
@@ -92,9 +97,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--mask-prior-weight 0.02 --sparse-rotation-every 300 --sparse-rotation-reopen 0.5 "
         "--sparse-rotation-until (3/4 of --max-steps) --lr 3e-3 (the per-perturbation "
         "learning rate is already 10x: --perturbation-lr-scale)")
-    for flag, _, kind, text in MODEL_OPTIONS:
+    for flag, key, kind, text in MODEL_OPTIONS:
         extra = {"choices": ("diagonal", "full")} if flag == "--basal-covariance" else {}
-        g.add_argument(flag, type=kind, default=None, help=text, **extra)
+        g.add_argument(flag, dest=key, type=kind, default=None, help=text, **extra)
     g = p.add_argument_group("training")
     steps = g.add_mutually_exclusive_group()
     steps.add_argument("--max-steps", type=int, default=None, help="optimiser steps to run")

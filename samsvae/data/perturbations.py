@@ -227,24 +227,49 @@ def perturbation_cell_counts(dosage: sp.csr_matrix, indices: Optional[np.ndarray
     return np.bincount(nonzero, minlength=rows.shape[1]).astype(np.int64)
 
 
+def additive_gram(dosage: sp.csr_matrix, indices) -> sp.csc_matrix:
+    """((T + 1), (T + 1)) sparse X^T X of the additive design X = [1, dosage] over the cells
+    ``indices``: the left side of the normal equations of :func:`additive_shifts`."""
+    d = sp.csr_matrix(dosage)[np.asarray(indices, dtype=np.int64)]
+    design = sp.hstack([sp.csr_matrix(np.ones((d.shape[0], 1))), d]).tocsc()
+    return (design.T @ design).tocsc()
+
+
+def additive_shifts(gram: sp.spmatrix, xty: np.ndarray, *, ridge: float = 1e-6) -> np.ndarray:
+    """Each perturbation's additive shift of a per-cell quantity, from the normal equations of
+    ``y_i = c + sum_t dosage_it delta_t``: ``gram`` = X^T X (:func:`additive_gram`) and
+    ``xty`` = X^T y, ((T + 1),) or ((T + 1), k) (row 0 the sum of y, row 1 + t the
+    dosage-weighted sum over the cells carrying t). Summed over cells, both can be added up
+    across processes before solving. ``ridge`` is added to the diagonal; perturbations no cell
+    carries get 0.
+
+    Returns:
+        (T,) or (T, k) float64 delta (the intercept c dropped).
+    """
+    from scipy.sparse.linalg import spsolve
+    gram = sp.csc_matrix(gram, dtype=np.float64)
+    rhs = np.asarray(xty, dtype=np.float64)
+    coef = spsolve(gram + ridge * sp.identity(gram.shape[0], format="csc"), rhs)
+    coef = np.asarray(coef, dtype=np.float64).reshape(rhs.shape)
+    shifts = coef[1:].copy()
+    shifts[np.asarray(gram.diagonal())[1:] == 0] = 0.0
+    return shifts
+
+
 def log_depth_shifts(dosage: sp.csr_matrix, library: np.ndarray, indices) -> np.ndarray:
     """(T,) each perturbation's additive shift of log library size (sequencing depth) over
     control cells, fitted on the cells ``indices`` by least squares of
-    ``log library_i = c + sum_t dosage_it delta_t`` (ridge 1e-3 per perturbation; 0 for
+    ``log library_i = c + sum_t dosage_it delta_t`` (:func:`additive_shifts`; 0 for
     perturbations no cell of ``indices`` carries).
 
     A perturbation that changes a cell's total RNA changes its depth, and with it the measured
     normalised expression log2(1 + 1e4 x / library) of every gene; predictions of measured
     cells use this to sequence simulated cells of a condition as deeply as its cells are
     expected to be (additively in log depth for combinations)."""
-    from scipy.sparse.linalg import lsqr
     rows = np.asarray(indices, dtype=np.int64)
     d = sp.csr_matrix(dosage)[rows]
-    y = np.log(np.maximum(np.asarray(library, dtype=np.float64)[rows], 1.0))
     if d.shape[0] == 0 or d.nnz == 0:
         return np.zeros(d.shape[1])
-    design = sp.hstack([sp.csr_matrix(np.ones((d.shape[0], 1))), d]).tocsr()
-    coef = lsqr(design, y, damp=1e-3, atol=1e-10, btol=1e-10)[0]
-    shifts = coef[1:]
-    shifts[np.asarray((d != 0).sum(0)).ravel() == 0] = 0.0
-    return shifts
+    y = np.log(np.maximum(np.asarray(library, dtype=np.float64)[rows], 1.0))
+    xty = np.concatenate([[y.sum()], d.T @ y])
+    return additive_shifts(additive_gram(dosage, rows), xty)

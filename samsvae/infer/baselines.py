@@ -12,8 +12,9 @@ Every baseline predicts, for a perturbation label, its ATE in the package's norm
   ``train_mean``. Undefined for a label with a part never seen alone in training.
 * ``linear``: ridge regression, over the training labels, of each label's mean shift on its
   dosage row (perturbation indicator features; the number of times each part occurs) with an
-  unpenalised intercept (the shift common to all perturbed labels, counted once per label):
-  ``shift(label) ~ b + sum_t d_t w_t``. A combination is predicted from the learned per-part
+  unpenalised intercept (the shift common to all perturbed labels), each label weighted by its
+  training cells (the cells' least squares: a label of 2 cells does not pull as hard as one of
+  1,000): ``shift(label) ~ b + sum_t d_t w_t``. A combination is predicted from the learned per-part
   coefficients ``w_t``, which also learn from training combinations (a part seen only in
   doubles still gets one). The penalty ``lam = alpha * mean diag(X'X)`` (X the centred
   features) takes the ``alpha`` of ``LINEAR_ALPHAS`` with the smallest leave-one-label-out
@@ -76,31 +77,41 @@ def _parts(screen, labels: Sequence[str]) -> np.ndarray:
     return np.asarray(dosage.todense(), dtype=np.float64)
 
 
-def ridge_fit(x: np.ndarray, y: np.ndarray, alphas: Sequence[float] = LINEAR_ALPHAS):
+def ridge_fit(x: np.ndarray, y: np.ndarray, alphas: Sequence[float] = LINEAR_ALPHAS,
+              weights: Optional[np.ndarray] = None):
     """Ridge with unpenalised intercept, penalty chosen by leave-one-out.
 
     Args:
         x: (n, T) features; y: (n, G) targets.
+        weights: (n,) non-negative row weights (e.g. each label's training cells, so that the
+            fit is the cells' least squares and a 1-cell label does not count as much as a
+            1,000-cell one); None: all 1. Scaled to mean 1.
     Returns:
         ``(weight (T, G), intercept (G,), alpha, loo_mse {alpha: value})``; the penalty is
-        ``alpha * mean diag(Xc'Xc)`` with Xc the centred features.
+        ``alpha * mean diag(Xc'W Xc)`` with Xc the (weighted-)centred features; the
+        leave-one-out error is weighted like the fit.
     """
     x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
-    xm, ym = x.mean(axis=0), y.mean(axis=0)
+    n = x.shape[0]
+    wt = np.ones(n) if weights is None else np.asarray(weights, np.float64).reshape(-1)
+    if wt.shape != (n,) or np.any(wt < 0) or not wt.sum() > 0:
+        raise ValueError(f"weights must be {n} non-negative numbers, not all 0")
+    wt = wt / wt.mean()
+    xm, ym = wt @ x / wt.sum(), wt @ y / wt.sum()
     xc, yc = x - xm, y - ym
-    gram = xc.T @ xc
+    gram = xc.T @ (wt[:, None] * xc)
     scale = float(np.mean(np.diag(gram))) if gram.size else 0.0
     scale = scale if scale > 0 else 1.0
-    n = x.shape[0]
     best, loo = None, {}
     for alpha in alphas:
         inv = np.linalg.inv(gram + alpha * scale * np.eye(gram.shape[0]))
-        w = inv @ xc.T @ yc
-        # the centring is a leverage of 1/n on top of the ridge hat matrix
-        h = np.einsum("ij,jk,ik->i", xc, inv, xc) + 1.0 / n
+        w = inv @ xc.T @ (wt[:, None] * yc)
+        # the centring is a leverage of w_i / sum(w) on top of the ridge hat matrix
+        h = wt * (np.einsum("ij,jk,ik->i", xc, inv, xc) + 1.0 / wt.sum())
         resid = yc - xc @ w
         denom = np.maximum(1.0 - h, 1e-9)
-        err = float(np.mean((resid / denom[:, None]) ** 2)) if n > 1 else float("nan")
+        err = (float(np.sum(wt[:, None] * (resid / denom[:, None]) ** 2) / (wt.sum() * y.shape[1]))
+               if n > 1 else float("nan"))
         loo[float(alpha)] = err
         if best is None or (np.isfinite(err) and err < best[0] - 1e-12 * max(abs(best[0]), 1)):
             best = (err if np.isfinite(err) else np.inf, float(alpha), w)
@@ -164,7 +175,8 @@ def baseline_ate(screen, train_indices, labels: Sequence[str], *,
         elif name == "linear":
             if train_labels:
                 x = _parts(screen, train_labels)
-                w, b, alpha, _ = ridge_fit(x, train_shift)
+                w, b, alpha, _ = ridge_fit(x, train_shift, weights=[
+                    counts.get(lab, 0) for lab in train_labels])
                 out.linear_alpha = alpha
                 seen = x.sum(axis=0) > 0
                 for i in range(n):

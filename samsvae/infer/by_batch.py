@@ -131,7 +131,8 @@ def compare_by_batch(screen, eval_indices, train_indices, labels: Sequence[str],
     """
     import pandas as pd
     from .baselines import BASELINES, baseline_ate, perturbed_shift
-    from .harness import METRICS, _nanmean, label_metrics, split_half_ate
+    from .harness import (METRICS, _nanmean, label_metrics, shared_reference_controls,
+                          split_half_ate)
     labels = [str(l) for l in labels]
     rows = check_indices(screen, eval_indices)
     train = check_indices(screen, train_indices)
@@ -199,5 +200,7 @@ def compare_by_batch(screen, eval_indices, train_indices, labels: Sequence[str],
     per_batch_label = (pd.concat(frames, ignore_index=True) if frames else pd.DataFrame())
     info = {"linear_alpha": None, "baselines": list(BASELINES),
             "mean_abs_data_ate": float(np.nanmean(np.abs(true))) if true.size else float("nan"),
-            "pooling": "cell-weighted mean of the per-batch ATEs"}
+            "pooling": "cell-weighted mean of the per-batch ATEs",
+            "shared_reference_controls": shared_reference_controls(screen, eval_indices,
+                                                                   train_indices)}
     return per_label, summary, reasons, info, by_batch, per_batch_label

@@ -13,6 +13,7 @@ from torch import nn
 
 from .. import ops
 from ..nn import NBLikelihood
+from .distributions import expected_log2_normalized
 
 # Normalised expression is log2(1 + NORMALIZED_LIBRARY * counts / library) ("perturbseq").
 NORMALIZED_LIBRARY = 1e4
@@ -281,9 +282,12 @@ class PerturbationModel(nn.Module):
                 run's batch categories; None for a model without one.
 
         Returns:
-            (n, G) float32: mean over the simulated cells of ``log2(1 + 1e4 x / l)``,
+            (n, G) float32: mean over the simulated cells of ``E[log2(1 + 1e4 x / l)]``,
             ``x ~ NB(l softmax(f(z)), theta)`` at the cell's library ``l``: the normalisation
-            of the data's ATE. The local latent comes from its prior and the globals from the
+            of the data's ATE. The count's Poisson part is integrated exactly
+            (``distributions.expected_log2_normalized``) rather than drawn: a drawn count's
+            noise made two 2,500-cell predictions of a weak schraivogel2020 effect correlate
+            only 0.71 with each other (0.9997 now, at 500 cells). The local latent comes from its prior and the globals from the
             guide. All conditions share the same latent and global draws and library sizes
             (common random numbers), which lowers the variance of differences between
             conditions such as treatment effects. Each condition's result depends on the
@@ -293,10 +297,11 @@ class PerturbationModel(nn.Module):
         dosage = as_torch_csr(dosage, self.n_perturbations, device=device,
                               dtype=self.likelihood.log_theta.dtype)
         total = torch.zeros(dosage.shape[0], self.n_genes, dtype=torch.float64, device=device)
-        for i, _, lib, x in self._simulate(dosage, n_samples, library, library_scale, effects,
-                                           generator, batch):
-            total[i] += torch.log2(1.0 + x * (NORMALIZED_LIBRARY / lib)).sum(
-                (0, 1), dtype=torch.float64)
+        for i, _, lib, mu in self._simulate(dosage, n_samples, library, library_scale, effects,
+                                            generator, batch):
+            value = expected_log2_normalized(mu, self.likelihood.log_theta,
+                                             NORMALIZED_LIBRARY / lib)
+            total[i] += value.sum((0, 1), dtype=torch.float64)
         return (total / n_samples).to(torch.float32)
 
     @torch.no_grad()
@@ -314,14 +319,17 @@ class PerturbationModel(nn.Module):
         device = self.likelihood.log_theta.device
         dosage = as_torch_csr(dosage, self.n_perturbations, device=device,
                               dtype=self.likelihood.log_theta.dtype)
-        for i, s0, lib, x in self._simulate(dosage, n_cells, library, library_scale, effects,
-                                            generator, batch):
+        for i, s0, lib, mu in self._simulate(dosage, n_cells, library, library_scale, effects,
+                                             generator, batch):
+            x = _nb_sample(mu, self.likelihood.log_theta)
             yield (i, s0, lib.reshape(-1).to("cpu", torch.float64),
                    x[:, 0].to("cpu").round().to(torch.int64))
 
     def _simulate(self, dosage, n_samples, library, library_scale, effects, generator, batch):
         """The simulation loop shared by prediction and :meth:`sample_counts`: yields
-        ``(condition i, first cell s0, library (s, 1, 1), counts (s, 1, G))`` blocks."""
+        ``(condition i, first cell s0, library (s, 1, 1), NB means (s, 1, G))`` blocks, inside
+        the condition's seeded random stream (what the caller draws from the global RNG
+        between two blocks continues that stream)."""
         if n_samples < 1:
             raise ValueError(f"n_samples must be >= 1, got {n_samples}")
         device = self.likelihood.log_theta.device
@@ -357,12 +365,10 @@ class PerturbationModel(nn.Module):
                     s = min(step, n_samples - s0)
                     hidden = self._predictive_hidden(row, s, seed=seed, start=s0,
                                                      mean_effects=effects == "mean", **kw)
-                    logits = self.decoder.logits(hidden)
+                    logits = self.decoder.logits(hidden) + self._condition_logit_offset(row)
                     lib = sizes[torch.arange(s0, s0 + s, device=device) % sizes.numel()]
                     lib = lib.view(s, 1, 1) * float(scale[i])
-                    x = _nb_sample(lib * torch.softmax(logits, dim=-1),
-                                   self.likelihood.log_theta)
-                    yield i, s0, lib, x
+                    yield i, s0, lib, lib * torch.softmax(logits, dim=-1)
 
     def _condition_batches(self, batch, n: int) -> Optional[torch.Tensor]:
         """(n,) int64 batch of each condition (None for a model without a batch covariate)."""
@@ -501,6 +507,11 @@ class PerturbationModel(nn.Module):
         guide means with ``mean_effects``. ``batch_index`` (1,): the batch covariate of the
         simulated cells (models with ``n_batches`` > 0)."""
         raise NotImplementedError
+
+    def _condition_logit_offset(self, row):
+        """What a condition's (1, T) dosage row adds to the decoder's logits besides its latent
+        effect: 0 here; (G,) for a model with per-perturbation gene offsets."""
+        return 0.0
 
     def _latent(self, batch, kind) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError

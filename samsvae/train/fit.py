@@ -2,7 +2,8 @@
 
 Given a built model, its screen and a split, ``fit`` writes the run directory (when asked),
 makes the loaders, trains with :class:`~samsvae.train.Trainer` (or its DDP form when a process
-group is given), restores the best validation weights and writes ``model.pt`` and
+group is given), restores the best validation weights, measures what the basal encoder absorbed
+of each perturbation's effect (:mod:`samsvae.train.basal_shift`) and writes ``model.pt`` and
 ``history.json``. Everything before (reading the data, choosing the split, building the model)
 belongs to the caller, since the command line and the AnnData class get those differently.
 """
@@ -14,6 +15,7 @@ from typing import Callable, List, Optional, Tuple
 
 import numpy as np
 
+from .basal_shift import fit_basal_shift
 from .config import TrainConfig
 from .distributed import DistributedTrainer
 from .prepare import make_loaders
@@ -146,6 +148,9 @@ def fit(model, screen, split: np.ndarray, config: TrainConfig, *, run_dir=None,
     trainer.fit(resume=resume)
     if restore_best:
         trainer.load_best_weights()
+    # measured on the weights that are kept, before they are written
+    fit_basal_shift(model, screen, np.flatnonzero(split == "train"), comm=comm,
+                    device=config.device)
     if run_dir is not None and is_main:
         write_model(run_dir, model, step=trainer.best_step)
         write_history(run_dir, trainer.history)

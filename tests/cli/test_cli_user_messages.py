@@ -155,3 +155,19 @@ def test_evaluate_defines_metrics_and_says_where_plots_went(h5ad, tmp_path, caps
     assert "test_iwelbo: importance-weighted lower bound of log p(x), nats per cell" in text
     assert "higher is better" in text and "log2(1 + 1e4 x / library)" in text
     assert f"plots (PNG) to {out / 'plots'}" in text
+
+
+def test_every_model_option_flag_reaches_the_model():
+    """Each flag of MODEL_OPTIONS lands on its build_model keyword (a flag whose argparse name
+    differed from the keyword was once silently dropped)."""
+    from samsvae.cli import build_parser
+    from samsvae.cli.train import MODEL_OPTIONS, model_options
+    values = {float: "0.5", int: "3", str: "full"}
+    argv = ["train", "data.h5ad", "--out", "run"]
+    for flag, _, kind, _ in MODEL_OPTIONS:
+        argv += [flag, values[kind]]
+    args = build_parser().parse_args(argv)
+    got = model_options(args)
+    assert set(got) == {key for _, key, _, _ in MODEL_OPTIONS}
+    for flag, key, kind, _ in MODEL_OPTIONS:
+        assert got[key] == kind(values[kind]), flag

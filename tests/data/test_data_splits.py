@@ -45,15 +45,30 @@ def test_ood_split_holds_out_combinations_only_in_test(screen, ood_fraction):
     assert len(cands) == 6  # every simulated double is built from simulated singles
     split = make_split(screen, "ood_combinations", ood_fraction=ood_fraction, seed=3)
     parts = _check_partition(split, screen.n_cells)
-    held = set(screen.labels[parts["test"]])
+    is_control = np.asarray(screen.is_control, dtype=bool)
+    held = set(screen.labels[parts["test"][~is_control[parts["test"]]]])
     assert len(held) == max(1, round(ood_fraction * len(cands))) and held <= set(cands)
     train_val = np.concatenate([parts["train"], parts["val"]])
     assert not held & set(screen.labels[train_val])  # no leakage of held-out combinations
-    assert np.isin(screen.labels, list(held)).sum() == parts["test"].size
+    # the test split is the held-out combinations plus its own share of the control cells
+    test_controls = int(is_control[parts["test"]].sum())
+    assert np.isin(screen.labels, list(held)).sum() + test_controls == parts["test"].size
+    assert test_controls == round(0.3 * is_control.sum())
+    assert is_control[parts["train"]].sum() > 0
     train_labels = set(screen.labels[parts["train"]])
     for combo in held:  # every component seen alone in training
         assert all(part in train_labels for part in combo.split("+"))
     assert parts["val"].size > 0
+
+
+def test_ood_split_control_reference_is_a_choice(screen):
+    is_control = np.asarray(screen.is_control, dtype=bool)
+    none = split_indices(make_split(screen, "ood_combinations", control_test_fraction=0.0))
+    assert not is_control[none["test"]].any()
+    half = split_indices(make_split(screen, "ood_combinations", control_test_fraction=0.5))
+    assert is_control[half["test"]].sum() == round(0.5 * is_control.sum())
+    with pytest.raises(ValueError, match="control_test_fraction"):
+        make_split(screen, "ood_combinations", control_test_fraction=1.0)
 
 
 def test_ood_split_without_candidates_is_an_error():

@@ -118,3 +118,18 @@ def test_baseline_anndata_shape(screen_split):
     assert "C" in ad.obs["undefined_because"].tolist()[1]
     with pytest.raises(ValueError, match="unknown baseline"):
         baseline_ate(screen, split == "train", ["A"], baselines=("mean",))
+
+
+def test_weighted_ridge_is_the_fit_on_repeated_rows():
+    """Label weights (training cells) fit what repeating each label's row that many times
+    fits: a 1-cell label counts once, a 5-cell one five times."""
+    rng = np.random.default_rng(1)
+    x = (rng.random((7, 3)) < 0.5).astype(float)
+    y = rng.normal(size=(7, 4))
+    k = np.array([1, 5, 2, 1, 3, 1, 4])
+    w, b, _, _ = ridge_fit(x, y, alphas=(0.1,), weights=k)
+    wr, br, _, _ = ridge_fit(np.repeat(x, k, axis=0), np.repeat(y, k, axis=0), alphas=(0.1,))
+    np.testing.assert_allclose(w, wr, atol=1e-10)
+    np.testing.assert_allclose(b, br, atol=1e-10)
+    with pytest.raises(ValueError, match="weights must be"):
+        ridge_fit(x, y, weights=np.zeros(7))

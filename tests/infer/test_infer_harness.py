@@ -116,3 +116,21 @@ def test_model_ate_warns_for_perturbations_no_training_cell_carried():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         model_ate(model, screen, ["A+B"], n_samples=4)
+
+
+def test_reference_controls_shared_with_the_baselines_are_counted():
+    from samsvae.infer import compare_with_baselines
+    from samsvae.infer.harness import shared_reference_controls
+    screen = tiny_screen()
+    labels = np.asarray(screen.labels).astype(str)
+    train = np.flatnonzero(np.isin(labels, ["control", "A", "B"]))[[0, 1, 2, 4, 5, 6, 7, 8, 9]]
+    doubles = np.flatnonzero(labels == "A+B")
+    # the doubles alone: their data ATE falls back on all 4 controls, 3 of them training cells
+    assert shared_reference_controls(screen, doubles, train) == 3
+    *_, info = compare_with_baselines(screen, doubles, train, ["A+B"])
+    assert info["shared_reference_controls"] == 3
+    # with a held-out control of their own the reference is independent of the baselines'
+    own = np.concatenate([doubles, [3]])
+    assert shared_reference_controls(screen, own, train) == 0
+    *_, info = compare_with_baselines(screen, own, train, ["A+B"])
+    assert info["shared_reference_controls"] == 0
