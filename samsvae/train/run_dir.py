@@ -221,6 +221,9 @@ def load_model(run_dir, config: Optional[dict] = None, map_location=None):
     kwargs.pop("backend", None)
     kwargs.setdefault("model", config["model"]["name"])
     kwargs.setdefault("guide", config["model"]["guide"])
+    if kwargs["model"] in ("sams_vae", "cpa_vae"):
+        # runs saved before the option existed trained the residual correlated basal guide
+        kwargs.setdefault("corr_basal_form", "residual")
     model = build_model(**kwargs)
     model.load_state_dict(state)
     if map_location is not None:

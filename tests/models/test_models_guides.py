@@ -9,6 +9,7 @@ from samsvae.data import load_screen, make_batch, simulate_screen
 from samsvae.models import build_model, per_cell_global_term
 from samsvae.models.distributions import GaussianPosterior
 from samsvae.ops import batch_perturbations
+from samsvae.train.prepare import build_model_for_screen
 
 
 def _tril(shape, L, gen):
@@ -98,3 +99,37 @@ def test_mask_prior_weight_adds_prior_per_cell(screen):
     assert batch_perturbations(batch.dosage)[0].equal(index)
     with pytest.raises(ValueError, match="mask_prior_weight"):
         build_model("cpa_vae", mask_prior_weight=0.1, n_genes=5, n_perturbations=2)
+
+
+@pytest.mark.parametrize("model,guide", [("sams_vae", "corr_basal"), ("cpa_vae", "corr_basal"),
+                                         ("sams_vae", "corr_both")])
+def test_corr_basal_forms_direct_and_residual(model, guide, screen):
+    """The correlated basal mean is the encoder's output on [x, z_p] ("direct", default) or
+    that output minus z_p ("residual", the earlier form)."""
+    torch.manual_seed(0)
+    direct = build_model_for_screen(screen, np.arange(screen.n_cells), model=model, guide=guide,
+                                    n_latent=3, n_hidden=8)
+    assert direct.config["corr_basal_form"] == "direct"
+    residual = build_model(**dict(direct.config, corr_basal_form="residual"))
+    residual.load_state_dict(direct.state_dict())
+    batch = make_batch(screen, np.arange(16))
+    pre = direct.encoder.gene_part(batch.counts)
+    z_p = torch.randn(2, 16, 3)
+    q_d, q_r = direct._basal_guide(pre, z_p), residual._basal_guide(pre, z_p)
+    torch.testing.assert_close(q_r.loc, q_d.loc - z_p)
+    torch.testing.assert_close(q_r.scale, q_d.scale)
+    with pytest.raises(ValueError, match="corr_basal_form"):
+        build_model(**dict(direct.config, corr_basal_form="skip"))
+
+
+def test_runs_saved_before_the_form_option_load_residual(tmp_path, screen):
+    from samsvae.train.run_dir import load_model
+    torch.manual_seed(0)
+    m = build_model_for_screen(screen, np.arange(screen.n_cells), model="sams_vae",
+                               guide="corr_basal", n_latent=3, n_hidden=8)
+    old = {k: v for k, v in m.config.items() if k != "corr_basal_form"}
+    torch.save({"state_dict": m.state_dict(), "config": old}, tmp_path / "model.pt")
+    run_config = {"model": {"name": "sams_vae", "guide": "corr_basal", "config": old}}
+    assert load_model(tmp_path, config=run_config).corr_basal_form == "residual"
+    torch.save({"state_dict": m.state_dict(), "config": m.config}, tmp_path / "model.pt")
+    assert load_model(tmp_path, config=run_config).corr_basal_form == "direct"
