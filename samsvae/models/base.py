@@ -13,7 +13,7 @@ from torch import nn
 
 from .. import ops
 from ..nn import NBLikelihood
-from .distributions import expected_log2_normalized
+from .distributions import expected_log2_normalized, nb_poisson_rate
 
 # Normalised expression is log2(1 + NORMALIZED_LIBRARY * counts / library) ("perturbseq").
 NORMALIZED_LIBRARY = 1e4
@@ -89,9 +89,7 @@ def _default_log_depth(module, state_dict, prefix, *args) -> None:
 
 def _nb_sample(mu: torch.Tensor, log_theta: torch.Tensor) -> torch.Tensor:
     """x ~ NB(mean mu, inverse dispersion theta) as Poisson(Gamma(theta, theta / mu))."""
-    theta = log_theta.exp().to(mu.dtype).expand_as(mu)
-    gamma = torch.distributions.Gamma(theta, torch.ones_like(theta)).sample()
-    return torch.poisson(gamma * (mu / theta))
+    return torch.poisson(nb_poisson_rate(mu, log_theta))
 
 
 class _Terms(Mapping):

@@ -99,6 +99,14 @@ POISSON_TERMS = 96
 LN2 = math.log(2.0)
 
 
+def nb_poisson_rate(mu: torch.Tensor, log_theta: torch.Tensor) -> torch.Tensor:
+    """The Gamma half of x ~ NB(mean mu, inverse dispersion theta) = Poisson(mu * g), g ~
+    Gamma(theta, 1) / theta: the drawn Poisson rates (mu's shape; log_theta (G,)), from the
+    global RNG."""
+    theta = log_theta.exp().to(mu.dtype)
+    return mu * (torch._standard_gamma(theta.expand_as(mu)) / theta)
+
+
 def expected_log2_normalized(mu: torch.Tensor, log_theta: torch.Tensor,
                              scale: torch.Tensor) -> torch.Tensor:
     """E[log2(1 + scale * x)] for x ~ NB(mean mu, inverse dispersion theta), the Poisson part
@@ -117,9 +125,7 @@ def expected_log2_normalized(mu: torch.Tensor, log_theta: torch.Tensor,
     Returns:
         (..., G) in log2 units.
     """
-    theta = log_theta.exp().to(mu.dtype)
-    g = torch._standard_gamma(theta.expand_as(mu)) / theta
-    lam = mu * g
+    lam = nb_poisson_rate(mu, log_theta)
     exact = lam <= POISSON_EXACT_MAX
     rate = torch.where(exact, lam, torch.zeros_like(lam))
     top = float(rate.max()) if rate.numel() else 0.0
