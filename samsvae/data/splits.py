@@ -18,9 +18,9 @@ in exactly one part.
   the control mean, and with ~100 control cells that mean carries noise shared by every label
   measured against it. Measured against the training controls, the held-out doubles' data ATE
   shares that noise with every baseline built from the training cells (additive, linear), which
-  then looks better than it predicts: on norman2019 the additive baseline scores r = 0.81 with
-  its singles and the doubles measured against the same 50 control cells, and 0.35 (mean of 10
-  random halvings) against the other 50.
+  then looks better than it predicts: on norman2019 the additive baseline scores r = 0.83 with
+  its singles and the doubles measured against the same 50 control cells, and 0.37 against
+  the other 50 (means of 10 random halvings; ``benchmarks/control_reference.py``).
 * any other string (or ``kind="column", column=name``): the obs column of that name holds the
   split (values train/val/test), validated.
 """

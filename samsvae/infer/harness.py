@@ -269,8 +269,8 @@ def compare_with_baselines(screen, eval_indices, train_indices, labels: Sequence
     is measured against all of the screen's (``data_ate``); this counts the training cells among
     them. The baselines subtract the same training controls, so they share that reference's
     noise with the data and score higher than on an independent reference (norman2019's
-    held-out doubles: additive r = 0.81 against the same 50 control cells, 0.35 against the
-    other 50). 0 when the evaluated split has its own controls.
+    held-out doubles: additive r = 0.83 against the same 50 control cells, 0.37 against the
+    other 50; ``benchmarks/control_reference.py``). 0 when the evaluated split has its own controls.
     """
     import pandas as pd
     from .baselines import BASELINES, baseline_ate, perturbed_shift
