@@ -29,6 +29,7 @@ from ..infer import (
     evaluate_model,
     masks_untrained,
     model_ate,
+    paired_differences,
 )
 from ..infer import plots as figures
 from ..data import with_batches
@@ -221,6 +222,9 @@ def _baselines(loaded, idx, raw: dict, metrics: dict, *, seed: int, min_cells: i
                    n_ate_cells=model["n_cells"])
     metrics["baselines"] = dict(summary, n_labels=len(labels), n_labels_left_out=len(left_out),
                                 linear_alpha=info["linear_alpha"])
+    if per_batch is None:
+        metrics["baselines"]["model_minus"] = paired_differences(
+            per_label, [r for r in TABLE_ROWS if r not in ("model", "split_half")])
     for name, why in reasons.items():
         if why:
             first = next(iter(why.values()))
@@ -360,6 +364,21 @@ def print_table(metrics: dict) -> None:
         print(f"  {name:<11}" + "".join(cells))
     for line in METRIC_LEGEND.splitlines():
         print("  " + line)
+    if b.get("model_minus"):
+        print_paired(b["model_minus"])
+
+
+def print_paired(model_minus: dict) -> None:
+    """Model minus each baseline, label by label: mean difference +- standard error."""
+    print("model minus each baseline, label by label on the same labels: mean difference +- "
+          "standard error (labels where the model is ahead); within noise: |difference| <= 2 SE")
+    for name, by_metric in model_minus.items():
+        parts = []
+        for metric, d in by_metric.items():
+            short = metric.replace("ate_pearson", "pearson")
+            parts.append(f"{short} {d['diff']:+.3f} +- {d['se']:.3f} ({d['ahead']}/{d['n']}) "
+                         f"{d['verdict']}")
+        print(f"  {name:<11}" + "; ".join(parts))
 
 
 def print_batch_table(metrics: dict) -> None:

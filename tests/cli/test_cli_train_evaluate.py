@@ -87,6 +87,13 @@ def test_evaluate_prints_baselines_and_writes_per_label_csv(trained_run, capsys)
     for row in ("model", "control", "train_mean", "additive", "linear", "split_half"):
         assert f"\n  {row} " in printed, row
     assert "mse_top20: log2 units^2, 0 best" in printed
+    paired = b["model_minus"]
+    assert set(paired) == {"train_mean", "additive", "linear"}  # control: no Pearson
+    for name, by_metric in paired.items():
+        d = by_metric["ate_pearson"]
+        want = np.nanmean(csv["ate_pearson_model"] - csv[f"ate_pearson_{name}"])
+        assert d["diff"] == pytest.approx(want, abs=1e-5) and d["n"] == len(csv)
+        assert f"\n  {name:<11}pearson {d['diff']:+.3f}" in printed, name
 
 
 def test_evaluate_min_cells_leaves_out_small_labels(trained_run, tiny_h5ad, capsys):

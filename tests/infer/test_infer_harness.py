@@ -11,7 +11,7 @@ import pytest
 import samsvae
 from samsvae.data import load_screen
 from samsvae.infer import (data_ate, data_ate_anndata, label_metrics, masks_untrained,
-                           model_ate, split_half_ate)
+                           model_ate, paired_difference, paired_differences, split_half_ate)
 from samsvae.infer.plots import plot_mask_heatmap
 from samsvae.models import build_model
 
@@ -54,6 +54,30 @@ def test_metrics_on_known_vectors():
     assert np.all(only_shift["ate_pearson"] > 0.3)
     nan_row = label_metrics(np.full((1, 50), np.nan), true[:1])
     assert all(np.isnan(v[0]) for v in nan_row.values())
+
+
+def test_paired_difference_by_hand():
+    model = np.array([0.5, 0.6, 0.7, np.nan, 0.9])
+    base = np.array([0.4, 0.65, 0.5, 0.3, np.nan])
+    d = paired_difference(model, base)
+    diffs = np.array([0.1, -0.05, 0.2])  # labels 4 and 5 undefined on one side
+    assert d["n"] == 3 and d["ahead"] == 2
+    assert d["diff"] == pytest.approx(diffs.mean())
+    assert d["se"] == pytest.approx(diffs.std(ddof=1) / np.sqrt(3))
+    assert d["verdict"] == "within noise"  # 0.083 +- 0.073
+    clear = paired_difference(np.full(8, 0.6) + 0.01 * np.arange(8), np.full(8, 0.5))
+    assert clear["verdict"] == "ahead" and clear["ahead"] == 8
+    assert paired_difference(np.zeros(8), np.full(8, 0.3) - 0.01 * np.arange(8))["verdict"] == "behind"
+    one = paired_difference([0.5], [0.2])
+    assert one["n"] == 1 and np.isnan(one["se"]) and one["verdict"] == "within noise"
+    with pytest.raises(ValueError, match="shapes"):
+        paired_difference([0.1, 0.2], [0.1])
+    table = pd.DataFrame({"ate_pearson_model": model, "ate_pearson_top20_model": model,
+                          "ate_pearson_train_mean": base, "ate_pearson_top20_train_mean": base,
+                          "ate_pearson_control": np.nan, "ate_pearson_top20_control": np.nan})
+    both = paired_differences(table, ["control", "train_mean", "linear"])
+    assert list(both) == ["train_mean"]  # control undefined everywhere, linear not in the table
+    assert both["train_mean"]["ate_pearson_top20"]["diff"] == pytest.approx(diffs.mean())
 
 
 def test_evaluate_predictions_matches_labels_and_genes():
