@@ -141,6 +141,7 @@ class SAMSVAE:
     def train(self, max_epochs: Optional[int] = None, max_steps: Optional[int] = None,
               batch_size: int = 512, particles: int = 5, lr: float = TrainConfig.lr,
               perturbation_lr_scale: float = TrainConfig.perturbation_lr_scale,
+              global_kl_warmup: float = TrainConfig.global_kl_warmup,
               early_stopping_patience: Optional[int] = TrainConfig.early_stopping_patience,
               weight_decay: float = 1e-6, grad_clip: Optional[float] = None,
               val_every: Optional[int] = None, val_particles: int = 1, device: str = "cpu",
@@ -152,7 +153,8 @@ class SAMSVAE:
         Args:
             max_epochs / max_steps: length of training (at most one; default:
                 ``min(400, round(8e6 / n_train_cells))`` epochs).
-            batch_size, particles, lr, perturbation_lr_scale, early_stopping_patience,
+            batch_size, particles, lr, perturbation_lr_scale, global_kl_warmup,
+                early_stopping_patience,
                 weight_decay, grad_clip: see ``TrainConfig``.
             val_every: steps between validations (default: each epoch).
             device: ``"cpu"`` or ``"cuda"``; the model stays there afterwards.
@@ -167,6 +169,7 @@ class SAMSVAE:
         config = TrainConfig(max_steps=max_steps, max_epochs=max_epochs, batch_size=batch_size,
                              particles=particles, lr=lr,
                              perturbation_lr_scale=perturbation_lr_scale,
+                             global_kl_warmup=global_kl_warmup,
                              early_stopping_patience=early_stopping_patience,
                              weight_decay=weight_decay,
                              grad_clip=grad_clip, val_every=val_every,

@@ -81,3 +81,15 @@ INTERPRETER_WARNINGS = [pytest.mark.filterwarnings("ignore:divide by zero encoun
                         pytest.mark.filterwarnings("ignore:invalid value encountered"),
                         pytest.mark.filterwarnings("ignore:overflow encountered"),
                         pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")]
+
+
+class CrashAt:
+    """A Trainer callback that interrupts training before step ``at + 1``, as a kill would:
+    a resume test then continues a run with the same budget (hence the same warm-up)."""
+
+    def __init__(self, at: int):
+        self.at = at
+
+    def on_step_start(self, trainer, step: int) -> None:
+        if step == self.at + 1:
+            raise KeyboardInterrupt(f"crash before step {step}")

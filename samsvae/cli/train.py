@@ -117,6 +117,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="per-perturbation parameters (embeddings, masks) learn at K x --lr: "
                         "each gets gradient only from the few cells carrying it (default: "
                         f"{TrainConfig.perturbation_lr_scale:g})")
+    g.add_argument("--global-kl-warmup", type=float, default=TrainConfig.global_kl_warmup,
+                   metavar="F",
+                   help="the prior terms of the per-perturbation variables (embeddings, masks) "
+                        "enter the loss with a weight rising from 0 to 1 over this fraction of "
+                        "the steps, so sparse masks do not close before the decoder has learnt "
+                        f"the effects (default: {TrainConfig.global_kl_warmup:g}; 0: off)")
     g.add_argument("--early-stopping-patience", type=int,
                    default=TrainConfig.early_stopping_patience, metavar="N",
                    help="stop when N validations in a row brought no better validation ELBO "
@@ -210,6 +216,10 @@ def _check_args(args) -> None:
                  "chunk_rows", "buffer_chunks"):
         if getattr(args, name, None) is not None and getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    warm = getattr(args, "global_kl_warmup", 0.0)
+    if not 0 <= warm < 1:
+        raise UserError(f"--global-kl-warmup is a fraction of the training steps in [0, 1), "
+                        f"got {warm} (0 turns the warm-up off)")
 
 
 def _check_device(device: str) -> None:
@@ -295,6 +305,7 @@ def _train(args, *, log, comm):
     train_config = TrainConfig(max_steps=args.max_steps, max_epochs=args.max_epochs,
                                batch_size=args.batch_size, particles=args.particles, lr=args.lr,
                                perturbation_lr_scale=args.perturbation_lr_scale,
+                               global_kl_warmup=args.global_kl_warmup,
                                early_stopping_patience=args.early_stopping_patience or None,
                                weight_decay=args.weight_decay, grad_clip=args.grad_clip,
                                val_every=args.val_every, checkpoint_every=args.checkpoint_every,

@@ -203,16 +203,21 @@ class PerturbationModel(nn.Module):
         return np.exp(np.asarray(d @ shifts, dtype=np.float64).reshape(-1))
 
     def loss(self, batch, *, particles: int = 5,
-             generator: Optional[torch.Generator] = None) -> dict:
+             generator: Optional[torch.Generator] = None, global_weight: float = 1.0) -> dict:
         """Negative ELBO of a minibatch.
 
         Args:
             batch: ``samsvae.data.Batch`` (counts (B, G) CSR, dosage (B, T) CSR, library (B,)).
             particles: P samples of the guide; the ELBO is averaged over them.
             generator: optional ``torch.Generator`` for all the sampling noise.
+            global_weight: weight of the global term (log prior minus log guide of the
+                per-perturbation variables) in ``"loss"`` only; the trainer raises it from 0 to
+                1 during the warm-up (``TrainConfig.global_kl_warmup``). ``"elbo"`` is always
+                the ELBO itself.
 
         Returns:
-            ``{"loss": scalar = -(mean over cells and particles of the per-cell ELBO),
+            ``{"loss": scalar = -(mean over cells and particles of the per-cell ELBO, its
+            global term times ``global_weight``),
             "elbo": (B,) detached per-cell ELBO (nats; global terms reweighted 1/N_t),
             "terms": {"log_lik", "kl_local", "global": batch means (floats, nats per cell)}}``
         """
@@ -222,13 +227,16 @@ class PerturbationModel(nn.Module):
         parts = self._elbo_parts(batch, particles, generator)
         log_lik, kl_local, glob = parts["log_lik"], parts["kl_local"], parts.get("global")
         elbo_pb = log_lik - kl_local
+        objective_pb = elbo_pb
         if glob is not None:
+            objective_pb = elbo_pb + global_weight * glob
             elbo_pb = elbo_pb + glob
-        elbo = elbo_pb.mean(0) if elbo_pb.dim() == 2 else elbo_pb
+        elbo = _mean_particles(elbo_pb)
+        loss = -_mean_particles(objective_pb).mean()
         zero = log_lik.new_zeros(())
         summary = torch.stack([log_lik.detach().mean(), kl_local.detach().mean(),
                                zero if glob is None else glob.detach().mean()])
-        return {"loss": -elbo.mean(), "elbo": elbo.detach(),
+        return {"loss": loss, "elbo": elbo.detach(),
                 "terms": _Terms(("log_lik", "kl_local", "global"), summary)}
 
     @torch.no_grad()
@@ -514,3 +522,7 @@ class PerturbationModel(nn.Module):
     def _latent(self, batch, kind) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
+
+def _mean_particles(per_particle: torch.Tensor) -> torch.Tensor:
+    """(B,) per-cell mean over particles of a (P, B) term ((B,) passes through)."""
+    return per_particle.mean(0) if per_particle.dim() == 2 else per_particle

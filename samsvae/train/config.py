@@ -6,7 +6,7 @@ from typing import Optional
 
 # Options that change the sequence of updates: a resumed run must use the values it started with.
 RESUME_LOCKED = ("batch_size", "particles", "lr", "perturbation_lr_scale", "weight_decay",
-                 "grad_clip", "seed", "val_particles")
+                 "grad_clip", "seed", "val_particles", "global_kl_warmup")
 
 
 @dataclass
@@ -25,6 +25,15 @@ class TrainConfig:
             moves every parameter by about its learning rate per step, and each perturbation's
             parameters get a gradient only from the few cells of a batch that carry it: at the
             networks' rate they would travel too little in a training run (1 = one rate).
+        global_kl_warmup: fraction of the step budget over which the weight of the global term
+            (log prior minus log guide of the per-perturbation variables: embeddings, masks)
+            in the training loss rises linearly from 0 to 1 (0: the full ELBO from the first
+            step). Without it the masks' KL to their sparse prior (1.6 nats per latent
+            dimension at the initial q = 0.5) closes them before the decoder has learnt what
+            an effect would do, and most perturbations end up sharing a few latent
+            dimensions or absorbed by the basal encoder. Validations during the warm-up are
+            neither kept as "best" nor counted for early stopping: the objective is not yet
+            the ELBO.
         weight_decay: Adam L2 weight decay.
         grad_clip: clip the global gradient norm to this value (None: no clipping).
         val_every: validate every this many steps (None: at the end of each epoch).
@@ -45,6 +54,7 @@ class TrainConfig:
     lr: float = 1e-3
     perturbation_lr_scale: float = 10.0
     weight_decay: float = 1e-6
+    global_kl_warmup: float = 0.3
     grad_clip: Optional[float] = None
     val_every: Optional[int] = None
     val_particles: int = 1
@@ -74,6 +84,9 @@ class TrainConfig:
         if not self.perturbation_lr_scale > 0:
             raise ValueError(f"perturbation_lr_scale must be > 0, got "
                              f"{self.perturbation_lr_scale!r}")
+        if not 0 <= self.global_kl_warmup < 1:
+            raise ValueError(f"global_kl_warmup must be a fraction in [0, 1), got "
+                             f"{self.global_kl_warmup!r}")
         if self.weight_decay < 0:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
         if self.grad_clip is not None and not self.grad_clip > 0:
@@ -87,6 +100,10 @@ class TrainConfig:
         if self.max_steps is not None:
             return int(self.max_steps)
         return int(self.epochs(n_train_cells)) * batches_per_epoch
+
+    def warmup_steps(self, total_steps: int) -> int:
+        """Steps of the global-term warm-up in a budget of ``total_steps``."""
+        return int(round(self.global_kl_warmup * total_steps))
 
     def epochs(self, n_train_cells: int) -> int:
         if self.max_epochs is not None:

@@ -85,6 +85,7 @@ class Trainer:
         self.n_train_cells = int(n_train_cells if n_train_cells is not None
                                  else _loader_cells(train_loader))
         self.total_steps = self.config.total_steps(self.batches_per_epoch, self.n_train_cells)
+        self.warmup_steps = self.config.warmup_steps(self.total_steps)
 
         # fused Adam: one kernel over all parameters (4x faster than foreach on CPU for the
         # ~10M parameters of an 8,000-gene model; deterministic, so exact resume still holds)
@@ -256,7 +257,8 @@ class Trainer:
 
     def _train_step(self, batch) -> torch.Tensor:
         # Under DDP the call must go through the wrapper's forward so gradients are reduced.
-        out = self.raw_model.loss(batch, particles=self.config.particles, generator=self.noise)
+        out = self.raw_model.loss(batch, particles=self.config.particles, generator=self.noise,
+                                  global_weight=self.global_weight(self.step + 1))
         loss = out["loss"]
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -264,6 +266,13 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), self.config.grad_clip)
         self.optimizer.step()
         return loss.detach()
+
+    def global_weight(self, step: int) -> float:
+        """Weight of the global term in the loss of optimiser step ``step`` (1-based): rises
+        linearly to 1 over the warm-up (``TrainConfig.global_kl_warmup``)."""
+        if not self.warmup_steps:
+            return 1.0
+        return min(1.0, step / self.warmup_steps)
 
     def _flush_losses(self) -> float:
         """Copy buffered losses to the history (one host sync); returns the latest one."""
@@ -297,8 +306,11 @@ class Trainer:
         val_hist["step"].append(self.step)
         val_hist["epoch"].append(self.epoch)
         val_hist["elbo"].append(val)
-        # while a callback still reshapes the model (SAMS-VAE's rotation phase) its weights
-        # cannot be kept as "best": the validation ELBO is not comparable across that phase
+        # while the global term is still warming up, or a callback still reshapes the model
+        # (SAMS-VAE's rotation phase), its weights cannot be kept as "best": the validation
+        # ELBO is not comparable across that phase (and patience does not run: no best yet)
+        if self.step < self.warmup_steps:
+            return
         if not all(cb.allows_best(self.step) for cb in self.callbacks
                    if hasattr(cb, "allows_best")):
             return
@@ -334,6 +346,7 @@ class Trainer:
             "position": self.position,
             "batches_per_epoch": self.batches_per_epoch,
             "total_steps": self.total_steps,
+            "warmup_steps": self.warmup_steps,
             "rng": capture_rng_state({"noise": self.noise}),
             "loader": {"seed": getattr(self.train_loader, "seed", None), "epoch": self.epoch},
             "train_config": self.config.to_dict(),
@@ -359,6 +372,7 @@ class Trainer:
                                f"(format {ckpt.get('format')!r})")
         saved = dict(ckpt["train_config"])
         saved.setdefault("perturbation_lr_scale", 1.0)  # checkpoints from before the option
+        saved.setdefault("global_kl_warmup", 0.0)
         changed = {k: (saved.get(k), getattr(self.config, k)) for k in RESUME_LOCKED
                    if saved.get(k) != getattr(self.config, k)}
         if changed:
@@ -372,6 +386,8 @@ class Trainer:
         self.raw_model.load_state_dict(ckpt["model_state"])
         self.optimizer.load_state_dict(ckpt["optimizer_state"])
         self.step, self.epoch, self.position = ckpt["step"], ckpt["epoch"], ckpt["position"]
+        # the warm-up was fixed when the run started: a resume with a larger budget keeps it
+        self.warmup_steps = int(ckpt.get("warmup_steps", 0))
         restore_rng_state(ckpt["rng"], {"noise": self.noise})
         self.history = ckpt["history"]
         self.best_val, self.best_step = ckpt["best"]["val_elbo"], ckpt["best"]["step"]

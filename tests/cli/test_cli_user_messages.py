@@ -76,6 +76,15 @@ def test_api_names_keywords_and_cli_names_flags(h5ad, tmp_path, capsys):
     assert main(["train", str(h5ad), "--out", str(tmp_path / "r"), "--perturbation-key", "x",
                  *TINY]) == 2
     assert "--perturbation-key <column>" in capsys.readouterr().err
+    assert main(["train", str(h5ad), "--out", str(tmp_path / "r"), "--global-kl-warmup", "1.5",
+                 *TINY]) == 2
+    err = capsys.readouterr().err
+    assert "--global-kl-warmup is a fraction" in err and "global_kl_warmup" not in err
+    ok = _adata(["control"] * 20 + ["A"] * 20)
+    samsvae.SAMSVAE.setup_anndata(ok)
+    with pytest.raises(ValueError, match="global_kl_warmup must be a fraction"):
+        samsvae.SAMSVAE(ok, n_latent=2, n_hidden=8).train(max_steps=1, global_kl_warmup=-0.1,
+                                                          progress=False, log=None)
 
 
 def test_all_control_and_empty_data_same_message_in_api_and_cli(tmp_path, capsys):

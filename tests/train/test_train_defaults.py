@@ -58,7 +58,7 @@ def test_training_stops_when_validation_stalls(screen_split):
     screen, split = screen_split
     model = _model(screen_split)
     config = TrainConfig(max_steps=400, batch_size=64, val_every=2, early_stopping_patience=3,
-                         progress=False)
+                         global_kl_warmup=0.0, progress=False)
     train, val = make_loaders(screen, split, batch_size=64)
     trainer = Trainer(model, train, val, config, log=None)
     trainer.validate = lambda: -1.0 - 1e-3 * trainer.step  # never improves after the first
@@ -72,6 +72,47 @@ def test_training_stops_when_validation_stalls(screen_split):
     free.validate = lambda: -1.0 - 1e-3 * free.step
     free.fit()
     assert free.step == 12 and "stopped_early" not in free.history
+
+
+def test_global_term_warms_up_and_early_stopping_waits_for_it(screen_split):
+    """The global term's weight rises linearly over the warm-up; validations inside it are
+    neither "best" nor counted by the patience; the loss is the ELBO with the weighted global
+    term while "elbo" stays the ELBO itself."""
+    screen, split = screen_split
+    train, val = make_loaders(screen, split, batch_size=64)
+    config = TrainConfig(max_steps=40, batch_size=64, val_every=2, early_stopping_patience=3,
+                         global_kl_warmup=0.25, progress=False)
+    trainer = Trainer(_model(screen_split), train, val, config, log=None)
+    assert trainer.warmup_steps == 10
+    assert [trainer.global_weight(s) for s in (1, 5, 10, 11, 40)] == [0.1, 0.5, 1.0, 1.0, 1.0]
+    trainer.validate = lambda: -1.0 + 1e-3 * (trainer.step <= 4)  # best inside the warm-up
+    trainer.fit()
+    assert trainer.best_step == 10  # the first validation after the warm-up
+    assert trainer.history["stopped_early"] == 16 == trainer.step
+    off = Trainer(_model(screen_split), train, val,
+                  TrainConfig(max_steps=40, batch_size=64, global_kl_warmup=0.0, progress=False),
+                  log=None)
+    assert off.warmup_steps == 0 and off.global_weight(1) == 1.0
+    with pytest.raises(ValueError, match="global_kl_warmup"):
+        TrainConfig(global_kl_warmup=1.0)
+
+    model = _model(screen_split)
+    batch = next(iter(train))
+    outs = {}
+    for w in (1.0, 0.25):
+        gen = torch.Generator().manual_seed(3)
+        model.zero_grad()
+        out = model.loss(batch, particles=2, generator=gen, global_weight=w)
+        out["loss"].backward()
+        outs[w] = (out, model.emb_loc_raw.grad.clone(), model.decoder.out.weight.grad.clone())
+    (full, g_emb1, g_dec1), (part, g_emb, g_dec) = outs[1.0], outs[0.25]
+    torch.testing.assert_close(part["elbo"], full["elbo"])  # the ELBO itself, whatever w
+    t = full["terms"]
+    want = -(t["log_lik"] - t["kl_local"] + 0.25 * t["global"])
+    assert float(part["loss"].detach()) == pytest.approx(want, rel=1e-5, abs=1e-4)
+    assert float(full["loss"].detach()) == pytest.approx(-float(full["elbo"].mean()), rel=1e-6)
+    assert not torch.allclose(g_emb, g_emb1)  # the embeddings' prior pull is weighted
+    torch.testing.assert_close(g_dec, g_dec1)  # the decoder gets no global-term gradient
 
 
 def test_log_depth_shifts_are_fitted_additively():

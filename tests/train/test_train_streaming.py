@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import CrashAt
 from samsvae.data import MinibatchLoader, load_screen, make_split, simulate_screen
 from samsvae.data.stream_stats import load_backed_screen
 from samsvae.data.streaming import StreamingLoader
@@ -25,15 +26,21 @@ def screens(tmp_path_factory):
     return mem, backed, split, stats
 
 
-def _fit(screen, loader, gene_stats, run_dir=None, steps=25, resume=False, model=None):
+def _fit(screen, loader, gene_stats, run_dir=None, steps=25, resume=False, model=None,
+         crash_at=None, checkpoint_every=10):
     train = split_indices(_split(screen), "train")
     torch.manual_seed(0)
     model = model or build_model_for_screen(screen, train, model="sams_vae", n_latent=4,
                                             n_hidden=16, gene_stats=gene_stats)
     config = TrainConfig(max_steps=steps, batch_size=loader.batch_size, lr=3e-3, seed=2,
-                         progress=False, checkpoint_every=10)
+                         progress=False, checkpoint_every=checkpoint_every)
     trainer = Trainer(model, loader, None, config, run_dir=run_dir, n_train_cells=train.size,
                       log=None)
+    if crash_at is not None:
+        trainer.callbacks.append(CrashAt(crash_at))
+        with pytest.raises(KeyboardInterrupt):
+            trainer.fit(resume=resume)
+        return trainer
     trainer.fit(resume=resume)
     return trainer
 
@@ -63,7 +70,8 @@ def test_streamed_resume_mid_epoch_equals_uninterrupted(screens, tmp_path):
         return StreamingLoader(backed, train, 48, seed=3, chunk_rows=8, buffer_chunks=3)
 
     full = _fit(backed, loader(), gene_stats, run_dir=tmp_path / "full", steps=16)
-    _fit(backed, loader(), gene_stats, run_dir=tmp_path / "cut", steps=10)  # checkpoint at 10
+    _fit(backed, loader(), gene_stats, run_dir=tmp_path / "cut", steps=16, crash_at=10,
+         checkpoint_every=5)  # interrupted after step 10 (last.pt at 10)
     resumed = _fit(backed, loader(), gene_stats, run_dir=tmp_path / "cut", steps=16, resume=True)
     assert resumed.step == 16 and 10 % resumed.batches_per_epoch != 0  # stopped mid-epoch
     assert resumed.history["train"]["loss"] == full.history["train"]["loss"]

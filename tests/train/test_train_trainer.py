@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import CrashAt
 from samsvae.data import load_screen, make_split, simulate_screen
 from samsvae.train import Trainer, TrainConfig, load_checkpoint
 from samsvae.train import checkpoint as ckpt_mod
@@ -70,8 +71,13 @@ def test_val_every_and_log_lines(screen_split):
 def test_resume_equals_uninterrupted(screen_split, tmp_path, stop_at):
     full = _trainer(screen_split, max_steps=30, guide="corr_both")
     full.fit()
-    # run 1 stops at `stop_at` (its last.pt), run 2 continues from it to 30
-    _trainer(screen_split, tmp_path, guide="corr_both", max_steps=stop_at).fit()
+    # run 1, with the same budget (so the same global-term warm-up), is interrupted after
+    # step `stop_at` (its last.pt, written every step); run 2 continues from it to 30
+    cut = _trainer(screen_split, tmp_path, guide="corr_both", max_steps=30, checkpoint_every=1)
+    assert cut.warmup_steps == 9  # the default warm-up spans the interruption
+    cut.callbacks.append(CrashAt(stop_at))
+    with pytest.raises(KeyboardInterrupt):
+        cut.fit()
     resumed = _trainer(screen_split, tmp_path, guide="corr_both", max_steps=30)
     resumed.fit(resume=True)
     assert resumed.step == 30
