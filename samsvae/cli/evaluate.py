@@ -365,13 +365,20 @@ def print_table(metrics: dict) -> None:
     for line in METRIC_LEGEND.splitlines():
         print("  " + line)
     if b.get("model_minus"):
-        print_paired(b["model_minus"])
+        ceiling = (b.get("split_half") or {}).get("ate_pearson", float("nan"))
+        print_paired(b["model_minus"],
+                     noise_level=math.isfinite(ceiling) and ceiling < NOISE_CEILING)
 
 
-def print_paired(model_minus: dict) -> None:
-    """Model minus each baseline, label by label: mean difference +- standard error."""
+def print_paired(model_minus: dict, noise_level: bool = False) -> None:
+    """Model minus each baseline, label by label: mean difference +- standard error.
+    ``noise_level``: the labels' split-half ceiling is below ``NOISE_CEILING``, so a difference
+    compares two predictions of noise and ranks nothing: said on the header line."""
     print("model minus each baseline, label by label on the same labels: mean difference +- "
           "standard error (labels where the model is ahead); within noise: |difference| <= 2 SE")
+    if noise_level:
+        print(f"  (split-half ceiling below {NOISE_CEILING}: the data's effects are noise here, "
+              "so these differences rank nothing)")
     for name, by_metric in model_minus.items():
         parts = []
         for metric, d in by_metric.items():

@@ -249,3 +249,14 @@ def test_evaluate_refuses_an_unavailable_backend(trained_run, capsys):
     rc = main(["evaluate", str(trained_run), "--backend", "triton"])
     assert rc == 2
     assert "triton" in capsys.readouterr().err
+
+
+def test_paired_lines_say_when_the_labels_are_noise(capsys):
+    from samsvae.cli.evaluate import print_paired
+    diffs = {"train_mean": {"ate_pearson": {"diff": 0.06, "se": 0.02, "ahead": 7, "n": 8,
+                                            "verdict": "ahead"}}}
+    print_paired(diffs, noise_level=True)
+    out = capsys.readouterr().out
+    assert "rank nothing" in out and "train_mean pearson +0.060 +- 0.020 (7/8) ahead" in out
+    print_paired(diffs)
+    assert "rank nothing" not in capsys.readouterr().out
