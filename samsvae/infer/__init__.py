@@ -30,6 +30,7 @@ __all__ = ["test_iwelbo", "cells_iwelbo", "data_ate", "model_ate", "ate_pearson"
            "label_dosage", "condition_dosage", "untrained_parts", "warn_untrained_parts",
            "mask_recovery", "masks_untrained", "evaluate_model", "BASELINES", "BaselineATE",
            "baseline_ate", "baseline_anndata", "perturbed_shift", "METRICS", "METRIC_LEGEND",
-           "NOISE_CEILING", "evaluate_predictions", "paired_difference", "paired_differences", "data_ate_anndata", "compare_with_baselines",
+           "NOISE_CEILING", "evaluate_predictions", "paired_difference", "paired_differences",
+           "data_ate_anndata", "compare_with_baselines",
            "label_metrics", "split_half_ate", "compare_by_batch", "data_ate_by_batch",
            "model_ate_by_batch", "sample_counts_anndata"]

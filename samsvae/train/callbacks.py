@@ -1,7 +1,8 @@
-"""Trainer callbacks: what changes a model's parameters between optimiser steps.
+"""Trainer callbacks: what changes a model's parameters, or the weights of its loss, between
+optimiser steps.
 
-A model computes its loss and nothing else; a schedule that reshapes parameters during training
-is a callback the :class:`~samsvae.train.Trainer` calls. A callback may implement:
+A model computes its loss and nothing else; a schedule that reshapes parameters (or the
+objective) during training is a callback the :class:`~samsvae.train.Trainer` calls. A callback may implement:
 
 * ``on_step_start(trainer, step)``: before the forward pass of optimiser step ``step``
   (1-based, the value ``trainer.step`` takes once the step is done);
@@ -34,6 +35,25 @@ class SparseRotation:
 
     def allows_best(self, step: int) -> bool:
         return bool(self.until) and step > self.until + self.every
+
+
+class GlobalWarmup:
+    """The weight of the global term (the per-perturbation variables' log prior minus log
+    guide) in the training loss rises linearly from 0 to 1 over the first ``steps`` optimiser
+    steps (``TrainConfig.global_kl_warmup``; 0: always 1). The trainer passes
+    ``weight(step)`` to ``model.loss(global_weight=)``; "best" checkpoints (and so the
+    early-stopping patience) start once the objective is the ELBO (step >= steps)."""
+
+    def __init__(self, steps: int):
+        if int(steps) != steps or steps < 0:
+            raise ValueError(f"steps must be a non-negative integer, got {steps!r}")
+        self.steps = int(steps)
+
+    def weight(self, step: int) -> float:
+        return 1.0 if not self.steps else min(1.0, step / self.steps)
+
+    def allows_best(self, step: int) -> bool:
+        return step >= self.steps
 
 
 def callbacks_for(model) -> List[object]:

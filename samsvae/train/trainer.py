@@ -22,7 +22,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from .callbacks import callbacks_for
+from .callbacks import GlobalWarmup, callbacks_for
 from .checkpoint import (
     atomic_torch_save,
     capture_rng_state,
@@ -85,7 +85,9 @@ class Trainer:
         self.n_train_cells = int(n_train_cells if n_train_cells is not None
                                  else _loader_cells(train_loader))
         self.total_steps = self.config.total_steps(self.batches_per_epoch, self.n_train_cells)
-        self.warmup_steps = self.config.warmup_steps(self.total_steps)
+        # the global term's warm-up is a callback: its "best" gate is the callbacks' own
+        self.warmup = GlobalWarmup(self.config.warmup_steps(self.total_steps))
+        self.callbacks.append(self.warmup)
 
         # fused Adam: one kernel over all parameters (4x faster than foreach on CPU for the
         # ~10M parameters of an 8,000-gene model; deterministic, so exact resume still holds)
@@ -267,12 +269,15 @@ class Trainer:
         self.optimizer.step()
         return loss.detach()
 
+    @property
+    def warmup_steps(self) -> int:
+        """Steps of the global term's warm-up (fixed when the run started; kept by a resume)."""
+        return self.warmup.steps
+
     def global_weight(self, step: int) -> float:
         """Weight of the global term in the loss of optimiser step ``step`` (1-based): rises
         linearly to 1 over the warm-up (``TrainConfig.global_kl_warmup``)."""
-        if not self.warmup_steps:
-            return 1.0
-        return min(1.0, step / self.warmup_steps)
+        return self.warmup.weight(step)
 
     def _flush_losses(self) -> float:
         """Copy buffered losses to the history (one host sync); returns the latest one."""
@@ -306,11 +311,9 @@ class Trainer:
         val_hist["step"].append(self.step)
         val_hist["epoch"].append(self.epoch)
         val_hist["elbo"].append(val)
-        # while the global term is still warming up, or a callback still reshapes the model
-        # (SAMS-VAE's rotation phase), its weights cannot be kept as "best": the validation
+        # while a callback still reshapes the model or its objective (SAMS-VAE's rotation
+        # phase, the global term's warm-up) its weights cannot be kept as "best": the validation
         # ELBO is not comparable across that phase (and patience does not run: no best yet)
-        if self.step < self.warmup_steps:
-            return
         if not all(cb.allows_best(self.step) for cb in self.callbacks
                    if hasattr(cb, "allows_best")):
             return
@@ -387,7 +390,7 @@ class Trainer:
         self.optimizer.load_state_dict(ckpt["optimizer_state"])
         self.step, self.epoch, self.position = ckpt["step"], ckpt["epoch"], ckpt["position"]
         # the warm-up was fixed when the run started: a resume with a larger budget keeps it
-        self.warmup_steps = int(ckpt.get("warmup_steps", 0))
+        self.warmup.steps = int(ckpt.get("warmup_steps", 0))
         restore_rng_state(ckpt["rng"], {"noise": self.noise})
         self.history = ckpt["history"]
         self.best_val, self.best_step = ckpt["best"]["val_elbo"], ckpt["best"]["step"]
