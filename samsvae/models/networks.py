@@ -61,7 +61,8 @@ class GaussianEncoder(nn.Module):
             all-zero in training) is replaced by 1, so such genes never produce inf/NaN.
         n_dosage: T > 0 adds a CSR dosage input (the CVAE encoder).
         n_conditioning: width of an extra dense input with optional particle dimension
-            (the correlated z_basal guide reads the perturbation latent z_p).
+            (the correlated z_basal guide reads the perturbation latent z_p). Its weight W_c
+            starts at zero: the guide starts as if it did not read it.
         covariance: ``"diagonal"`` or ``"full"``.
         n_batches: > 0 appends the one-hot of a batch covariate to the first layer's input
             (scvi-tools style): ``pre += W_b[batch]``, a (n_batches, H) weight whose row of the
@@ -89,6 +90,12 @@ class GaussianEncoder(nn.Module):
                               if n_dosage else None)
         self.conditioning = (nn.Linear(n_conditioning, n_hidden, bias=False)
                              if n_conditioning else None)
+        if self.conditioning is not None:
+            # Start ignoring the conditioning input, so training starts from the unconditioned
+            # guide: a random W_c feeds every cell's sampled z_p into its basal posterior from
+            # step 0, and the encoder then cancels the weak perturbations' effects before
+            # their embeddings have learnt them (samsvae.models.sams._basal_guide).
+            nn.init.zeros_(self.conditioning.weight)
         n_offdiag = n_latent * (n_latent - 1) // 2 if covariance == "full" else 0
         self.out = nn.Linear(n_hidden, 2 * n_latent + n_offdiag)
         if n_offdiag:

@@ -122,6 +122,31 @@ def test_corr_basal_forms_direct_and_residual(model, guide, screen):
         build_model(**dict(direct.config, corr_basal_form="skip"))
 
 
+@pytest.mark.parametrize("model,guide", [("sams_vae", "corr_basal"), ("cpa_vae", "corr_basal"),
+                                         ("sams_vae", "corr_both")])
+def test_corr_basal_guide_starts_unconditioned_and_learns_to_read_z_p(model, guide, screen):
+    """The encoder's z_p weights start at zero: a new model's basal guide is the mean-field one
+    whatever z_p is; one optimiser step later it reads z_p."""
+    torch.manual_seed(0)
+    m = build_model_for_screen(screen, np.arange(screen.n_cells), model=model, guide=guide,
+                               n_latent=3, n_hidden=8)
+    mf = build_model(**dict(m.config, guide="mean_field"))
+    mf.load_state_dict({k: v for k, v in m.state_dict().items()
+                        if not k.startswith("encoder.conditioning")}, strict=False)
+    batch = make_batch(screen, np.arange(16))
+    pre = m.encoder.gene_part(batch.counts)
+    z_p = torch.randn(2, 16, 3) * 3.0
+    q, q0 = m._basal_guide(pre, z_p), mf._basal_guide(pre, z_p)
+    torch.testing.assert_close(q.loc, q0.loc.expand_as(q.loc))
+    torch.testing.assert_close(q.scale, q0.scale.expand_as(q.scale))
+    opt = torch.optim.Adam(m.parameters(), lr=1e-2)
+    m.loss(batch, particles=2, generator=torch.Generator().manual_seed(0))["loss"].backward()
+    opt.step()
+    with torch.no_grad():
+        moved = m._basal_guide(pre, z_p).loc - m._basal_guide(pre, torch.zeros_like(z_p)).loc
+    assert float(moved.abs().max()) > 1e-4
+
+
 def test_runs_saved_before_the_form_option_load_residual(tmp_path, screen):
     from samsvae.train.run_dir import load_model
     torch.manual_seed(0)
