@@ -213,7 +213,8 @@ class PerturbationModel(nn.Module):
             global_weight: weight of the global term (log prior minus log guide of the
                 per-perturbation variables) in ``"loss"`` only; the trainer raises it from 0 to
                 1 during the warm-up (``TrainConfig.global_kl_warmup``). ``"elbo"`` is always
-                the ELBO itself.
+                the ELBO itself. Below 1 a model may also train a simpler guide (SAMS-VAE's
+                correlated basal guide then does not read z_p).
 
         Returns:
             ``{"loss": scalar = -(mean over cells and particles of the per-cell ELBO, its
@@ -224,7 +225,7 @@ class PerturbationModel(nn.Module):
         self._check_batch(batch)
         if particles < 1:
             raise ValueError(f"particles must be >= 1, got {particles}")
-        parts = self._elbo_parts(batch, particles, generator)
+        parts = self._elbo_parts(batch, particles, generator, warming_up=global_weight < 1.0)
         log_lik, kl_local, glob = parts["log_lik"], parts["kl_local"], parts.get("global")
         elbo_pb = log_lik - kl_local
         objective_pb = elbo_pb
@@ -491,8 +492,10 @@ class PerturbationModel(nn.Module):
 
     # -- hooks for the subclasses ------------------------------------------------------------
 
-    def _elbo_parts(self, batch, particles, generator) -> dict:  # pragma: no cover - abstract
-        """{"log_lik": (P, B), "kl_local": (P, B) or (B,), "global": (P, B) or None}."""
+    def _elbo_parts(self, batch, particles, generator,
+                    warming_up: bool = False) -> dict:  # pragma: no cover - abstract
+        """{"log_lik": (P, B), "kl_local": (P, B) or (B,), "global": (P, B) or None};
+        ``warming_up``: the loss's global weight is below 1 (the trainer's warm-up)."""
         raise NotImplementedError
 
     def _iwelbo_setup(self, batch):  # pragma: no cover - abstract

@@ -52,7 +52,7 @@ class ConditionalVAE(PerturbationModel):
     def _decoder_dosage(self, dosage):
         return sparse_rows_matmul(dosage, self.decoder.dosage_weight)          # (B, H)
 
-    def _elbo_parts(self, batch, particles, generator):
+    def _elbo_parts(self, batch, particles, generator, warming_up=False):
         loc, scale = self._encode(batch)
         eps = torch.randn((particles,) + tuple(loc.shape), dtype=loc.dtype, device=loc.device,
                           generator=generator)

@@ -199,7 +199,7 @@ class SVAEPlus(PerturbationModel):
         pi_term = (prior_pi.log_prob(pi) - q_pi.log_prob(pi)).sum(-1)          # (P,)
         return mask, present, pos, log_p_m - log_q_m + pi_term[:, None] / self.n_labels
 
-    def _elbo_parts(self, batch, particles, generator):
+    def _elbo_parts(self, batch, particles, generator, warming_up=False):
         n_l = self._require_label_counts()
         mask, present, pos, label_term = self._sample_globals(
             batch.dosage, particles, generator, getattr(batch, "host_dosage", None))

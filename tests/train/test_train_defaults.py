@@ -115,6 +115,50 @@ def test_global_term_warms_up_and_early_stopping_waits_for_it(screen_split):
     torch.testing.assert_close(g_dec, g_dec1)  # the decoder gets no global-term gradient
 
 
+@pytest.mark.parametrize("name, guide", [("sams_vae", "corr_basal"), ("sams_vae", "corr_both"),
+                                         ("cpa_vae", "corr_basal")])
+def test_correlated_basal_guide_reads_z_p_only_after_the_warm_up(screen_split, name, guide):
+    """During the warm-up (global weight < 1) the correlated basal guide is the mean-field one:
+    its loss is that of the same model with zero z_p weights, which get no gradient and stay
+    at zero through the warm-up's steps; from the first step after it they learn."""
+    screen, split = screen_split
+    train, val = make_loaders(screen, split, batch_size=64)
+    model = _model(screen_split, name, guide)
+    batch = next(iter(train))
+    with torch.no_grad():
+        model.encoder.conditioning.weight.normal_()
+    unread = _model(screen_split, name, guide)
+    unread.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        unread.encoder.conditioning.weight.zero_()
+
+    def loss(m, w):
+        m.zero_grad()
+        out = m.loss(batch, particles=2, generator=torch.Generator().manual_seed(5),
+                     global_weight=w)
+        out["loss"].backward()
+        return float(out["loss"].detach()), m.encoder.conditioning.weight.grad
+    warm, grad = loss(model, 0.5)
+    assert warm == pytest.approx(loss(unread, 0.5)[0], rel=1e-6)
+    assert float(grad.abs().max()) == 0.0
+    full, grad = loss(model, 1.0)
+    assert full != pytest.approx(loss(unread, 1.0)[0], rel=1e-6)
+    assert float(grad.abs().max()) > 0.0
+
+    trainer = Trainer(_model(screen_split, name, guide), train, val,
+                      TrainConfig(max_steps=12, batch_size=64, global_kl_warmup=0.5,
+                                  progress=False), log=None)
+    weight = trainer.raw_model.encoder.conditioning.weight
+    seen = []
+    trainer.callbacks.append(type("Watch", (), {
+        "on_step_start": lambda self, tr, step: seen.append(float(weight.abs().max())),
+        "allows_best": lambda self, step: True})())
+    trainer.fit()
+    assert trainer.warmup_steps == 6
+    # seen[k]: before step k + 1; step 6, the warm-up's last, already has weight 1
+    assert seen[:6] == [0.0] * 6 and seen[6] > 0.0
+
+
 def test_log_depth_shifts_are_fitted_additively():
     rng = np.random.default_rng(0)
     group = rng.integers(0, 4, 4000)             # control, A, B, A+B
