@@ -389,15 +389,16 @@ class SAMSVAE(PerturbationModel):
 
         * ``"direct"`` (default): the basal mean is the encoder's output. The decoder reads
           z_basal + z_p, so the likelihood reaches e_t directly (as in mean-field). The
-          encoder's z_p weights start at zero, so training starts from the mean-field guide
-          and the encoder learns to read z_p (and to cancel part of it, where a perturbation's
-          cells vary anyway) only as the embeddings learn the effects. With random z_p
-          weights it did so from the first step, and weak effects lost their mask dimensions:
-          on schraivogel2020 (seed 0) 7 of 26 perturbations kept a dimension with |e| > 1,
-          against 18 (mean-field: 17), and STK3's own knockdown was predicted at -0.04 log2
-          units (-0.94 with the zero start) against the data's -1.20. corr_basal went from
-          0.04 below the train_mean baseline to level with it, and corr_both on norman2019's
-          held-out doubles from 0.35 / 0.55 to 0.44 / 0.64 (five seeds).
+          encoder's z_p weights start at zero and stay there through the warm-up
+          (``reads_z_p``), so training starts from the mean-field guide and the encoder
+          learns to read z_p (and to cancel part of it, where a perturbation's cells vary
+          anyway) only once the embeddings have learnt the effects. With random z_p weights
+          it did so from the first step and weak effects got no dimension of their own: on
+          schraivogel2020 (seed 0) 7 of 26 perturbations kept a dimension with |e| > 1,
+          against 15 now (mean-field: 17), and STK3's own knockdown was predicted at -0.04
+          log2 units (now -1.01) against the data's -1.20. corr_basal went from 0.04 below
+          the train_mean baseline to level with it (two splits), and corr_both on
+          norman2019's held-out doubles from 0.35 / 0.55 to 0.52 / 0.69 (five seeds).
         * ``"residual"``: the encoder estimates the cell's full latent state and the basal mean
           is that estimate minus z_p (a skip connection), so the decoder reads the encoder's
           estimate and e_t learns only through the encoder's sensitivity to z_p and the basal
