@@ -122,7 +122,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="the prior terms of the per-perturbation variables (embeddings, masks) "
                         "enter the loss with a weight rising from 0 to 1 over this fraction of "
                         "the steps, so sparse masks do not close before the decoder has learnt "
-                        f"the effects (default: {TrainConfig.global_kl_warmup:g}; 0: off)")
+                        "the effects; a correlated basal guide reads z_p only after it "
+                        f"(default: {TrainConfig.global_kl_warmup:g}; 0: off)")
     g.add_argument("--early-stopping-patience", type=int,
                    default=TrainConfig.early_stopping_patience, metavar="N",
                    help="stop when N validations in a row brought no better validation ELBO "

@@ -33,7 +33,8 @@ class TrainConfig:
             an effect would do, and most perturbations end up sharing a few latent
             dimensions or absorbed by the basal encoder. Validations during the warm-up are
             neither kept as "best" nor counted for early stopping: the objective is not yet
-            the ELBO.
+            the ELBO. During it a correlated basal guide (corr_basal, corr_both) does not
+            read z_p.
         weight_decay: Adam L2 weight decay.
         grad_clip: clip the global gradient norm to this value (None: no clipping).
         val_every: validate every this many steps (None: at the end of each epoch).
