@@ -154,8 +154,7 @@ class SAMSVAE:
             max_epochs / max_steps: length of training (at most one; default:
                 ``min(400, round(8e6 / n_train_cells))`` epochs).
             batch_size, particles, lr, perturbation_lr_scale, global_kl_warmup,
-                early_stopping_patience,
-                weight_decay, grad_clip: see ``TrainConfig``.
+                early_stopping_patience, weight_decay, grad_clip: see ``TrainConfig``.
             val_every: steps between validations (default: each epoch).
             device: ``"cpu"`` or ``"cuda"``; the model stays there afterwards.
             backend: kernel backend of the fused ops for this training (``"auto"``,

@@ -130,8 +130,10 @@ def expected_log2_normalized(mu: torch.Tensor, log_theta: torch.Tensor,
     rate = torch.where(exact, lam, torch.zeros_like(lam))
     # fewer terms when every rate is small; reading the largest rate is a host sync, so on an
     # accelerator the sum always runs its POISSON_TERMS (the bound for rates up to the maximum)
-    top = (float(rate.max()) if rate.numel() else 0.0) if rate.device.type == "cpu" \
-        else POISSON_EXACT_MAX
+    if rate.device.type != "cpu":
+        top = POISSON_EXACT_MAX
+    else:
+        top = float(rate.max()) if rate.numel() else 0.0
     terms = min(POISSON_TERMS, int(math.ceil(top + 10.0 * math.sqrt(top) + 10.0)))
     pmf = torch.exp(-rate)
     total = torch.zeros_like(rate)

@@ -2,7 +2,8 @@
 optimiser steps.
 
 A model computes its loss and nothing else; a schedule that reshapes parameters (or the
-objective) during training is a callback the :class:`~samsvae.train.Trainer` calls. A callback may implement:
+objective) during training is a callback the :class:`~samsvae.train.Trainer` calls. A callback
+may implement:
 
 * ``on_step_start(trainer, step)``: before the forward pass of optimiser step ``step``
   (1-based, the value ``trainer.step`` takes once the step is done);
